@@ -1,0 +1,127 @@
+"""The versioned per-sample feature schema shared by flow and single-cell data.
+
+Every per-sample feature table produced by blinaprofile (from FCS files or from
+single-cell objects) has one row per sample and the columns listed here. A model
+records the schema version it was trained on and refuses tables of another version.
+
+Units
+-----
+``pct_of_parent``
+    Percent (0-100) of the parent population named in ``parent``.
+``ratio``
+    Dimensionless ratio of two counts.
+``median_intensity``
+    Median of the compensated, transformed intensity (flow only).
+``count``
+    A number of events or cells (QC columns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "FEATURES",
+    "MODEL_FEATURES",
+    "QC_COLUMNS",
+    "SCHEMA_VERSION",
+    "Feature",
+    "feature_names",
+    "schema_table",
+]
+
+SCHEMA_VERSION = "1.0"
+
+Unit = Literal["pct_of_parent", "ratio", "median_intensity", "count"]
+Modality = Literal["flow", "single_cell"]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One column of the feature schema."""
+
+    name: str
+    definition: str
+    unit: Unit
+    parent: str
+    modalities: tuple[Modality, ...] = ("flow", "single_cell")
+
+
+
+FEATURES: tuple[Feature, ...] = (
+    Feature(
+        "cd3_pct_lymph",
+        "CD3+ T cells as % of live single lymphocytes (single-cell: of all QC-passed cells)",
+        "pct_of_parent",
+        "live",
+    ),
+    Feature("cd4_pct_cd3", "CD4+CD8- as % of CD3+ T cells", "pct_of_parent", "cd3"),
+    Feature("cd8_pct_cd3", "CD8+CD4- as % of CD3+ T cells", "pct_of_parent", "cd3"),
+    Feature("cd4_cd8_ratio", "CD4+ count divided by CD8+ count", "ratio", "cd3"),
+    Feature("cd8_naive_pct_cd8", "CCR7+ CD45RA+ as % of CD8+", "pct_of_parent", "cd8"),
+    Feature("cd8_cm_pct_cd8", "CCR7+ CD45RA- (central memory) as % of CD8+", "pct_of_parent", "cd8"),
+    Feature("cd8_em_pct_cd8", "CCR7- CD45RA- (effector memory) as % of CD8+", "pct_of_parent", "cd8"),
+    Feature("cd8_temra_pct_cd8", "CCR7- CD45RA+ (TEMRA) as % of CD8+", "pct_of_parent", "cd8"),
+    Feature("cd4_naive_pct_cd4", "CCR7+ CD45RA+ as % of CD4+", "pct_of_parent", "cd4"),
+    Feature("cd4_cm_pct_cd4", "CCR7+ CD45RA- (central memory) as % of CD4+", "pct_of_parent", "cd4"),
+    Feature("cd4_em_pct_cd4", "CCR7- CD45RA- (effector memory) as % of CD4+", "pct_of_parent", "cd4"),
+    Feature("cd4_temra_pct_cd4", "CCR7- CD45RA+ (TEMRA) as % of CD4+", "pct_of_parent", "cd4"),
+    Feature(
+        "cd8_tim3_pct_cd8",
+        "TIM3+ as % of CD8+ (single-cell: checkpoint-high state from a gene-set or protein)",
+        "pct_of_parent",
+        "cd8",
+    ),
+    Feature("cd8_pd1_pct_cd8", "PD-1+ as % of CD8+", "pct_of_parent", "cd8"),
+    Feature("cd4_treg_pct_cd4", "CD25+ CD127lo regulatory T cells as % of CD4+", "pct_of_parent", "cd4"),
+    Feature(
+        "cd8_tim3_median",
+        "median transformed TIM3 intensity of CD8+ T cells",
+        "median_intensity",
+        "cd8",
+        ("flow",),
+    ),
+    Feature(
+        "cd8_pd1_median",
+        "median transformed PD-1 intensity of CD8+ T cells",
+        "median_intensity",
+        "cd8",
+        ("flow",),
+    ),
+)
+
+#: Features both modalities provide; the default models use these.
+MODEL_FEATURES: tuple[str, ...] = tuple(
+    f.name for f in FEATURES if set(f.modalities) == {"flow", "single_cell"}
+)
+
+#: QC columns carried beside the features (counts; not model inputs).
+QC_COLUMNS: tuple[str, ...] = (
+    "n_events",  # events (or cells) read
+    "n_live",  # live single lymphocytes (single-cell: QC-passed cells)
+    "n_cd3",
+    "n_cd4",
+    "n_cd8",
+)
+
+
+def feature_names(*, modality: Modality | None = None) -> list[str]:
+    """Names of the schema's features, optionally only those a modality provides."""
+    return [f.name for f in FEATURES if modality is None or modality in f.modalities]
+
+
+def schema_table():  # -> pandas.DataFrame (pandas imported lazily)
+    """The schema as a DataFrame (name, definition, unit, parent, modalities, version)."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "name": [f.name for f in FEATURES],
+            "definition": [f.definition for f in FEATURES],
+            "unit": [f.unit for f in FEATURES],
+            "parent": [f.parent for f in FEATURES],
+            "modalities": [",".join(f.modalities) for f in FEATURES],
+            "schema_version": SCHEMA_VERSION,
+        }
+    )
