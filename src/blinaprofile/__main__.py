@@ -1,0 +1,3 @@
+from blinaprofile.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""Per-sample features (the versioned schema in :mod:`blinaprofile.schema`) from gated events.
+
+:func:`features_from_gating` turns one sample's gate counts into a feature row;
+:func:`featurize_fcs` reads, gates and featurizes one file; :func:`featurize_manifest`
+does a cohort (in parallel processes); :class:`FlowFeaturizer` wraps the same as a
+scikit-learn transformer (paths in, feature table out).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import QCConfig, load_config
+from .errors import BlinaprofileError
+from .schema import QC_COLUMNS, SCHEMA_VERSION, feature_names
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .gate import GateTree, GatingResult
+
+__all__ = [
+    "FlowFeaturizer",
+    "feature_columns",
+    "featurize_fcs",
+    "featurize_manifest",
+    "features_from_gating",
+    "load_qc",
+    "qc_verdict",
+]
+
+_PCT = {
+    # feature: (numerator gate, denominator gate)
+    "cd3_pct_lymph": ("cd3", "live"),
+    "cd4_pct_cd3": ("cd4", "cd3"),
+    "cd8_pct_cd3": ("cd8", "cd3"),
+    "cd8_naive_pct_cd8": ("cd8_naive", "cd8"),
+    "cd8_cm_pct_cd8": ("cd8_cm", "cd8"),
+    "cd8_em_pct_cd8": ("cd8_em", "cd8"),
+    "cd8_temra_pct_cd8": ("cd8_temra", "cd8"),
+    "cd4_naive_pct_cd4": ("cd4_naive", "cd4"),
+    "cd4_cm_pct_cd4": ("cd4_cm", "cd4"),
+    "cd4_em_pct_cd4": ("cd4_em", "cd4"),
+    "cd4_temra_pct_cd4": ("cd4_temra", "cd4"),
+    "cd8_tim3_pct_cd8": ("cd8_tim3", "cd8"),
+    "cd8_pd1_pct_cd8": ("cd8_pd1", "cd8"),
+    "cd4_treg_pct_cd4": ("cd4_treg", "cd4"),
+}
+_MEDIANS = {"cd8_tim3_median": ("TIM3", "cd8"), "cd8_pd1_median": ("PD1", "cd8")}
+REQUIRED_GATES = ("live", "cd3", "cd4", "cd8")
+
+
+def feature_columns() -> list[str]:
+    """Column order of every feature table (flow and single-cell)."""
+    return [
+        "sample_id",
+        "patient_id",
+        "modality",
+        "schema_version",
+        *feature_names(),
+        *QC_COLUMNS,
+        "qc_pass",
+        "qc_reasons",
+    ]
+
+
+def load_qc(path: str | os.PathLike[str] | None = None) -> QCConfig:
+    """QC thresholds from YAML (default ``configs/qc.yaml``; built-in defaults if absent)."""
+    from .settings import settings
+
+    p = Path(path) if path else settings.default_qc
+    if path is None and not p.exists():
+        return QCConfig()
+    return load_config(QCConfig, p)
+
+
+def qc_verdict(row: dict[str, Any], qc: QCConfig, flags: Sequence[str] = ()) -> tuple[bool, str]:
+    """Apply count thresholds to a feature row; returns ``(passed, reasons)``."""
+    reasons = list(flags)
+    checks = (
+        ("n_events", qc.min_events, "events"),
+        ("n_live", qc.min_live, "live single lymphocytes"),
+        ("n_cd3", qc.min_cd3, "CD3+ T cells"),
+        ("n_cd4", qc.min_cd4, "CD4+ T cells"),
+        ("n_cd8", qc.min_cd8, "CD8+ T cells"),
+    )
+    for key, minimum, what in checks:
+        v = row.get(key)
+        if v is not None and v < minimum:
+            reasons.append(f"only {int(v)} {what} (< {minimum})")
+    return (not reasons, "; ".join(reasons))
+
+
+def features_from_gating(
+    tree: GateTree,
+    result: GatingResult,
+    *,
+    medians: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Feature values and QC counts from one sample's gate counts."""
+    missing = [g for g in REQUIRED_GATES if g not in result.counts]
+    if missing:
+        from .errors import GatingError
+
+        raise GatingError(
+            f"gating strategy {tree.name!r} lacks gate(s) {missing} needed for features"
+        )
+    c = result.counts
+    out: dict[str, float] = {}
+    for name, (num, den) in _PCT.items():
+        if num in c and den in c and c[den] > 0:
+            out[name] = 100.0 * c[num] / c[den]
+        else:
+            out[name] = float("nan")
+    out["cd4_cd8_ratio"] = c["cd4"] / c["cd8"] if c["cd8"] > 0 else float("nan")
+    for name in _MEDIANS:
+        out[name] = (medians or {}).get(name, float("nan"))
+    out["n_events"] = result.n_events
+    out["n_live"] = c["live"]
+    out["n_cd3"] = c["cd3"]
+    out["n_cd4"] = c["cd4"]
+    out["n_cd8"] = c["cd8"]
+    return out
+
+
+def _medians(tree: GateTree, result: GatingResult, data: Any) -> dict[str, float]:
+    from .gate import _EventCache
+
+    out: dict[str, float] = {}
+    cmap = tree.channel_map()
+    ev = None
+    for name, (marker, gate_id) in _MEDIANS.items():
+        mask = result.masks.get(gate_id)
+        dim = next((d for g in tree.gates for d in g.dims if d.name == marker), None)
+        if mask is None or dim is None or marker not in cmap or not mask.any():
+            out[name] = float("nan")
+            continue
+        if ev is None:
+            ev = _EventCache(tree, data.events, data.channels, data.spillover, data.path)
+        out[name] = float(np.median(ev.transformed(dim, np.flatnonzero(mask))))
+    return out
+
+
+@dataclass
+class SampleFeatures:
+    """One featurized sample: its feature row and, optionally, the gating behind it."""
+
+    row: dict[str, Any]
+    tree: GateTree | None = None
+    result: GatingResult | None = None
+
+
+def featurize_fcs(
+    path: str | os.PathLike[str],
+    *,
+    strategy: GateTree | None = None,
+    adaptive: bool = False,
+    sample_id: str | None = None,
+    patient_id: str | None = None,
+    qc: QCConfig | None = None,
+    keep_gating: bool = False,
+) -> SampleFeatures:
+    """Read, gate and featurize one FCS file.
+
+    Returns
+    -------
+    SampleFeatures
+        ``row`` has every column of :func:`feature_columns`.
+    """
+    from .gate import gate_events, load_strategy
+    from .read import read_flow
+
+    data = read_flow(path)
+    strategy = strategy or load_strategy()
+    tree, res = gate_events(data, strategy, adaptive=adaptive)
+    feats = features_from_gating(tree, res, medians=_medians(tree, res, data))
+    sid = sample_id or Path(path).stem
+    row: dict[str, Any] = {
+        "sample_id": sid,
+        "patient_id": patient_id or sid,
+        "modality": "flow",
+        "schema_version": SCHEMA_VERSION,
+        **feats,
+    }
+    passed, reasons = qc_verdict(row, qc or load_qc(), res.flags)
+    row["qc_pass"] = passed
+    row["qc_reasons"] = reasons
+    return SampleFeatures(row, tree if keep_gating else None, res if keep_gating else None)
+
+
+def _featurize_one(args: tuple[str, str, str, str | None, bool, QCConfig]) -> dict[str, Any]:
+    path, sid, pid, strategy_path, adaptive, qc = args
+    from .gate import load_strategy
+
+    try:
+        strategy = load_strategy(strategy_path)
+        return featurize_fcs(
+            path, strategy=strategy, adaptive=adaptive, sample_id=sid, patient_id=pid, qc=qc
+        ).row
+    except BlinaprofileError as err:
+        return {"sample_id": sid, "patient_id": pid, "error": str(err)}
+
+
+def featurize_manifest(
+    manifest: str | os.PathLike[str] | pd.DataFrame,
+    *,
+    strategy_path: str | os.PathLike[str] | None = None,
+    adaptive: bool = False,
+    qc: QCConfig | None = None,
+    n_jobs: int | None = None,
+) -> pd.DataFrame:
+    """Featurize every sample of a manifest (flow files) in parallel processes.
+
+    Samples that fail (bad file, panel mismatch...) get an ``error`` message instead of
+    features; the cohort goes on. Manifest columns (``response``, ``timepoint``...) are kept.
+    """
+    import pandas as pd
+
+    from .read import read_manifest
+    from .settings import settings
+
+    df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    qc = qc or load_qc()
+    sp = str(strategy_path) if strategy_path else None
+    jobs = [
+        (r.path, r.sample_id, r.patient_id, sp, adaptive, qc) for r in df.itertuples(index=False)
+    ]
+    n_jobs = settings.n_jobs if n_jobs is None else n_jobs
+    if n_jobs > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs))) as pool:
+            rows = list(pool.map(_featurize_one, jobs, chunksize=max(1, len(jobs) // (4 * n_jobs))))
+    else:
+        rows = [_featurize_one(j) for j in jobs]
+    feats = pd.DataFrame(rows)
+    if "error" not in feats.columns:
+        feats["error"] = ""
+    feats["error"] = feats["error"].fillna("")
+    extra = [c for c in df.columns if c not in ("sample_id", "patient_id", "path")]
+    out = df[["sample_id", *extra]].merge(feats, on="sample_id", how="left")
+    cols = [c for c in feature_columns() if c in out.columns]
+    rest = [c for c in out.columns if c not in cols]
+    return out[cols + rest]
+
+
+def _flow_featurizer_base() -> tuple[type, ...]:
+    from sklearn.base import BaseEstimator, TransformerMixin
+
+    return (TransformerMixin, BaseEstimator)
+
+
+class FlowFeaturizer(*_flow_featurizer_base()):  # type: ignore[misc]
+    """scikit-learn transformer: FCS paths in, the schema's feature table out.
+
+    Parameters
+    ----------
+    strategy
+        Path of a gating YAML (``None``: the shipped default).
+    adaptive
+        Use adaptive gate placement.
+    """
+
+    def __init__(self, strategy: str | None = None, adaptive: bool = False) -> None:
+        self.strategy = strategy
+        self.adaptive = adaptive
+
+    def fit(self, X: Iterable[str], y: Any = None) -> FlowFeaturizer:
+        from .gate import load_strategy
+
+        self.strategy_ = load_strategy(self.strategy)
+        self.schema_version_ = SCHEMA_VERSION
+        self.n_features_out_ = len(feature_names())
+        return self
+
+    def transform(self, X: Iterable[str]) -> pd.DataFrame:
+        import pandas as pd
+
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(self, "strategy_")
+        rows = [featurize_fcs(p, strategy=self.strategy_, adaptive=self.adaptive).row for p in X]
+        return pd.DataFrame(rows, columns=feature_columns())
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        return np.array(feature_columns(), dtype=object)

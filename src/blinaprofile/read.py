@@ -1,0 +1,167 @@
+"""Reading inputs: FCS samples, single-cell objects and cohort manifests.
+
+A manifest is a CSV with one row per sample: ``sample_id`` and ``file`` (relative to
+the manifest's folder or absolute) are required; ``patient_id``, ``timepoint`` and
+``response`` (``responder``/``nonresponder``; also ``R``/``NR``, ``1``/``0``) are optional
+(``response`` is required for training).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from .errors import FCSFormatError, InputError, ManifestError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .fcs import FCSData
+
+__all__ = ["RESPONSE_CODES", "modality_of", "read_flow", "read_manifest"]
+
+RESPONSE_CODES: dict[str, int] = {
+    "responder": 1,
+    "r": 1,
+    "1": 1,
+    "cr": 1,
+    "yes": 1,
+    "nonresponder": 0,
+    "non-responder": 0,
+    "non_responder": 0,
+    "nr": 0,
+    "0": 0,
+    "no": 0,
+}
+
+SINGLE_CELL_SUFFIXES = (".h5ad", ".h5", ".mtx", ".mtx.gz")
+
+
+def modality_of(path: str | os.PathLike[str]) -> Literal["flow", "single_cell"]:
+    """``'flow'`` for FCS files, ``'single_cell'`` for h5ad/10x inputs."""
+    p = Path(path)
+    name = p.name.lower()
+    if p.is_dir() or name.endswith(SINGLE_CELL_SUFFIXES):
+        return "single_cell"
+    return "flow"
+
+
+def read_flow(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> FCSData:
+    """Read an FCS file and check it is usable for gating.
+
+    Raises
+    ------
+    InputError
+        The file is missing or unreadable.
+    FCSFormatError
+        Malformed FCS, zero events, or NaN/inf values (unless ``allow_nonfinite``).
+    """
+    from .fcs import read_fcs
+
+    data = read_fcs(path)
+    if data.n_events == 0:
+        raise FCSFormatError("the file has zero events", path=path)
+    if data.n_nonfinite and not allow_nonfinite:
+        raise FCSFormatError(
+            f"{data.n_nonfinite} event values are NaN or infinite; refusing to gate", path=path
+        )
+    if data.events.dtype != np.float64 and data.events.dtype != np.float32:
+        data.events = data.events.astype(np.float64)
+    return data
+
+
+def read_manifest(
+    path: str | os.PathLike[str], *, require_response: bool = False, check_files: bool = True
+) -> pd.DataFrame:
+    """Read and validate a cohort manifest.
+
+    Returns a DataFrame with ``sample_id``, ``patient_id`` (defaults to ``sample_id``),
+    ``timepoint``, ``path`` (absolute) and ``response`` (1/0 or missing) plus any extra
+    columns. Raises :class:`ManifestError` naming the manifest and the problem (missing
+    columns, duplicate sample IDs, unknown response labels, missing files, bad encoding).
+    """
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise ManifestError("manifest not found", path=p)
+    try:
+        raw = p.read_bytes()
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ManifestError(
+            f"not UTF-8 text (byte {err.start}): save the manifest as UTF-8 CSV", path=p
+        ) from None
+    except OSError as err:
+        raise ManifestError(f"cannot read manifest: {err.strerror}", path=p) from None
+    if not text.strip():
+        raise ManifestError("the manifest is empty", path=p)
+    import io
+
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ManifestError(f"not a valid CSV: {err}".replace("\n", " "), path=p) from None
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    missing = [c for c in ("sample_id", "file") if c not in df.columns]
+    if missing:
+        raise ManifestError(
+            f"missing column(s) {missing}; found {list(df.columns)}", path=p
+        )
+    df["sample_id"] = df["sample_id"].str.strip()
+    if (df["sample_id"] == "").any():
+        rows = (df.index[df["sample_id"] == ""] + 2).tolist()
+        raise ManifestError(f"empty sample_id on line(s) {rows[:10]}", path=p)
+    dup = df["sample_id"][df["sample_id"].duplicated()].unique().tolist()
+    if dup:
+        raise ManifestError(f"duplicate sample_id(s) {dup[:10]}", path=p)
+    if "patient_id" not in df.columns:
+        df["patient_id"] = df["sample_id"]
+    df["patient_id"] = df["patient_id"].where(df["patient_id"].str.strip() != "", df["sample_id"])
+    if "timepoint" not in df.columns:
+        df["timepoint"] = ""
+    base = p.parent
+    df["path"] = [str((base / f.strip()).resolve()) if f.strip() else "" for f in df["file"]]
+    if check_files:
+        absent = [f for f, q in zip(df["file"], df["path"], strict=True) if not q or not Path(q).exists()]
+        if absent:
+            more = f" (+{len(absent) - 5} more)" if len(absent) > 5 else ""
+            raise ManifestError(f"file(s) not found: {absent[:5]}{more}", path=p)
+    if "response" in df.columns:
+        codes = []
+        bad = []
+        for v in df["response"]:
+            key = str(v).strip().lower()
+            if key == "" and not require_response:
+                codes.append(np.nan)
+            elif key in RESPONSE_CODES:
+                codes.append(RESPONSE_CODES[key])
+            else:
+                bad.append(v)
+        if bad:
+            raise ManifestError(
+                f"unknown response label(s) {sorted(set(bad))[:10]}; use responder/nonresponder",
+                path=p,
+            )
+        df["response"] = pd.array(codes, dtype="Int64")
+    elif require_response:
+        raise ManifestError("training needs a 'response' column", path=p)
+    else:
+        df["response"] = pd.array([pd.NA] * len(df), dtype="Int64")
+    if require_response:
+        if df["response"].isna().any():
+            raise ManifestError("some samples have no response label", path=p)
+        if df["response"].nunique() < 2:
+            raise ManifestError("training needs both responders and nonresponders", path=p)
+    return df
+
+
+def ensure_file(path: str | os.PathLike[str]) -> Path:
+    """Raise :class:`InputError` unless ``path`` is an existing file or folder."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("file not found", path=p)
+    return p
