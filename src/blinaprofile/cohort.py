@@ -8,7 +8,7 @@ sample's latent fractions, analytically and by Monte Carlo.
 
 Model
 -----
-``response ~ Bernoulli(responder_fraction)``;
+``round(n * responder_fraction)`` responders, assigned at random;
 for each latent ``f`` in ``config.latent``:
 ``logit f_patient ~ Normal(logit mean_f[response], sd_f)`` and
 ``logit f_sample = logit f_patient + Normal(0, within_patient_sd)``.
@@ -82,10 +82,10 @@ def draw_cohort(config: SimulationConfig, *, seed: int | None = None) -> pd.Data
         raise ConfigError(f"latent: missing required fraction(s) {missing}")
     rng = np.random.default_rng(config.seed if seed is None else seed)
     n = config.n_patients
-    response = (rng.random(n) < config.responder_fraction).astype(int)
-    # make sure both classes exist in any cohort of >= 2 patients
-    if response.min() == response.max():
-        response[rng.permutation(n)[: max(1, n // 2)]] = 1 - response[0]
+    # exactly round(n * responder_fraction) responders (at least one of each class), shuffled
+    n_resp = min(n - 1, max(1, round(n * config.responder_fraction)))
+    response = np.zeros(n, dtype=int)
+    response[rng.permutation(n)[:n_resp]] = 1
     names, mu0, mu1, sd = _class_params(config)
     mu = np.where(response[:, None] == 1, mu1[None, :], mu0[None, :])
     z_patient = mu + rng.normal(size=(n, len(names))) * sd[None, :]

@@ -16,6 +16,7 @@ segment that lies (``$TOT`` of 10**15, say) is rejected before any memory is tak
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 import re
@@ -596,7 +597,9 @@ def _read_open_file(
     present = {int(m.group(1)) for key in keywords if (m := _PNN_RE.fullmatch(key))}
     n_present = sum(1 for i in present if i <= par)
     if n_present < par:
-        missing = [f"$P{i}N" for i in range(1, par + 1) if i not in present][:5]
+        missing = list(
+            itertools.islice((f"$P{i}N" for i in range(1, par + 1) if i not in present), 5)
+        )
         more = ", ..." if par - n_present > len(missing) else ""
         raise ctx.error(
             f"TEXT segment says $PAR={par} but only {n_present} $PnN keywords are present "
@@ -1000,7 +1003,8 @@ def write_fcs(
         [""] * n_channels if markers is None else _validate_names("markers", markers, n_channels)
     )
 
-    data = np.ascontiguousarray(array, dtype="<f4")
+    with np.errstate(over="ignore", invalid="ignore"):
+        data = np.ascontiguousarray(array, dtype="<f4")
     if array.dtype.kind == "f" and n_events:
         with np.errstate(over="ignore", invalid="ignore"):
             overflow = np.isfinite(array) & ~np.isfinite(data)

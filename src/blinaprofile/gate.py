@@ -1,23 +1,34 @@
-"""Gating: a small gate-tree engine, FlowKit interoperability and AnnData output.
+"""Gating: one fast gate-tree engine, FlowKit/GatingML/FlowJo interoperability, AnnData output.
 
-A gating strategy is held in a tiny intermediate representation (:class:`GateTree`
-of :class:`Gate` objects whose :class:`Dim` name a channel, a compensation and a
-transform). It is built from our YAML (``configs/gating/*.yaml``) with the sample's
-markers resolved through the panel synonyms, and it converts to and from FlowKit's
-``GatingStrategy`` (so GatingML 2.0 export and event-for-event checks against
-``GatingStrategy.gate_sample`` are one call away).
+A gating strategy is held in a small intermediate representation: a :class:`GateTree`
+of :class:`Gate` objects (rectangles, polygons, ellipsoids and boolean gates; GatingML
+quadrants become one rectangle per quadrant) whose :class:`Dim` name a channel (or a
+:class:`Ratio` of two channels), a compensation and a transform. It is built from our
+YAML (``configs/gating/*.yaml``, markers resolved through the panel synonyms), from a
+FlowKit ``GatingStrategy`` (:meth:`GateTree.from_flowkit`; GatingML 2.0 and FlowJo 10
+workspaces go through :mod:`blinaprofile.interop`), and it converts back to FlowKit
+(:meth:`GateTree.to_flowkit`) for GatingML 2.0 export.
 
-The engine (:meth:`GateTree.apply`) compensates once per sample and only the
-channels the gates need, transforms each needed channel at most once, evaluates
-rectangle gates on raw values against thresholds mapped back through the inverse
-transform (events within a rounding band of a threshold are decided in transformed
-space, so results equal FlowKit's), and evaluates gates top-down on parent masks.
+The engine (:meth:`GateTree.apply`)
+
+* reads each needed channel once, applying the FCS ``$PnG``/``$PnE``/``$TIMESTEP`` scaling
+  FlowKit and FlowJo apply (:func:`fcs_scaling`);
+* compensates only the channels the gates need, and only the events that reach the first
+  gate needing them (rows are added lazily when a sibling branch needs more);
+* evaluates range/rectangle bounds on raw (compensated, untransformed) values against
+  thresholds mapped back through the inverse transform, so most gates never transform
+  an event; polygons and ellipsoids transform only their parent's events;
+* evaluates gates top-down on their parent's event indices;
+* decides the rare events that lie within rounding distance of a bound or a polygon edge
+  again with FlowKit's own arithmetic (``numpy.linalg.solve`` compensation, the reference
+  logicle/hyperlog iteration, flowutils' winding-number test), so per-event membership is
+  identical to ``flowkit.GatingStrategy.gate_sample`` on the same strategy.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,13 +49,45 @@ __all__ = [
     "Gate",
     "GateTree",
     "GatingResult",
+    "Ratio",
+    "fcs_scaling",
     "gate_events",
     "gate_sample",
     "load_strategy",
+    "points_in_polygon",
+    "strategy_from_config",
 ]
 
+#: compensation id of a dimension read as acquired
 UNCOMPENSATED = "uncompensated"
+#: the file's $SPILLOVER; the file must have one (our YAML strategies)
 FILE_COMP = "file"
+#: the file's $SPILLOVER if it has one, else uncompensated (GatingML 2.0 ``FCS``)
+FCS_COMP = "FCS"
+
+GateKind = Literal["rectangle", "polygon", "ellipsoid", "boolean"]
+
+# relative width of the band around a bound inside which events are decided again with
+# FlowKit's arithmetic (our fast path agrees with it to ~1e-13 relative)
+_BAND = 1e-9
+_EPS_BAND = 1e-12
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A derived dimension ``a * (x - b) / (y - c)`` of two channels (GatingML ``fratio``).
+
+    ``numerator``/``denominator`` are names (channels or markers) resolved like any
+    dimension; ``channels`` holds the bound channel names. As in FlowKit, the ratio is
+    computed from scaled, uncompensated values.
+    """
+
+    numerator: str
+    denominator: str
+    a: float = 1.0
+    b: float = 0.0
+    c: float = 0.0
+    channels: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +95,11 @@ class Dim:
     """One gate dimension: a channel, how it is compensated, how it is transformed.
 
     ``min``/``max`` bound rectangle gates ([min, max), transformed units). ``name`` is
-    what the strategy calls the dimension before binding (a marker or a channel).
+    what the strategy calls the dimension before binding (a marker or a channel; for a
+    ratio dimension the ratio's id). ``compensation`` is :data:`UNCOMPENSATED`,
+    :data:`FILE_COMP`, :data:`FCS_COMP` or the id of a matrix in
+    :attr:`GateTree.matrices`; ``transform`` the id of a transform in
+    :attr:`GateTree.transforms` (``None``: untransformed).
     """
 
     name: str
@@ -61,19 +108,42 @@ class Dim:
     transform: str | None = None
     min: float | None = None
     max: float | None = None
+    ratio: Ratio | None = None
 
 
 @dataclass(frozen=True)
 class Gate:
-    """A gate of the tree; ``parent`` is ``None`` for gates on all events."""
+    """A gate of the tree; ``parent`` is ``None`` for gates on all events.
+
+    Attributes
+    ----------
+    kind
+        ``rectangle`` (any number of dims, bounds in the dims), ``polygon`` (2 dims,
+        ``vertices``), ``ellipsoid`` (``mean``, ``covariance``, ``distance_square``: events
+        with Mahalanobis distance squared ``<= distance_square``) or ``boolean`` (``op``
+        ``and``/``or``/``not`` over ``refs``, each ``(gate id, complement)``).
+    complement
+        Select the events outside the shape (still within the parent).
+    group
+        The quadrant gate a rectangle came from (GatingML/FlowJo quadrants).
+    adaptive
+        Per-dim ``AdaptiveSpec`` (or ``None``) of a rectangle; see :mod:`blinaprofile.adaptive`.
+    """
 
     id: str
-    kind: Literal["rectangle", "polygon"]
+    kind: GateKind
     dims: tuple[Dim, ...]
     parent: str | None = None
     vertices: tuple[tuple[float, float], ...] = ()
     label: str = ""
-    adaptive: tuple[Any, ...] = ()  # per-dim AdaptiveSpec or None (rectangles)
+    adaptive: tuple[Any, ...] = ()
+    mean: tuple[float, ...] = ()
+    covariance: tuple[tuple[float, ...], ...] = ()
+    distance_square: float = 1.0
+    op: Literal["and", "or", "not"] | None = None
+    refs: tuple[tuple[str, bool], ...] = ()
+    complement: bool = False
+    group: str | None = None
 
 
 @dataclass
@@ -129,21 +199,37 @@ def _make_transform(spec: TransformSpec | Any) -> Any:
 
 @dataclass
 class GateTree:
-    """An ordered gate tree (parents before children) with its transforms.
+    """An ordered gate tree (parents before children) with its transforms and matrices.
 
-    Build one with :func:`load_strategy` (YAML) or :meth:`from_flowkit`; bind it to a
-    sample's channels with :meth:`bind`, then :meth:`apply` it to events.
+    Build one with :func:`load_strategy` (YAML), :meth:`from_flowkit` or
+    :mod:`blinaprofile.interop`; bind it to a sample's channels with :meth:`bind`, then
+    :meth:`apply` it to events.
+
+    Attributes
+    ----------
+    transforms
+        transform id -> :class:`~blinaprofile.config.TransformSpec` or a
+        :mod:`blinaprofile.transforms` object.
+    matrices
+        matrix id -> ``(detectors, spillover matrix)`` (rows: fluorochromes in detector
+        order, ``$SPILLOVER`` convention).
+    aliases
+        names that are not markers but stand for a channel (e.g. a GatingML matrix's
+        fluorochrome names) -> channel.
     """
 
     name: str
     gates: list[Gate]
-    transforms: dict[str, Any]  # TransformSpec (YAML) or a blinaprofile.transforms object
+    transforms: dict[str, Any]
     matrices: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
     version: str = "1"
     bound: bool = False
+    aliases: dict[str, str] = field(default_factory=dict)
+    source: str = ""
 
     # ------------------------------------------------------------------ structure
     def gate(self, gate_id: str) -> Gate:
+        """The gate with this id (``GatingError`` if none)."""
         for g in self.gates:
             if g.id == gate_id:
                 return g
@@ -151,17 +237,32 @@ class GateTree:
 
     @property
     def gate_ids(self) -> list[str]:
+        """Gate ids in evaluation order."""
         return [g.id for g in self.gates]
 
     def children(self, gate_id: str | None) -> list[Gate]:
+        """Gates whose parent is ``gate_id`` (``None``: the root gates)."""
         return [g for g in self.gates if g.parent == gate_id]
+
+    def path(self, gate_id: str) -> tuple[str, ...]:
+        """Ancestor ids of a gate, root first (``('root', ..., parent)``)."""
+        out: list[str] = []
+        g = self.gate(gate_id)
+        while g.parent is not None:
+            out.append(g.parent)
+            g = self.gate(g.parent)
+        return ("root", *reversed(out))
 
     def needed_names(self) -> list[str]:
         """Marker or channel names the strategy reads (order of first use)."""
         seen: dict[str, None] = {}
         for g in self.gates:
             for d in g.dims:
-                seen.setdefault(d.name, None)
+                if d.ratio is not None:
+                    seen.setdefault(d.ratio.numerator, None)
+                    seen.setdefault(d.ratio.denominator, None)
+                else:
+                    seen.setdefault(d.name, None)
         return list(seen)
 
     # ------------------------------------------------------------------ binding
@@ -175,23 +276,57 @@ class GateTree:
     ) -> GateTree:
         """Resolve every dimension's marker to the sample's channel.
 
+        Names are matched, in order, as an explicit override, a channel name (``$PnN``,
+        also with FlowJo's ``/`` -> ``_`` replacement), an alias of the tree (e.g. a
+        GatingML fluorochrome), an exact ``$PnS`` label, then a marker through the
+        panel synonyms (case, spaces and punctuation ignored).
+
         Raises
         ------
         PanelMismatchError
             A needed marker is missing or ambiguous (the message lists the file's channels).
         """
-        mapping = resolve_markers(
-            self.needed_names(), channels, markers, path=path, overrides=overrides
-        )
-        gates = [
-            replace(g, dims=tuple(replace(d, channel=mapping[d.name]) for d in g.dims))
-            for g in self.gates
-        ]
+        chans = list(channels)
+        hints: dict[str, str] = {}
+        flowjo = {c.replace("/", "_"): c for c in chans}
+        pns: dict[str, list[str]] = {}
+        for c, m in zip(chans, markers, strict=True):
+            if m:
+                pns.setdefault(m, []).append(c)
+        for name in self.needed_names():
+            if name in chans:
+                continue
+            if name in flowjo:
+                hints[name] = flowjo[name]
+            elif name in self.aliases and self.aliases[name] in chans:
+                hints[name] = self.aliases[name]
+            elif len(pns.get(name, ())) == 1:
+                hints[name] = pns[name][0]
+        hints.update(overrides or {})
+        mapping = resolve_markers(self.needed_names(), chans, markers, path=path, overrides=hints)
+
+        def bind_dim(d: Dim) -> Dim:
+            if d.ratio is not None:
+                r = replace(
+                    d.ratio, channels=(mapping[d.ratio.numerator], mapping[d.ratio.denominator])
+                )
+                return replace(d, ratio=r, channel=r.channels[0] if r.channels else None)
+            return replace(d, channel=mapping[d.name])
+
+        gates = [replace(g, dims=tuple(bind_dim(d) for d in g.dims)) for g in self.gates]
         return replace(self, gates=gates, bound=True)
 
     def channel_map(self) -> dict[str, str]:
         """Dimension name -> channel (after :meth:`bind`)."""
-        return {d.name: d.channel for g in self.gates for d in g.dims if d.channel}
+        out: dict[str, str] = {}
+        for g in self.gates:
+            for d in g.dims:
+                if d.ratio is not None and d.ratio.channels:
+                    out[d.ratio.numerator] = d.ratio.channels[0]
+                    out[d.ratio.denominator] = d.ratio.channels[1]
+                elif d.channel:
+                    out[d.name] = d.channel
+        return out
 
     # ------------------------------------------------------------------ engine
     def apply(
@@ -202,13 +337,14 @@ class GateTree:
         spillover: tuple[Sequence[str], np.ndarray] | None = None,
         adaptive: bool = False,
         path: str | None = None,
+        scaling: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
     ) -> GatingResult:
         """Gate events (rows) whose columns are ``channels``.
 
         Parameters
         ----------
         events
-            Raw (uncompensated, untransformed) event matrix.
+            Raw (uncompensated, untransformed) event matrix, any real dtype.
         channels
             Column names of ``events`` ($PnN).
         spillover
@@ -219,38 +355,58 @@ class GateTree:
             valley within the configured limits (see :mod:`blinaprofile.adaptive`).
         path
             The sample's file, for error messages.
+        scaling
+            channel -> function mapping stored values to scaled values (see
+            :func:`fcs_scaling`); channels not listed are used as stored.
         """
         if not self.bound:
             raise GatingError(f"gating strategy {self.name!r} must be bound to a sample first")
-        ev = _EventCache(self, np.asarray(events), list(channels), spillover, path)
+        ev = _EventCache(
+            self, np.asarray(events), list(channels), spillover, path, scaling=scaling
+        )
         n = ev.n
         masks: dict[str, np.ndarray] = {}
+        rows: dict[str, np.ndarray | None] = {}
         result = GatingResult(masks=masks, counts={}, n_events=n)
         for g in self.gates:
-            parent = masks[g.parent] if g.parent else None
+            prow = rows[g.parent] if g.parent else None
             if g.kind == "rectangle":
                 dims = g.dims
-                if adaptive and any(g.adaptive):
+                if adaptive and any(a is not None for a in g.adaptive):
                     from .adaptive import place_thresholds
 
-                    dims = place_thresholds(g, ev, parent, result)
-                m = _rectangle(g, dims, ev, parent)
+                    pmask = masks[g.parent] if g.parent else None
+                    dims = place_thresholds(g, ev, pmask, result)
+                r = _rectangle_rows(ev, g, dims, prow)
                 for d in dims:
                     if d.min is not None:
                         result.thresholds[f"{g.id}:{d.name}:min"] = d.min
                     if d.max is not None:
                         result.thresholds[f"{g.id}:{d.name}:max"] = d.max
+            elif g.kind == "polygon":
+                r = _polygon_rows(ev, g, prow)
+            elif g.kind == "ellipsoid":
+                r = _ellipsoid_rows(ev, g, prow)
+            elif g.kind == "boolean":
+                r = _boolean_rows(g, masks, prow, n)
+            else:  # pragma: no cover - Gate.kind is a Literal
+                raise GatingError(f"gate {g.id!r}: unknown kind {g.kind!r}")
+            rows[g.id] = r
+            m = np.zeros(n, dtype=bool)
+            if r is None:
+                m[:] = True
             else:
-                m = _polygon(g, ev, parent)
+                m[r] = True
             masks[g.id] = m
-            result.counts[g.id] = int(np.count_nonzero(m))
+            result.counts[g.id] = n if r is None else int(r.size)
         return result
 
     # ------------------------------------------------------------------ FlowKit
     def to_flowkit(self) -> Any:
         """This strategy as a ``flowkit.GatingStrategy`` (after :meth:`bind`).
 
-        The file's spillover is referenced as ``'FCS'`` (FlowKit's embedded-matrix id).
+        The file's spillover is referenced as ``'FCS'`` (FlowKit's embedded-matrix id);
+        quadrants are written as the rectangles they are.
         """
         import flowkit as fk
 
@@ -260,27 +416,278 @@ class GateTree:
         used = {d.transform for g in self.gates for d in g.dims if d.transform}
         for tid in sorted(used):
             gs.add_transform(tid, _make_transform(self.transforms[tid]).to_flowkit(tid))
-        for mid, (detectors, matrix) in self.matrices.items():
-            gs.add_comp_matrix(mid, fk.Matrix(matrix, detectors))
-        paths: dict[str | None, tuple[str, ...]] = {None: ("root",)}
+        ratio_ids: dict[Ratio, str] = {}
         for g in self.gates:
-            dims = [
-                fk.Dimension(
-                    d.channel,
-                    compensation_ref="FCS" if d.compensation == FILE_COMP else d.compensation,
-                    transformation_ref=d.transform,
-                    range_min=d.min,
-                    range_max=d.max,
-                )
-                for d in g.dims
-            ]
+            for d in g.dims:
+                if d.ratio is not None and d.ratio not in ratio_ids:
+                    rid = d.name if d.name not in gs.transformations else f"ratio_{len(ratio_ids)}"
+                    ratio_ids[d.ratio] = rid
+                    assert d.ratio.channels is not None
+                    gs.add_transform(
+                        rid,
+                        fk.transforms.RatioTransform(
+                            list(d.ratio.channels), d.ratio.a, d.ratio.b, d.ratio.c
+                        ),
+                    )
+        for mid, (detectors, matrix) in self.matrices.items():
+            gs.add_comp_matrix(mid, fk.Matrix(np.asarray(matrix, dtype=float), list(detectors)))
+        paths: dict[str | None, tuple[str, ...]] = {None: ("root",)}
+
+        def comp_ref(d: Dim) -> str:
+            return "FCS" if d.compensation in (FILE_COMP, FCS_COMP) else d.compensation
+
+        for g in self.gates:
+            dims: list[Any] = []
+            for d in g.dims:
+                if d.ratio is not None:
+                    dims.append(
+                        fk.RatioDimension(
+                            ratio_ids[d.ratio],
+                            comp_ref(d),
+                            transformation_ref=d.transform,
+                            range_min=d.min,
+                            range_max=d.max,
+                        )
+                    )
+                else:
+                    dims.append(
+                        fk.Dimension(
+                            d.channel,
+                            compensation_ref=comp_ref(d),
+                            transformation_ref=d.transform,
+                            range_min=d.min,
+                            range_max=d.max,
+                        )
+                    )
+            gate: Any
             if g.kind == "rectangle":
-                gate = fk.gates.RectangleGate(g.id, dims)
+                gate = fk.gates.RectangleGate(g.id, dims, use_complement=g.complement)
+            elif g.kind == "polygon":
+                gate = fk.gates.PolygonGate(
+                    g.id, dims, [list(v) for v in g.vertices], use_complement=g.complement
+                )
+            elif g.kind == "ellipsoid":
+                gate = fk.gates.EllipsoidGate(
+                    g.id,
+                    dims,
+                    list(g.mean),
+                    [list(r) for r in g.covariance],
+                    g.distance_square,
+                )
             else:
-                gate = fk.gates.PolygonGate(g.id, dims, [list(v) for v in g.vertices])
+                refs = [
+                    {"ref": ref, "path": paths[self.gate(ref).parent], "complement": comp}
+                    for ref, comp in g.refs
+                ]
+                gate = fk.gates.BooleanGate(g.id, g.op or "and", refs)
             gs.add_gate(gate, gate_path=paths[g.parent])
             paths[g.id] = (*paths[g.parent], g.id)
         return gs
+
+    @classmethod
+    def from_flowkit(
+        cls,
+        strategy: Any,
+        *,
+        name: str = "imported",
+        sample_id: str | None = None,
+        version: str = "1",
+        source: str = "",
+    ) -> GateTree:
+        """Convert a ``flowkit.GatingStrategy`` (from GatingML or a FlowJo workspace).
+
+        Gate ids are the FlowKit gate names; a name used at several places of the tree
+        becomes ``parent path/name``. Quadrant gates become one rectangle per quadrant
+        (``group`` = the quadrant gate's name). FlowKit custom (sample-specific) gates are
+        used when ``sample_id`` is given.
+
+        Raises
+        ------
+        GatingError
+            A gate or transform FlowKit parsed that the engine cannot represent.
+        """
+        import flowkit as fk
+
+        from . import transforms as tr
+
+        entries = list(strategy.get_gate_ids())
+        name_count: dict[str, int] = {}
+        for gname, _gpath in entries:
+            name_count[gname] = name_count.get(gname, 0) + 1
+
+        def uid(gname: str, gpath: Sequence[str]) -> str:
+            if name_count.get(gname, 0) <= 1:
+                return gname
+            return "/".join([*gpath[1:], gname])
+
+        xforms: dict[str, Any] = {}
+        ratio_of: dict[str, Any] = {}
+        for tid, t in strategy.transformations.items():
+            if isinstance(t, fk.transforms.RatioTransform):
+                ratio_of[tid] = t
+                continue
+            try:
+                xforms[tid] = tr.from_flowkit(t)
+            except GatingError as err:
+                raise GatingError(f"transform {tid!r}: {err}") from None
+        matrices: dict[str, tuple[list[str], np.ndarray]] = {}
+        aliases: dict[str, str] = {}
+        for mid, m in strategy.comp_matrices.items():
+            if not isinstance(m, fk.Matrix):
+                raise GatingError(f"compensation {mid!r}: only square spillover matrices are supported")
+            matrices[mid] = (list(m.detectors), np.asarray(m.matrix, dtype=np.float64))
+            for fl, det in zip(m.fluorochromes or [], m.detectors, strict=False):
+                if fl:
+                    aliases.setdefault(fl, det)
+
+        def comp_of(ref: str | None) -> str:
+            if ref in (None, "", UNCOMPENSATED):
+                return UNCOMPENSATED
+            if str(ref).upper() == "FCS":
+                return FCS_COMP
+            if ref not in matrices:
+                raise GatingError(f"compensation {ref!r} is not defined in the strategy")
+            return str(ref)
+
+        def dim_of(d: Any, lo: float | None = None, hi: float | None = None) -> Dim:
+            tref = d.transformation_ref
+            if tref is not None and tref not in xforms:
+                raise GatingError(f"transform {tref!r} is not defined in the strategy")
+            if isinstance(d, fk.RatioDimension):
+                rt = ratio_of.get(d.ratio_ref)
+                if rt is None:
+                    raise GatingError(f"ratio dimension {d.ratio_ref!r} has no ratio transform")
+                ratio = Ratio(
+                    str(rt.dimensions[0]),
+                    str(rt.dimensions[1]),
+                    float(rt.param_a),
+                    float(rt.param_b),
+                    float(rt.param_c),
+                )
+                return Dim(
+                    name=str(d.ratio_ref),
+                    compensation=comp_of(d.compensation_ref),
+                    transform=tref,
+                    min=getattr(d, "min", None) if lo is None else lo,
+                    max=getattr(d, "max", None) if hi is None else hi,
+                    ratio=ratio,
+                )
+            return Dim(
+                name=str(d.id),
+                compensation=comp_of(d.compensation_ref),
+                transform=tref,
+                min=d.min if lo is None else lo,
+                max=d.max if hi is None else hi,
+            )
+
+        gates: list[Gate] = []
+        quadrant_owner: dict[tuple[str, tuple[str, ...]], str] = {}
+        for gname, gpath in entries:
+            try:
+                g = strategy.get_gate(gname, gpath, sample_id=sample_id)
+            except fk.exceptions.QuadrantReferenceError:
+                continue
+            parent: str | None = None
+            if len(gpath) > 1:
+                parent = uid(gpath[-1], gpath[:-1])
+                parent = quadrant_owner.get((gpath[-1], tuple(gpath[:-1])), parent)
+            gid = uid(gname, gpath)
+            if isinstance(g, fk.gates.RectangleGate):
+                gates.append(
+                    Gate(
+                        gid,
+                        "rectangle",
+                        tuple(dim_of(d) for d in g.dimensions),
+                        parent,
+                        label=gname,
+                        complement=bool(getattr(g, "use_complement", False)),
+                    )
+                )
+            elif isinstance(g, fk.gates.PolygonGate):
+                gates.append(
+                    Gate(
+                        gid,
+                        "polygon",
+                        tuple(dim_of(d) for d in g.dimensions),
+                        parent,
+                        vertices=tuple((float(v[0]), float(v[1])) for v in g.vertices),
+                        label=gname,
+                        complement=bool(getattr(g, "use_complement", False)),
+                    )
+                )
+            elif isinstance(g, fk.gates.EllipsoidGate):
+                gates.append(
+                    Gate(
+                        gid,
+                        "ellipsoid",
+                        tuple(dim_of(d) for d in g.dimensions),
+                        parent,
+                        label=gname,
+                        mean=tuple(float(v) for v in g.coordinates),
+                        covariance=tuple(
+                            tuple(float(v) for v in row) for row in g.covariance_matrix
+                        ),
+                        distance_square=float(g.distance_square),
+                    )
+                )
+            elif isinstance(g, fk.gates.QuadrantGate):
+                dividers = {div.id: div for div in g.dimensions}
+                for q in g.quadrants.values():
+                    qdims = []
+                    for ref in q.divider_refs:
+                        div = dividers[ref]
+                        lo, hi = q.get_divider_range(ref)
+                        qdims.append(
+                            Dim(
+                                name=str(div.dimension_ref),
+                                compensation=comp_of(div.compensation_ref),
+                                transform=div.transformation_ref,
+                                min=None if lo is None else float(lo),
+                                max=None if hi is None else float(hi),
+                            )
+                        )
+                    qid = uid(q.id, (*gpath, gname))
+                    quadrant_owner[(q.id, (*gpath, gname))] = qid
+                    gates.append(
+                        Gate(qid, "rectangle", tuple(qdims), parent, label=q.id, group=gname)
+                    )
+            elif isinstance(g, fk.gates.BooleanGate):
+                refs = []
+                for ref in g.gate_refs:
+                    rpath = tuple(ref["path"])
+                    rid = quadrant_owner.get((ref["ref"], rpath), uid(ref["ref"], rpath))
+                    refs.append((rid, bool(ref["complement"])))
+                gates.append(
+                    Gate(
+                        gid,
+                        "boolean",
+                        (),
+                        parent,
+                        label=gname,
+                        op=g.type,
+                        refs=tuple(refs),
+                    )
+                )
+            else:
+                raise GatingError(
+                    f"gate {gname!r}: FlowKit gate type {type(g).__name__} is not supported"
+                )
+        # parents and boolean references must come first
+        gates = _topological(gates)
+        tree = cls(
+            name=name,
+            gates=gates,
+            transforms=xforms,
+            matrices=matrices,
+            version=version,
+            aliases=aliases,
+            source=source,
+        )
+        for g in gates:
+            for d in g.dims:
+                if d.transform is not None and d.transform not in xforms:
+                    raise GatingError(f"gate {g.id!r}: transform {d.transform!r} is undefined")
+        return tree
 
     def export_gatingml(self, path: str | os.PathLike[str]) -> Path:
         """Write the bound strategy as GatingML 2.0 (atomically)."""
@@ -294,8 +701,133 @@ class GateTree:
         return out
 
 
+def _topological(gates: list[Gate]) -> list[Gate]:
+    """Order gates so every parent and boolean reference precedes its users."""
+    by_id = {g.id: g for g in gates}
+    out: list[Gate] = []
+    state: dict[str, int] = {}
+
+    def visit(g: Gate) -> None:
+        s = state.get(g.id, 0)
+        if s == 2:
+            return
+        if s == 1:
+            raise GatingError(f"gate {g.id!r} is part of a reference cycle")
+        state[g.id] = 1
+        deps = ([g.parent] if g.parent else []) + [r for r, _ in g.refs]
+        for dep in deps:
+            if dep not in by_id:
+                raise GatingError(f"gate {g.id!r} refers to unknown gate {dep!r}")
+            visit(by_id[dep])
+        state[g.id] = 2
+        out.append(g)
+
+    for g in gates:
+        visit(g)
+    return out
+
+
+# ---------------------------------------------------------------------- FCS scaling
+def fcs_scaling(data: FCSData) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Per-channel scaling of stored values as FlowKit/flowio and FlowJo apply it.
+
+    ``$PnE`` log-amplified channels become ``10 ** (decades * x / $PnR) * offset``
+    (offset 0 read as 1), then non-time channels with ``$PnG`` other than 0 or 1 are
+    divided by the gain, and the ``Time`` channel is multiplied by ``$TIMESTEP``.
+    Channels needing none of this are absent from the result.
+    """
+    out: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    kw = {k.upper(): v for k, v in data.keywords.items()}
+    n = len(data.channels)
+    gains = list(data.gains) + [None] * (n - len(data.gains))
+    decs = list(data.decades) + [None] * (n - len(data.decades))
+    rngs = list(data.ranges) + [float("nan")] * (n - len(data.ranges))
+    step: float | None = None
+    raw_step = kw.get("$TIMESTEP", "").strip()
+    if raw_step:
+        try:
+            step = float(raw_step)
+        except ValueError:
+            raise GatingError(f"$TIMESTEP {raw_step!r} is not a number", path=data.path) from None
+    for ch, gain, dec, prange in zip(data.channels, gains, decs, rngs, strict=True):
+        if ch.lower() == "time":
+            if step is not None and step != 1.0:
+                out[ch] = _time_scaler(step)
+            continue
+        decades, log0 = dec if dec is not None else (0.0, 0.0)
+        log_scale = decades > 0
+        if log_scale and log0 == 0:
+            log0 = 1.0
+        g = gain if gain is not None else 1.0
+        use_gain = g not in (0.0, 1.0)
+        if not log_scale and not use_gain:
+            continue
+        if log_scale and not np.isfinite(prange):
+            raise GatingError(
+                f"channel {ch!r} is log-amplified ($PnE) but has no $PnR", path=data.path
+            )
+        out[ch] = _channel_scaler(
+            float(decades) if log_scale else 0.0, float(log0), float(prange), g if use_gain else 1.0
+        )
+    return out
+
+
+def _time_scaler(step: float) -> Callable[[np.ndarray], np.ndarray]:
+    def f(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64) * step
+
+    return f
+
+
+def _channel_scaler(
+    decades: float, log0: float, prange: float, gain: float
+) -> Callable[[np.ndarray], np.ndarray]:
+    def f(x: np.ndarray) -> np.ndarray:
+        y = np.asarray(x, dtype=np.float64)
+        if decades > 0:
+            y = (10 ** (decades * y / prange)) * log0
+        if gain != 1.0:
+            y = y / gain
+        return y
+
+    return f
+
+
+# ---------------------------------------------------------------------- event cache
+class _Comp:
+    """Lazily compensated channels of one matrix (rows added as gates need them)."""
+
+    def __init__(self, detectors: list[str], matrix: np.ndarray, cols: list[int], wanted: list[str]):
+        self.detectors = detectors
+        self.matrix = matrix
+        self.cols = cols
+        self.wanted = wanted
+        self.pos = {c: i for i, c in enumerate(wanted)}
+        self.inv_sub = np.ascontiguousarray(
+            np.linalg.inv(matrix)[:, [detectors.index(c) for c in wanted]]
+        )
+        self.values: np.ndarray | None = None  # (len(wanted), n)
+        self.done: np.ndarray | None = None  # bool (n,) or None when all done
+        self.all_done = False
+        self.scale = 0.0  # max |x| * max |inv| * k over computed rows (error scale)
+
+
 class _EventCache:
-    """Compensated / transformed columns, each computed at most once per sample."""
+    """Scaled, compensated and transformed columns, each computed at most once per sample.
+
+    Parameters
+    ----------
+    tree
+        The bound strategy.
+    events, channels
+        Stored event matrix and its column names.
+    spillover
+        The file's ``(detectors, matrix)`` or ``None``.
+    path
+        The file, for messages.
+    scaling
+        channel -> scaling function (see :func:`fcs_scaling`).
+    """
 
     def __init__(
         self,
@@ -304,6 +836,8 @@ class _EventCache:
         channels: list[str],
         spillover: tuple[Sequence[str], np.ndarray] | None,
         path: str | None,
+        *,
+        scaling: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
     ) -> None:
         if events.ndim != 2 or events.shape[1] != len(channels):
             raise GatingError(
@@ -315,163 +849,459 @@ class _EventCache:
         self.index = {c: i for i, c in enumerate(channels)}
         self.spillover = spillover
         self.path = path
+        self.scaling = dict(scaling or {})
         self.n = events.shape[0]
-        self._comp: dict[tuple[str, str], np.ndarray] = {}
+        self._cols: dict[str, np.ndarray] = {}
+        self._comps: dict[str, _Comp | None] = {}
         self._xf: dict[tuple[str, str, str | None], np.ndarray] = {}
-        self._inv_cache: dict[tuple[str, str], np.ndarray] = {}
         self._transforms: dict[str, Any] = {}
 
+    # -- basics -----------------------------------------------------------------------
     def transform(self, tid: str) -> Any:
+        """The transform object for a transform id of the tree."""
         if tid not in self._transforms:
+            if tid not in self.tree.transforms:
+                raise GatingError(f"unknown transform {tid!r}", path=self.path)
             self._transforms[tid] = _make_transform(self.tree.transforms[tid])
         return self._transforms[tid]
 
-    def _matrix(self, comp: str) -> tuple[list[str], np.ndarray]:
-        if comp == FILE_COMP:
+    def _col(self, channel: str) -> int:
+        col = self.index.get(channel)
+        if col is None:
+            raise GatingError(f"channel {channel!r} is not in the file", path=self.path)
+        return col
+
+    def column(self, channel: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Scaled, uncompensated values of a channel (all events or ``rows``), float64."""
+        col = self._col(channel)
+        full = self._cols.get(channel)
+        if full is not None:
+            return full if rows is None else full[rows]
+        f = self.scaling.get(channel)
+        if rows is None:
+            v = self.events[:, col]
+            if f is not None:
+                v = f(v)
+            elif v.dtype != np.float64:
+                v = v.astype(np.float64)
+            else:
+                return v
+            self._cols[channel] = v
+            return v
+        v = self.events[rows, col]
+        return f(v) if f is not None else np.asarray(v, dtype=np.float64)
+
+    def block(self, channels: Sequence[str], rows: np.ndarray | None) -> np.ndarray:
+        """Scaled values of several channels, ``(rows, channels)`` float64."""
+        cols = [self._col(c) for c in channels]
+        if rows is None:
+            b = np.take(self.events, cols, axis=1)
+        else:
+            b = self.events[np.ix_(rows, cols)]
+        b = np.asarray(b, dtype=np.float64)
+        for j, c in enumerate(channels):
+            f = self.scaling.get(c)
+            if f is not None:
+                b[:, j] = f(b[:, j])
+        return b
+
+    # -- compensation ----------------------------------------------------------------
+    def _matrix(self, comp: str) -> tuple[list[str], np.ndarray] | None:
+        if comp in (FILE_COMP, FCS_COMP):
             if self.spillover is None:
+                if comp == FCS_COMP:
+                    return None
                 raise GatingError(
                     "the gating strategy compensates with the file's spillover matrix, "
                     "but the file has no $SPILLOVER/$SPILL keyword",
                     path=self.path,
                 )
-            return list(self.spillover[0]), np.asarray(self.spillover[1], dtype=float)
+            return list(self.spillover[0]), np.asarray(self.spillover[1], dtype=np.float64)
         if comp in self.tree.matrices:
-            return self.tree.matrices[comp]
+            det, mat = self.tree.matrices[comp]
+            return list(det), np.asarray(mat, dtype=np.float64)
         raise GatingError(f"unknown compensation matrix {comp!r}", path=self.path)
 
-    def raw(self, channel: str, comp: str) -> np.ndarray:
-        """A compensated (or raw) column as float64."""
-        col = self.index.get(channel)
-        if col is None:
-            raise GatingError(f"channel {channel!r} is not in the file", path=self.path)
+    def _comp_state(self, comp: str) -> _Comp | None:
+        if comp in self._comps:
+            return self._comps[comp]
+        m = self._matrix(comp)
+        if m is None:
+            self._comps[comp] = None
+            return None
+        detectors, matrix = m
+        if matrix.shape != (len(detectors), len(detectors)):
+            raise GatingError(
+                f"compensation {comp!r}: matrix shape {matrix.shape} does not match "
+                f"{len(detectors)} detectors",
+                path=self.path,
+            )
+        missing = [d for d in detectors if d not in self.index]
+        if missing:
+            raise GatingError(
+                f"spillover matrix names detector(s) {missing} absent from the file",
+                path=self.path,
+            )
+        if abs(np.linalg.det(matrix)) < 1e-12:
+            raise GatingError(f"the spillover matrix {comp!r} is singular", path=self.path)
+        wanted: dict[str, None] = {}
+        for g in self.tree.gates:
+            for d in g.dims:
+                if d.compensation == comp and d.ratio is None and d.channel in detectors:
+                    wanted.setdefault(d.channel, None)
+        st = _Comp(detectors, matrix, [self._col(d) for d in detectors], list(wanted))
+        self._comps[comp] = st
+        return st
+
+    def _compensate_rows(self, st: _Comp, rows: np.ndarray | None) -> None:
+        if st.all_done:
+            return
+        if st.values is None:
+            st.values = np.empty((len(st.wanted), self.n), dtype=np.float64)
+        if rows is None:
+            todo = None if st.done is None else np.flatnonzero(~st.done)
+        else:
+            todo = rows if st.done is None else rows[~st.done[rows]]
+            if todo.size == 0:
+                return
+        b = self.block(st.detectors, todo)
+        if b.size:
+            st.scale = max(
+                st.scale, float(np.max(np.abs(b))) * float(np.max(np.abs(st.inv_sub))) * b.shape[1]
+            )
+        res = b @ st.inv_sub
+        if todo is None:
+            st.values[:] = res.T
+            st.all_done = True
+            st.done = None
+            return
+        st.values[:, todo] = res.T
+        if st.done is None:
+            st.done = np.zeros(self.n, dtype=bool)
+        st.done[todo] = True
+
+    def raw(self, channel: str, comp: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Compensated (or raw) values of a channel as float64 (all events or ``rows``)."""
         if comp == UNCOMPENSATED:
-            key = (UNCOMPENSATED, channel)
-            if key not in self._comp:
-                self._comp[key] = np.asarray(self.events[:, col], dtype=np.float64)
-            return self._comp[key]
-        key = (comp, channel)
-        if key not in self._comp:
-            detectors, matrix = self._matrix(comp)
-            if channel not in detectors:
-                self._comp[key] = np.asarray(self.events[:, col], dtype=np.float64)
-            else:
-                inv = self._inv_cache.get((comp, "inv"))
-                if inv is None:
-                    try:
-                        inv = np.linalg.inv(matrix)
-                    except np.linalg.LinAlgError:
-                        raise GatingError(
-                            "the spillover matrix is singular", path=self.path
-                        ) from None
-                    self._inv_cache[(comp, "inv")] = inv
-                missing = [d for d in detectors if d not in self.index]
-                if missing:
-                    raise GatingError(
-                        f"spillover matrix names detector(s) {missing} absent from the file",
-                        path=self.path,
-                    )
-                cols = [self.index[d] for d in detectors]
-                j = detectors.index(channel)
-                sub = self.events[:, cols]
-                self._comp[key] = np.asarray(sub @ inv[:, j], dtype=np.float64)
-        return self._comp[key]
+            return self.column(channel, rows)
+        st = self._comp_state(comp)
+        if st is None or channel not in st.pos:
+            if st is not None and channel in st.detectors:
+                # a detector no gate asked for with this matrix (adaptive/feature use)
+                st.wanted.append(channel)
+                st.pos[channel] = len(st.wanted) - 1
+                st.inv_sub = np.ascontiguousarray(
+                    np.linalg.inv(st.matrix)[:, [st.detectors.index(c) for c in st.wanted]]
+                )
+                st.values, st.done, st.all_done = None, None, False
+                return self.raw(channel, comp, rows)
+            return self.column(channel, rows)
+        self._compensate_rows(st, rows)
+        assert st.values is not None
+        v = st.values[st.pos[channel]]
+        return v if rows is None else v[rows]
+
+    def comp_error_scale(self, comp: str, channel: str) -> float:
+        """Absolute error scale of the fast compensation of ``channel`` (0 if exact)."""
+        if comp == UNCOMPENSATED:
+            return 0.0
+        st = self._comps.get(comp)
+        if st is None or channel not in st.pos:
+            return 0.0
+        return st.scale
+
+    # -- values in gate space -------------------------------------------------------------
+    def _ratio(self, r: Ratio, rows: np.ndarray | None) -> np.ndarray:
+        assert r.channels is not None
+        x = self.column(r.channels[0], rows)
+        y = self.column(r.channels[1], rows)
+        return r.a * ((x - r.b) / (y - r.c))
 
     def transformed(self, dim: Dim, where: np.ndarray | None = None) -> np.ndarray:
         """Transformed values of a dimension (for all events, or the indices ``where``)."""
-        assert dim.channel is not None
-        x = self.raw(dim.channel, dim.compensation)
+        if dim.ratio is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x = self._ratio(dim.ratio, where)
+            if dim.transform is None:
+                return x
+            return np.asarray(self.transform(dim.transform).apply(x), dtype=np.float64)
+        assert dim.channel is not None, "bind the strategy first"
         if dim.transform is None:
-            return x if where is None else x[where]
+            return self.raw(dim.channel, dim.compensation, where)
         key = (dim.channel, dim.compensation, dim.transform)
         full = self._xf.get(key)
         if full is not None:
             return full if where is None else full[where]
         t = self.transform(dim.transform)
         if where is None:
-            full = np.asarray(t.apply(x), dtype=np.float64)
+            full = np.asarray(t.apply(self.raw(dim.channel, dim.compensation)), dtype=np.float64)
             self._xf[key] = full
             return full
-        return np.asarray(t.apply(x[where]), dtype=np.float64)
+        return np.asarray(t.apply(self.raw(dim.channel, dim.compensation, where)), dtype=np.float64)
+
+    def exact(self, dim: Dim, rows: np.ndarray) -> np.ndarray:
+        """Values of a dimension at ``rows`` computed with FlowKit's own arithmetic.
+
+        Compensation by ``numpy.linalg.solve`` on the transposed spillover matrix (as
+        flowutils does), logicle/hyperlog by the reference iteration.
+        """
+        rows = np.asarray(rows, dtype=np.intp)
+        if dim.ratio is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x = self._ratio(dim.ratio, rows)
+        else:
+            assert dim.channel is not None
+            st = None if dim.compensation == UNCOMPENSATED else self._comp_state(dim.compensation)
+            if st is None or dim.channel not in st.detectors:
+                x = self.column(dim.channel, rows)
+            else:
+                # LAPACK takes another code path for a single right-hand side; pad to two
+                pad = rows.size == 1
+                r2 = np.concatenate([rows, rows]) if pad else rows
+                b = self.block(st.detectors, r2)
+                sol = np.linalg.solve(st.matrix.T, b.T).T
+                x = sol[: rows.size, st.detectors.index(dim.channel)]
+        if dim.transform is None:
+            return np.asarray(x, dtype=np.float64)
+        t = self.transform(dim.transform)
+        ref = getattr(t, "apply_reference", None)
+        return np.asarray(ref(x) if ref is not None else t.apply(x), dtype=np.float64)
 
 
-def _bound_test(
-    ev: _EventCache, dim: Dim, x: np.ndarray, bound: float, *, upper: bool
-) -> np.ndarray:
-    """``t(x) >= bound`` (or ``< bound`` if upper) decided on raw values via the inverse."""
+# ---------------------------------------------------------------------- gate kernels
+_SAFE_KINDS = ("flin", "fasinh", "logicle", "hyperlog")
+
+
+def _raw_bound(ev: _EventCache, dim: Dim, bound: float) -> float | None:
+    """``bound`` mapped to raw units, or ``None`` when the raw shortcut is not exact."""
+    if dim.ratio is not None:
+        return None
     if dim.transform is None:
-        return x < bound if upper else x >= bound
+        return float(bound)
     t = ev.transform(dim.transform)
-    raw_bound = float(np.asarray(t.inverse(np.array([bound], dtype=np.float64)))[0])
-    res = x < raw_bound if upper else x >= raw_bound
-    # events within rounding distance of the raw threshold: decide in transformed space
-    tol = 1e-9 * max(1.0, abs(raw_bound))
-    close = np.flatnonzero(np.abs(x - raw_bound) <= tol)
-    if close.size:
-        tx = np.asarray(t.apply(x[close]), dtype=np.float64)
-        res[close] = tx < bound if upper else tx >= bound
-    return res
+    kind = getattr(t, "kind", "")
+    if kind not in _SAFE_KINDS:
+        return None
+    if kind == "flin" and not (t.t + t.a) > 0:
+        return None
+    rb = float(np.asarray(t.inverse(np.array([bound], dtype=np.float64)))[0])
+    return rb if np.isfinite(rb) else None
 
 
-def _rectangle(
-    g: Gate, dims: Sequence[Dim], ev: _EventCache, parent: np.ndarray | None
+def _dim_test(
+    ev: _EventCache, dim: Dim, rows: np.ndarray | None, lo: float | None, hi: float | None
 ) -> np.ndarray:
-    if parent is not None:
-        idx = np.flatnonzero(parent)
-        sub = np.ones(idx.size, dtype=bool)
-        for d in dims:
-            assert d.channel is not None
-            x = ev.raw(d.channel, d.compensation)[idx]
-            if d.min is not None:
-                sub &= _bound_test(ev, d, x, d.min, upper=False)
-            if d.max is not None:
-                sub &= _bound_test(ev, d, x, d.max, upper=True)
-        out = np.zeros(ev.n, dtype=bool)
-        out[idx[sub]] = True
-        return out
-    res = np.ones(ev.n, dtype=bool)
-    for d in dims:
-        assert d.channel is not None
-        x = ev.raw(d.channel, d.compensation)
-        if d.min is not None:
-            res &= _bound_test(ev, d, x, d.min, upper=False)
-        if d.max is not None:
-            res &= _bound_test(ev, d, x, d.max, upper=True)
+    """``lo <= value < hi`` for the events ``rows`` (all when ``None``), exactly as FlowKit."""
+    rb_lo = None if lo is None else _raw_bound(ev, dim, lo)
+    rb_hi = None if hi is None else _raw_bound(ev, dim, hi)
+    fast = (lo is None or rb_lo is not None) and (hi is None or rb_hi is not None)
+    if fast:
+        assert dim.channel is not None
+        x = ev.raw(dim.channel, dim.compensation, rows)
+        exact_input = dim.transform is None or ev.transform(dim.transform).kind == "flin"
+        escale = ev.comp_error_scale(dim.compensation, dim.channel) * _EPS_BAND
+        res: np.ndarray | None = None
+        near: np.ndarray | None = None
+        for rb, upper in ((rb_lo, False), (rb_hi, True)):
+            if rb is None:
+                continue
+            t = x < rb if upper else x >= rb
+            res = t if res is None else (res & t)
+            if exact_input and escale == 0.0 and dim.transform is None:
+                continue
+            tol = max(_BAND * abs(rb), escale, _BAND if not exact_input else 0.0)
+            if tol == 0.0:
+                continue
+            band = np.abs(x - rb) <= tol
+            near = band if near is None else (near | band)
+        assert res is not None
+    else:
+        y = ev.transformed(dim, rows)
+        res = np.ones(y.shape[0], dtype=bool)
+        if lo is not None:
+            res &= y >= lo
+        if hi is not None:
+            res &= y < hi
+        near = None
+        if dim.ratio is None and (
+            dim.compensation != UNCOMPENSATED
+            or (dim.transform is not None and hasattr(ev.transform(dim.transform), "apply_reference"))
+        ):
+            near = np.zeros(y.shape[0], dtype=bool)
+            for b in (lo, hi):
+                if b is not None:
+                    near |= np.abs(y - b) <= _BAND * max(1.0, abs(b))
+    if near is not None and near.any():
+        idx = np.flatnonzero(near)
+        sel = idx if rows is None else rows[idx]
+        y = ev.exact(dim, sel)
+        ok = np.ones(idx.size, dtype=bool)
+        if lo is not None:
+            ok &= y >= lo
+        if hi is not None:
+            ok &= y < hi
+        res[idx] = ok
     return res
+
+
+def _rectangle_rows(
+    ev: _EventCache, g: Gate, dims: Sequence[Dim], prow: np.ndarray | None
+) -> np.ndarray | None:
+    rows = prow
+    if g.complement:
+        inside = np.ones(ev.n if rows is None else rows.size, dtype=bool)
+        for d in dims:
+            if d.min is None and d.max is None:
+                continue
+            inside &= _dim_test(ev, d, rows, d.min, d.max)
+        keep = ~inside
+        return np.flatnonzero(keep) if rows is None else rows[keep]
+    for d in dims:
+        if d.min is None and d.max is None:
+            continue
+        ok = _dim_test(ev, d, rows, d.min, d.max)
+        rows = np.flatnonzero(ok) if rows is None else rows[ok]
+    return rows
+
+
+def _winding(
+    vx: np.ndarray, vy: np.ndarray, x: np.ndarray, y: np.ndarray, tol: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Odd winding number (flowutils' rule) and a mask of points within ``tol`` of a tie.
+
+    Same arithmetic as flowutils' ``points_in_polygon``: a bounding-box test, then for
+    every edge an upward crossing (``ay <= py < by``) with the point strictly left adds 1
+    and a downward crossing (``by <= py < ay``) with the point strictly right subtracts 1.
+    """
+    inside = np.zeros(x.shape[0], dtype=bool)
+    near = np.zeros(x.shape[0], dtype=bool)
+    cand = np.flatnonzero((x >= vx.min()) & (x <= vx.max()) & (y >= vy.min()) & (y <= vy.max()))
+    if tol > 0:
+        loose = np.flatnonzero(
+            (x >= vx.min() - tol) & (x <= vx.max() + tol) & (y >= vy.min() - tol) & (y <= vy.max() + tol)
+        )
+        edge = np.setdiff1d(loose, cand, assume_unique=True)
+        near[edge] = True
+    if cand.size == 0:
+        return inside, near
+    px = x[cand]
+    py = y[cand]
+    wind = np.zeros(cand.size, dtype=np.int32)
+    nv = vx.shape[0]
+    for i in range(nv):
+        ax, ay = float(vx[i]), float(vy[i])
+        bx, by = float(vx[(i + 1) % nv]), float(vy[(i + 1) % nv])
+        up = (ay <= py) & (py < by)
+        down = (ay > py) & (by <= py)
+        cross = np.flatnonzero(up | down)
+        if tol > 0:
+            ties = np.flatnonzero((np.abs(py - ay) <= tol) | (np.abs(py - by) <= tol))
+            near[cand[ties]] = True
+        if cross.size == 0:
+            continue
+        cy = py[cross]
+        cx = px[cross]
+        is_left = (bx - ax) * (cy - ay) - (cx - ax) * (by - ay)
+        wind[cross] += (up[cross] & (is_left > 0)).astype(np.int32)
+        wind[cross] -= (down[cross] & (is_left < 0)).astype(np.int32)
+        if tol > 0:
+            close = np.abs(is_left) <= tol * (abs(bx - ax) + abs(by - ay) + 1.0)
+            near[cand[cross[close]]] = True
+    inside[cand] = (wind % 2) != 0
+    return inside, near
 
 
 def points_in_polygon(vertices: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Even-odd rule point-in-polygon for many points (vectorised over points).
+    """Winding-number point-in-polygon for many points (odd winding count inside).
 
-    Matches FlowKit's rule (odd winding count inside) for points off the boundary.
+    Reproduces flowutils' ``points_in_polygon`` (FlowKit's polygon gate) exactly,
+    including self-intersecting polygons.
     """
     v = np.asarray(vertices, dtype=np.float64)
-    inside = np.zeros(x.shape[0], dtype=bool)
-    n = v.shape[0]
-    for i in range(n):
-        x1, y1 = v[i]
-        x2, y2 = v[(i + 1) % n]
-        if y1 == y2:
-            continue
-        cond = (y1 <= y) != (y2 <= y)
-        if not cond.any():
-            continue
-        idx = np.flatnonzero(cond)
-        xc = x1 + (y[idx] - y1) * (x2 - x1) / (y2 - y1)
-        hit = x[idx] < xc
-        inside[idx[hit]] ^= True
+    inside, _ = _winding(v[:, 0], v[:, 1], np.asarray(x, np.float64), np.asarray(y, np.float64), 0.0)
     return inside
 
 
-def _polygon(g: Gate, ev: _EventCache, parent: np.ndarray | None) -> np.ndarray:
-    where = None if parent is None else np.flatnonzero(parent)
-    x = ev.transformed(g.dims[0], where)
-    y = ev.transformed(g.dims[1], where)
-    inside = points_in_polygon(np.array(g.vertices), x, y)
-    if where is None:
-        return inside
-    out = np.zeros(ev.n, dtype=bool)
-    out[where[inside]] = True
-    return out
+def _needs_band(ev: _EventCache, dims: Sequence[Dim]) -> bool:
+    """Whether the fast values of these dims may differ from FlowKit's in the last bits."""
+    for d in dims:
+        if d.ratio is not None:
+            continue
+        if d.compensation != UNCOMPENSATED and ev._comp_state(d.compensation) is not None:
+            st = ev._comp_state(d.compensation)
+            if st is not None and d.channel in st.detectors:
+                return True
+        if d.transform is not None and hasattr(ev.transform(d.transform), "apply_reference"):
+            return True
+    return False
+
+
+def _polygon_rows(ev: _EventCache, g: Gate, prow: np.ndarray | None) -> np.ndarray:
+    if len(g.dims) != 2:
+        raise GatingError(f"polygon gate {g.id!r} needs exactly 2 dimensions", path=ev.path)
+    x = ev.transformed(g.dims[0], prow)
+    y = ev.transformed(g.dims[1], prow)
+    v = np.asarray(g.vertices, dtype=np.float64)
+    scale = max(1.0, float(np.max(np.abs(v)))) if v.size else 1.0
+    tol = _BAND * scale if _needs_band(ev, g.dims) else 0.0
+    inside, near = _winding(v[:, 0], v[:, 1], x, y, tol)
+    if tol > 0 and near.any():
+        idx = np.flatnonzero(near)
+        sel = idx if prow is None else prow[idx]
+        ex = ev.exact(g.dims[0], sel)
+        ey = ev.exact(g.dims[1], sel)
+        inside[idx], _ = _winding(v[:, 0], v[:, 1], ex, ey, 0.0)
+    if g.complement:
+        inside = ~inside
+    return np.flatnonzero(inside) if prow is None else prow[inside]
+
+
+def _ellipsoid_d2(g: Gate, pts: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distances with flowutils' arithmetic."""
+    translated = pts - np.asarray(g.mean, dtype=np.float64)
+    inv = np.linalg.inv(np.asarray(g.covariance, dtype=np.float64))
+    rot = np.dot(translated, inv)
+    return np.asarray((rot * translated).sum(axis=1), dtype=np.float64)
+
+
+def _ellipsoid_rows(ev: _EventCache, g: Gate, prow: np.ndarray | None) -> np.ndarray:
+    k = len(g.dims)
+    if k < 2 or len(g.mean) != k or len(g.covariance) != k:
+        raise GatingError(f"ellipsoid gate {g.id!r}: mean/covariance do not match its dims", path=ev.path)
+    pts = np.column_stack([ev.transformed(d, prow) for d in g.dims])
+    d2 = _ellipsoid_d2(g, pts)
+    inside = d2 <= g.distance_square
+    if _needs_band(ev, g.dims):
+        near = np.abs(d2 - g.distance_square) <= _BAND * max(1.0, abs(g.distance_square))
+        if near.any():
+            idx = np.flatnonzero(near)
+            sel = idx if prow is None else prow[idx]
+            ex = np.column_stack([ev.exact(d, sel) for d in g.dims])
+            inside[idx] = _ellipsoid_d2(g, ex) <= g.distance_square
+    if g.complement:
+        inside = ~inside
+    return np.flatnonzero(inside) if prow is None else prow[inside]
+
+
+def _boolean_rows(
+    g: Gate, masks: Mapping[str, np.ndarray], prow: np.ndarray | None, n: int
+) -> np.ndarray:
+    if not g.refs:
+        raise GatingError(f"boolean gate {g.id!r} has no operands")
+    parts = []
+    for ref, comp in g.refs:
+        if ref not in masks:
+            raise GatingError(f"boolean gate {g.id!r} refers to {ref!r}, not evaluated before it")
+        parts.append(~masks[ref] if comp else masks[ref])
+    if g.op == "or":
+        m = np.logical_or.reduce(parts)
+    elif g.op == "not":
+        m = ~parts[0]
+    else:
+        m = np.logical_and.reduce(parts)
+    if prow is not None:
+        return prow[m[prow]]
+    return np.flatnonzero(m)
 
 
 # ---------------------------------------------------------------------- YAML loading
@@ -508,18 +1338,34 @@ def strategy_from_config(cfg: GatingConfig) -> GateTree:
                     "polygon",
                     tuple(_dim(k, cfg) for k in spec.dims),
                     parent,
-                    vertices=tuple(tuple(v) for v in spec.vertices),  # type: ignore[misc]
+                    vertices=tuple((float(v[0]), float(v[1])) for v in spec.vertices),
                     label=spec.label,
                 )
             )
-    return GateTree(name=cfg.name, gates=gates, transforms=dict(cfg.transforms), version=cfg.version)
+    return GateTree(
+        name=cfg.name, gates=gates, transforms=dict(cfg.transforms), version=cfg.version
+    )
 
 
 def load_strategy(path: str | os.PathLike[str] | None = None) -> GateTree:
-    """Load a gating strategy from YAML (default: the shipped T-cell strategy)."""
+    """Load a gating strategy (default: the shipped T-cell strategy).
+
+    ``.yaml``/``.yml`` files are our gating YAML; ``.xml`` files GatingML 2.0 and ``.wsp``
+    files FlowJo 10 workspaces (see :mod:`blinaprofile.interop`).
+    """
     from .settings import settings
 
-    return strategy_from_config(load_config(GatingConfig, path or settings.default_gating))
+    p = Path(path or settings.default_gating)
+    suffix = p.suffix.lower()
+    if suffix == ".wsp":
+        from .interop import load_wsp
+
+        return load_wsp(p)
+    if suffix == ".xml":
+        from .interop import load_gatingml
+
+        return load_gatingml(p)
+    return strategy_from_config(load_config(GatingConfig, p))
 
 
 # ---------------------------------------------------------------------- samples
@@ -530,10 +1376,15 @@ def gate_events(
     adaptive: bool = False,
     overrides: Mapping[str, str] | None = None,
 ) -> tuple[GateTree, GatingResult]:
-    """Bind ``strategy`` to an FCS sample and gate it."""
+    """Bind ``strategy`` to an FCS sample and gate it (FCS scaling applied)."""
     bound = strategy.bind(data.channels, data.markers, path=data.path, overrides=overrides)
     res = bound.apply(
-        data.events, data.channels, spillover=data.spillover, adaptive=adaptive, path=data.path
+        data.events,
+        data.channels,
+        spillover=data.spillover,
+        adaptive=adaptive,
+        path=data.path,
+        scaling=fcs_scaling(data),
     )
     return bound, res
 

@@ -469,7 +469,9 @@ def truth_feature_table(obs: pd.DataFrame) -> pd.DataFrame:
         }
         for lin, sub in (("cd8", c8), ("cd4", c4)):
             for m in ("naive", "CM", "EM", "TEMRA"):
-                r[f"{lin}_{m.lower()}_pct_{lin}"] = pct(int((sub["truth_memory"] == m).sum()), len(sub))
+                r[f"{lin}_{m.lower()}_pct_{lin}"] = pct(
+                    int((sub["truth_memory"] == m).sum()), len(sub)
+                )
         r["cd8_tim3_pct_cd8"] = pct(int(c8["truth_tim3"].sum()), len(c8))
         r["cd8_pd1_pct_cd8"] = pct(int(c8["truth_pd1"].sum()), len(c8))
         r["cd4_treg_pct_cd4"] = pct(int(c4["truth_treg"].sum()), len(c4))
@@ -617,7 +619,10 @@ def simulate_single_cell_cohort(
         X=sp.vstack(blocks, format="csr"),
         obs=obs,
         var=pd.DataFrame(
-            {"feature_types": "Gene Expression", "simulated_marker": [g in _RNA_PROGRAM for g in genes]},
+            {
+                "feature_types": "Gene Expression",
+                "simulated_marker": [g in _RNA_PROGRAM for g in genes],
+            },
             index=pd.Index(genes),
         ),
     )
