@@ -24,7 +24,9 @@ CONFIGS = ROOT / "configs"
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED.is_dir():
-        pytest.skip(f"shared conformance data not found at {SHARED} (clone with ../shared beside it)")
+        pytest.skip(
+            f"shared conformance data not found at {SHARED} (clone with ../shared beside it)"
+        )
     return SHARED
 
 

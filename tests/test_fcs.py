@@ -56,6 +56,7 @@ def test_round_trip_values_and_metadata(
 ) -> None:
     rng = np.random.default_rng(n_events)
     raw = rng.normal(100, 40, size=(n_events, 4))
+    events: np.ndarray
     if np.dtype(source_dtype).kind == "f":
         events = raw.astype(source_dtype)
     else:
@@ -64,7 +65,7 @@ def test_round_trip_values_and_metadata(
     markers = ["", "", "CD19", "CD3 ünïcode"]
     names = ["FITC-A", "PE|Cy7-A"]
     matrix = np.array([[1.0, 0.123456789012345], [1e-17, 1.0]])
-    custom = {
+    custom: dict[str, str | int | float] = {
         "$CYT": "Simulated",
         "PATIENT": "P-001",
         "NOTE": "a|b||c ends with|",
@@ -83,7 +84,7 @@ def test_round_trip_values_and_metadata(
     )
     data = read_fcs(path, dtype=read_dtype)
 
-    expected = events.astype(np.float32).astype(read_dtype)
+    expected: np.ndarray = events.astype(np.float32).astype(read_dtype)
     assert data.events.dtype == np.dtype(read_dtype)
     assert data.events.shape == (n_events, 4)
     assert data.events.flags.c_contiguous
@@ -424,6 +425,51 @@ def test_integer_mixed_widths(tmp_path: Path) -> None:
     )
     path = _write_bytes(tmp_path, "mixed.fcs", build_fcs(kw, table.tobytes()))
     np.testing.assert_array_equal(read_fcs(path).events, [[1, 70000, 3], [1023, 5, 255]])
+
+
+def _layouts(n: int) -> list[tuple[str, bytes, np.ndarray]]:
+    """Files in several on-disk layouts with the values a reader must return."""
+    rng = np.random.default_rng(7)
+    floats = rng.normal(0, 1e4, size=(n, 3))
+    floats[::97, 1] = np.nan
+    ints = rng.integers(0, 2**16, size=(n, 2), dtype=np.uint64)
+    kw_i = standard_keywords(["A", "B"], n, datatype="I", bits=16, byteord="4,3,2,1")
+    kw_i["$P1R"], kw_i["$P2R"] = "1024", "65536"
+    mixed = np.zeros(n, dtype=[("a", "<u4"), ("b", "<u2"), ("c", "u1")])
+    mixed["a"], mixed["b"], mixed["c"] = ints[:, 0] * 3, ints[:, 1], ints[:, 1] % 256
+    kw_m = standard_keywords(
+        ["A", "B", "C"], n, datatype="I", bits=[32, 16, 8], ranges=[2**32, 512, 256]
+    )
+    kw_d = standard_keywords(CHANNELS, n, datatype="D", bits=64, byteord="4,3,2,1")
+    expected_mixed = np.stack([mixed["a"], mixed["b"] & 511, mixed["c"]], axis=1)
+    return [
+        ("F big-endian", float_file(floats, CHANNELS, big_endian=True), floats.astype(np.float32)),
+        ("F little-endian", float_file(floats, CHANNELS), floats.astype(np.float32)),
+        ("D big-endian", build_fcs(kw_d, floats.astype(">f8").tobytes()), floats),
+        (
+            "I16 masked",
+            build_fcs(kw_i, ints.astype(">u2").tobytes()),
+            ints & np.array([1023, 65535], dtype=np.uint64),
+        ),
+        ("I mixed widths", build_fcs(kw_m, mixed.tobytes()), expected_mixed),
+    ]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 64, 1 << 20])
+@pytest.mark.parametrize("read_dtype", [np.float32, np.float64])
+def test_chunked_conversion_of_all_layouts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int, read_dtype: type
+) -> None:
+    monkeypatch.setattr(fcs, "_CHUNK_BYTES", chunk_bytes)
+    for name, content, expected in _layouts(1003):
+        data = read_fcs(_write_bytes(tmp_path, "layout.fcs", content), dtype=read_dtype)
+        assert data.events.dtype == np.dtype(read_dtype), name
+        assert data.events.flags.c_contiguous, name
+        np.testing.assert_array_equal(
+            data.events, np.asarray(expected).astype(read_dtype), err_msg=name
+        )
+        n_nan = int(np.isnan(np.asarray(expected, dtype=np.float64)).sum())
+        assert data.n_nonfinite == n_nan, name
 
 
 def test_double_big_endian_and_two_byte_byteord(tmp_path: Path) -> None:
@@ -789,6 +835,42 @@ def test_max_keyword_length_is_configurable(tmp_path: Path) -> None:
     assert read_fcs(path).keywords["NOTE"] == "y" * 50
     with pytest.raises(FCSFormatError, match="keyword 'NOTE' has a value of 50 characters"):
         read_fcs(path, max_keyword_length=49)
+
+
+def test_large_spectral_spillover_is_accepted(tmp_path: Path) -> None:
+    # 45 colours: the $SPILLOVER value is far longer than 10,000 characters.
+    channels = [f"FL{i}-A" for i in range(45)]
+    rng = np.random.default_rng(3)
+    matrix = np.eye(45) + rng.uniform(0, 0.3, size=(45, 45)) * (1 - np.eye(45))
+    path = tmp_path / "spectral.fcs"
+    write_fcs(path, np.ones((3, 45)), channels=channels, spillover=(channels, matrix))
+    data = read_fcs(path)
+    assert len(data.keywords["$SPILLOVER"]) > 10_000
+    assert data.spillover is not None
+    np.testing.assert_array_equal(data.spillover[1], matrix)
+    with pytest.raises(FCSFormatError, match=r"keyword '\$SPILLOVER' has a value of"):
+        read_fcs(path, max_keyword_length=100)
+
+
+def test_writer_refuses_values_the_reader_would_refuse(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="value of keyword 'NOTE' is 10001 characters"):
+        write_fcs(
+            tmp_path / "x.fcs", _small_events(), channels=CHANNELS, keywords={"NOTE": "n" * 10_001}
+        )
+
+
+def test_many_duplicate_channels_are_reported_quickly(tmp_path: Path) -> None:
+    n = 20_000
+    kw = standard_keywords([f"C{i % 2}" for i in range(n)], 0)
+    path = _write_bytes(tmp_path, "dups.fcs", build_fcs(kw, b""))
+    start = time.perf_counter()
+    with pytest.raises(
+        FCSFormatError, match=r"duplicate channel names in \$PnN: 'C0' \(\$P1N, \$P3N"
+    ) as exc:
+        read_fcs(path)
+    assert time.perf_counter() - start < 5.0
+    assert "'C1' ($P2N, $P4N, $P6N, $P8N, $P10N, ...)" in str(exc.value)
+    assert len(str(exc.value)) < 500
 
 
 def test_lying_files_do_not_allocate(tmp_path: Path) -> None:

@@ -17,7 +17,9 @@ def test_quickstart_notebook_executes(monkeypatch):
         pytest.fail("models/default is missing: run scripts/build_default_model.py")
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     monkeypatch.chdir(ROOT)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     outputs = "".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
     )

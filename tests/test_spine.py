@@ -47,13 +47,19 @@ def test_flow_path_never_imports_scanpy(small_cohort):
 def test_simulator_is_deterministic(tmp_path, sim_config, panel):
     from blinaprofile.simulate import simulate_cohort
 
-    a = simulate_cohort(sim_config, tmp_path / "a", panel=panel, n_patients=2, events_per_sample=3000)
-    b = simulate_cohort(sim_config, tmp_path / "b", panel=panel, n_patients=2, events_per_sample=3000)
+    a = simulate_cohort(
+        sim_config, tmp_path / "a", panel=panel, n_patients=2, events_per_sample=3000
+    )
+    b = simulate_cohort(
+        sim_config, tmp_path / "b", panel=panel, n_patients=2, events_per_sample=3000
+    )
     for sid in pd.read_csv(a.manifest)["sample_id"]:
         ea = read_fcs(tmp_path / "a" / "fcs" / f"{sid}.fcs").events
         eb = read_fcs(tmp_path / "b" / "fcs" / f"{sid}.fcs").events
         np.testing.assert_array_equal(ea, eb)
-    c = simulate_cohort(sim_config, tmp_path / "c", panel=panel, n_patients=2, events_per_sample=3000, seed=99)
+    c = simulate_cohort(
+        sim_config, tmp_path / "c", panel=panel, n_patients=2, events_per_sample=3000, seed=99
+    )
     ec = read_fcs(tmp_path / "c" / "fcs" / "P001_D28.fcs").events
     assert not np.array_equal(ec, read_fcs(tmp_path / "a" / "fcs" / "P001_D28.fcs").events)
     assert c.n_samples == 2
@@ -115,7 +121,9 @@ def test_features_match_truth(small_cohort):
     assert (table["error"] == "").all()
     assert table["qc_pass"].all()
     assert list(table.columns[: 4 + len(feature_names())])[4:] == feature_names()
-    truth = pd.DataFrame(json.loads(small_cohort.cohort_json.read_text())["samples"]).set_index("sample_id")
+    truth = pd.DataFrame(json.loads(small_cohort.cohort_json.read_text())["samples"]).set_index(
+        "sample_id"
+    )
     t = table.set_index("sample_id")
     for feat in ("cd8_em_pct_cd8", "cd8_tim3_pct_cd8", "cd3_pct_lymph", "cd4_treg_pct_cd4"):
         err = (t[feat] - 100 * truth.loc[t.index, feat]).abs()
@@ -136,7 +144,10 @@ def trained(tmp_path_factory, small_cohort):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     table = featurize_manifest(small_cohort.manifest, n_jobs=2)
     cfg = TrainConfig(
-        models=[ModelSpec(family="logreg_l2", grid={"clf__C": [0.1, 1.0]}), ModelSpec(family="xgboost", params={"n_estimators": 30})],
+        models=[
+            ModelSpec(family="logreg_l2", grid={"clf__C": [0.1, 1.0]}),
+            ModelSpec(family="xgboost", params={"n_estimators": 30}),
+        ],
         outer_folds=4,
         inner_folds=2,
         repeats=1,
@@ -144,7 +155,9 @@ def trained(tmp_path_factory, small_cohort):
         experiment="spine-test",
         registered_model="spine-model",
     )
-    res = train(table, config=cfg, export_dir=tmp / "model", tracking_uri=uri, trained_on="test cohort")
+    res = train(
+        table, config=cfg, export_dir=tmp / "model", tracking_uri=uri, trained_on="test cohort"
+    )
     yield res, uri, tmp
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -174,7 +187,16 @@ def test_score_cli_json_with_registry_alias(trained, small_cohort):
     f = small_cohort.out_dir / "fcs" / "P002_D28.fcs"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     out = subprocess.run(
-        [sys.executable, "-m", "blinaprofile", "score", str(f), "--model", "models:/spine-model@champion", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "blinaprofile",
+            "score",
+            str(f),
+            "--model",
+            "models:/spine-model@champion",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -188,7 +210,16 @@ def test_score_cli_json_with_registry_alias(trained, small_cohort):
     assert {t["feature"] for t in d["top_features"]} <= set(MODEL_FEATURES)
     # the exported folder gives the same probability as the registry
     out2 = subprocess.run(
-        [sys.executable, "-m", "blinaprofile", "score", str(f), "--model", str(tmp / "model"), "--json"],
+        [
+            sys.executable,
+            "-m",
+            "blinaprofile",
+            "score",
+            str(f),
+            "--model",
+            str(tmp / "model"),
+            "--json",
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -16,13 +16,16 @@ from blinaprofile.model import ResponderModel, load_pipeline
 
 
 class BlinaprofilePyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: feature table in; probability, call and contributions out."""
+    """pyfunc wrapper: feature table in; probability (with interval), call, contributions out."""
 
     def load_context(self, context: Any) -> None:
         with open(context.artifacts["meta"], encoding="utf-8") as fh:
             meta = json.load(fh)
         pipe = load_pipeline(context.artifacts["pipeline"], meta["trusted_types"])
-        self.runtime = ResponderModel(pipe, meta)
+        refits = None
+        if "uncertainty" in context.artifacts:
+            refits = load_pipeline(context.artifacts["uncertainty"], meta["trusted_types"])
+        self.runtime = ResponderModel(pipe, meta, refits)
         self.training_features_path = context.artifacts.get("training_features")
 
     def predict(

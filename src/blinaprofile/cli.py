@@ -20,8 +20,10 @@ COMMANDS: dict[str, str] = {
     "gate": "gate one FCS file and print population counts (optionally save .h5ad)",
     "featurize": "build the per-sample feature table from FCS files or a manifest",
     "train": "cross-validate models, log to MLflow, register and export the best",
-    "score": "score one sample: probability, call, QC verdict and key features",
+    "score": "score one sample: HTML report, JSON, probability with interval, call or no call",
+    "score-batch": "score many samples (manifest or folder) in parallel; resumable Parquet/CSV",
     "promote": "point a registry alias (e.g. champion) at a model version",
+    "compare": "leaderboard of training runs (metrics, 95% CIs, p-values) from MLflow",
     "schema": "print the versioned feature schema",
     "export-gating": "write the gating strategy bound to a sample as GatingML 2.0",
 }
@@ -29,6 +31,28 @@ COMMANDS: dict[str, str] = {
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _add_gating_source(p: argparse.ArgumentParser) -> None:
+    """Where the gating strategy comes from (gate / export-gating)."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--strategy",
+        default=None,
+        help="gating YAML, GatingML .xml or FlowJo .wsp (default: configs/gating/default_tcell.yaml)",
+    )
+    src.add_argument("--gatingml", default=None, metavar="XML", help="GatingML 2.0 file")
+    src.add_argument("--wsp", default=None, metavar="WSP", help="FlowJo 10 workspace")
+    p.add_argument(
+        "--wsp-sample", default=None, help="which workspace sample's gates (default: the first)"
+    )
+    p.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="rename an imported gate (repeatable), e.g. 'CD8 T cells=cd8'",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gate", help=COMMANDS["gate"])
     p.add_argument("file")
-    p.add_argument("--strategy", default=None, help="gating YAML (default: configs/gating/default_tcell.yaml)")
+    _add_gating_source(p)
     p.add_argument("--adaptive", action="store_true", help="place thresholds per sample")
     p.add_argument("--h5ad", default=None, help="write the gated events as AnnData")
+    p.add_argument(
+        "--plot", default=None, metavar="PNG", help="draw every gate on its parent's events"
+    )
     p.add_argument("--json", action="store_true")
     _add_common(p)
 
@@ -81,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=None)
     p.add_argument("--adaptive", action="store_true")
     p.add_argument("--trained-on", default=None, help="free text stored with the model")
+    p.add_argument("--run-name", default=None, help="MLflow run name")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     _add_common(p)
 
     p = sub.add_parser("score", help=COMMANDS["score"])
@@ -89,14 +118,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=None)
     p.add_argument("--adaptive", action="store_true")
     p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--sample-id", default=None)
+    p.add_argument("--sample-id", default=None, help="default: S-<first 12 hex of the file's sha256>")
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
+    p.add_argument("--out-dir", default=".", help="where <sample_id>.report.html and .score.json go (default: .)")
+    p.add_argument("--report", default=None, help="HTML report path (default: OUT_DIR/<sample_id>.report.html)")
+    p.add_argument("--no-report", action="store_true", help="write no HTML report or JSON file")
+    _add_common(p)
+
+    p = sub.add_parser("score-batch", help=COMMANDS["score-batch"])
+    p.add_argument("inputs", nargs="*", help="FCS/single-cell files or a folder of them")
+    p.add_argument("--manifest", default=None, help="manifest CSV (sample_id, file)")
+    p.add_argument("--out", required=True, help="output folder (results.parquet, results.csv, parts/)")
+    p.add_argument("--model", default=None, help="models:/NAME@ALIAS, runs:/..., or a model folder")
+    p.add_argument("--jobs", type=int, default=None, help="local worker processes (default 2)")
+    p.add_argument("--scheduler", default=None, help="Dask scheduler address tcp://HOST:PORT")
+    p.add_argument("--strategy", default=None)
+    p.add_argument("--adaptive", action="store_true")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     _add_common(p)
 
     p = sub.add_parser("promote", help=COMMANDS["promote"])
     p.add_argument("name")
-    p.add_argument("version")
+    # dest differs from the top-level --version flag, which would otherwise swallow it
+    p.add_argument("model_version", metavar="VERSION")
     p.add_argument("--alias", default="champion")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    _add_common(p)
+
+    p = sub.add_parser("compare", help=COMMANDS["compare"])
+    p.add_argument("--experiment", action="append", default=None, help="experiment name (repeatable; default: every experiment)")
+    p.add_argument("--out", default="leaderboard", help="folder for leaderboard.csv/.md/.html (default: leaderboard)")
+    p.add_argument("--sort-by", default="roc_auc", help="column to rank by (default: roc_auc)")
+    p.add_argument("--max-runs", type=int, default=1000, help="read at most this many candidate runs")
+    p.add_argument("--top", type=int, default=None, help="print only the best N rows")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     _add_common(p)
 
     p = sub.add_parser("schema", help=COMMANDS["schema"])
@@ -105,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-gating", help=COMMANDS["export-gating"])
     p.add_argument("file", help="an FCS file whose channels the strategy is bound to")
-    p.add_argument("--strategy", default=None)
+    _add_gating_source(p)
     p.add_argument("--out", required=True)
     _add_common(p)
     return parser
@@ -144,13 +200,40 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _gating_source(a: argparse.Namespace) -> Any:
+    """The strategy named by --strategy / --gatingml / --wsp, with --rename applied."""
+    from .gate import load_strategy
+    from .interop import load_gatingml, load_wsp, rename_gates
+
+    if a.wsp:
+        tree = load_wsp(a.wsp, sample_id=a.wsp_sample)
+    elif a.gatingml:
+        tree = load_gatingml(a.gatingml)
+    else:
+        tree = load_strategy(a.strategy)
+    if a.rename:
+        pairs = [r.split("=", 1) for r in a.rename]
+        bad = [
+            r for r, p in zip(a.rename, pairs, strict=True) if len(p) != 2 or not p[0] or not p[1]
+        ]
+        if bad:
+            raise _usage(f"--rename takes OLD=NEW, got {bad}")
+        tree = rename_gates(tree, {old: new for old, new in pairs})
+    return tree
+
+
 def cmd_gate(a: argparse.Namespace) -> int:
-    from .gate import gate_sample, load_strategy
+    from .gate import gate_sample
     from .read import read_flow
 
     data = read_flow(a.file)
-    adata = gate_sample(data, load_strategy(a.strategy), adaptive=a.adaptive)
+    tree = _gating_source(a)
+    adata = gate_sample(data, tree, adaptive=a.adaptive)
     g = adata.uns["gating"]
+    if a.plot:
+        from .plot import plot_sample, save_gating_png
+
+        save_gating_png(plot_sample(data, tree, adaptive=a.adaptive), a.plot)
     if a.h5ad:
         tmp = Path(a.h5ad).with_suffix(".h5ad.tmp")
         adata.write_h5ad(tmp)
@@ -166,6 +249,8 @@ def cmd_gate(a: argparse.Namespace) -> int:
         print(f"QC flag: {f}")
     if a.h5ad:
         print(f"wrote {a.h5ad}")
+    if a.plot:
+        print(f"wrote {a.plot}")
     return 0
 
 
@@ -232,17 +317,33 @@ def cmd_train(a: argparse.Namespace) -> int:
         if table["response"].dtype == object:
             table["response"] = table["response"].str.lower().map(RESPONSE_CODES)
         source = a.features
-    res = train(table, config_path=a.config, export_dir=a.export, trained_on=a.trained_on or f"features from {source}")
+    res = train(
+        table,
+        config_path=a.config,
+        export_dir=a.export,
+        tracking_uri=a.tracking_uri,
+        trained_on=a.trained_on or f"features from {source}",
+        run_name=a.run_name,
+    )
     _print_train(res)
     return 0
 
 
 def _print_train(res: Any) -> None:
-    print(f"{'model':<12}{'OOF AUC':>9}{'95% CI':>16}{'bal.acc':>9}{'brier':>8}")
+    def ci(m: dict[str, float], k: str) -> str:
+        return f"{m[k]:.2f} [{m[k + '_ci_low']:.2f}, {m[k + '_ci_high']:.2f}]"
+
+    def pval(m: dict[str, float]) -> str:
+        p = m.get("perm_pvalue", float("nan"))
+        return "n/a" if p != p else f"{p:.3f}"
+
+    print(f"{'model':<18}{'OOF AUC [95% CI]':<24}{'bal. acc [95% CI]':<24}{'Brier':>7}{'perm. p':>9}")
     for fam, m in res.metrics.items():
-        ci = f"[{m['roc_auc_ci_low']:.2f}, {m['roc_auc_ci_high']:.2f}]"
-        mark = " <- chosen" if fam == res.chosen else ""
-        print(f"{fam:<12}{m['roc_auc']:>9.3f}{ci:>16}{m['balanced_accuracy']:>9.3f}{m['brier']:>8.3f}{mark}")
+        mark = "  <- chosen" if fam == res.chosen else ""
+        print(f"{fam:<18}{ci(m, 'roc_auc'):<24}{ci(m, 'balanced_accuracy'):<24}{m['brier']:>7.3f}{pval(m):>9}{mark}")
+    sel = getattr(res, "selection_pvalue", float("nan"))
+    if sel == sel:
+        print(f"p-value of the chosen family, adjusted for choosing it: {sel:.3f}")
     print(f"MLflow run     {res.run_id} (experiment {res.experiment!r})")
     print(f"registered     {res.registered_model} version {res.version}, alias @{res.alias}")
     print(f"score with     --model {res.model_uri}")
@@ -251,6 +352,8 @@ def _print_train(res: Any) -> None:
 
 
 def cmd_score(a: argparse.Namespace) -> int:
+    import re
+
     from .score import score_sample
 
     res = score_sample(
@@ -260,12 +363,62 @@ def cmd_score(a: argparse.Namespace) -> int:
         adaptive=a.adaptive,
         sample_id=a.sample_id,
         threshold=a.threshold,
+        keep_gating=not a.no_report,
     )
+    written = []
+    if not a.no_report:
+        from .report import write_report
+
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", res.sample_id) or "sample"
+        out_dir = Path(a.out_dir)
+        report = Path(a.report) if a.report else out_dir / f"{stem}.report.html"
+        written.append(write_report(res, report))
+        js = out_dir / f"{stem}.score.json"
+        js.parent.mkdir(parents=True, exist_ok=True)
+        tmp = js.with_name(f".{js.name}.tmp")
+        tmp.write_text(json.dumps(res.as_dict(), indent=2), encoding="utf-8")
+        os.replace(tmp, js)
+        written.append(js)
     if a.json:
         print(json.dumps(res.as_dict(), indent=2))
     else:
         print(res.summary())
+    for w in written:
+        print(f"wrote {w}", file=sys.stderr if a.json else sys.stdout)
     return 0
+
+
+def cmd_score_batch(a: argparse.Namespace) -> int:
+    from .batch import score_samples
+
+    if a.manifest and a.inputs:
+        raise _usage("give --manifest or input files/folder, not both")
+    if not a.manifest and not a.inputs:
+        raise _usage("score-batch needs --manifest or input files/folder")
+    src: Any = a.manifest or (a.inputs[0] if len(a.inputs) == 1 else a.inputs)
+    df = score_samples(
+        src,
+        model=a.model,
+        n_jobs=a.jobs,
+        scheduler=a.scheduler,
+        out_dir=a.out,
+        strategy=a.strategy,
+        adaptive=a.adaptive,
+        threshold=a.threshold,
+        progress=False if a.no_progress else None,
+    )
+    info = df.attrs.get("batch", {})
+    calls = df["call"].value_counts().to_dict()
+    print(
+        f"{info.get('n_samples', len(df))} samples: {info.get('n_scored', 0)} scored now, "
+        f"{info.get('n_skipped', 0)} already finished"
+    )
+    print("calls         " + ", ".join(f"{k} {v}" for k, v in sorted(calls.items())))
+    print(f"results       {Path(a.out) / 'results.parquet'} and results.csv")
+    errors = df[df["error"] != ""]
+    for msg in errors["error"]:
+        print(f"error: {msg}", file=sys.stderr)
+    return 0 if errors.empty else 1
 
 
 def cmd_promote(a: argparse.Namespace) -> int:
@@ -274,14 +427,33 @@ def cmd_promote(a: argparse.Namespace) -> int:
     from .errors import ModelError
     from .settings import settings
 
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    client = mlflow.tracking.MlflowClient(settings.tracking_uri)
+    uri = a.tracking_uri or settings.tracking_uri
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.tracking.MlflowClient(uri)
     try:
-        client.get_model_version(a.name, str(a.version))
-        client.set_registered_model_alias(a.name, a.alias, str(a.version))
+        client.get_model_version(a.name, str(a.model_version))
+        try:
+            before: str | None = client.get_model_version_by_alias(a.name, a.alias).version
+        except mlflow.exceptions.MlflowException:
+            before = None
+        client.set_registered_model_alias(a.name, a.alias, str(a.model_version))
     except mlflow.exceptions.MlflowException as err:
-        raise ModelError(f"cannot promote {a.name} version {a.version}: {err.message}") from None
-    print(f"{a.name}@{a.alias} -> version {a.version}")
+        raise ModelError(f"cannot promote {a.name} version {a.model_version}: {err.message}") from None
+    moved = f" (was version {before})" if before and str(before) != str(a.model_version) else ""
+    print(f"{a.name}@{a.alias} -> version {a.model_version}{moved}")
+    print(f"score with     --model models:/{a.name}@{a.alias}")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import format_leaderboard, leaderboard, write_leaderboard
+
+    df = leaderboard(a.experiment, tracking_uri=a.tracking_uri, max_runs=a.max_runs, sort_by=a.sort_by)
+    paths = write_leaderboard(df, a.out)
+    shown = format_leaderboard(df if a.top is None else df.head(a.top))
+    cols = ["family", "training run", "n", "ROC AUC [95% CI]", "bal. accuracy [95% CI]", "Brier [95% CI]", "ECE", "perm. p", "registered"]
+    print(shown[cols].to_string())
+    print(f"{len(df)} candidate runs; wrote {paths['csv']}, {paths['md']}, {paths['html']}")
     return 0
 
 
@@ -298,11 +470,10 @@ def cmd_schema(a: argparse.Namespace) -> int:
 
 
 def cmd_export_gating(a: argparse.Namespace) -> int:
-    from .gate import load_strategy
     from .read import read_flow
 
     data = read_flow(a.file)
-    tree = load_strategy(a.strategy).bind(data.channels, data.markers, path=data.path)
+    tree = _gating_source(a).bind(data.channels, data.markers, path=data.path)
     out = tree.export_gatingml(a.out)
     print(f"wrote {out}")
     return 0
@@ -322,7 +493,9 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "featurize": cmd_featurize,
     "train": cmd_train,
     "score": cmd_score,
+    "score-batch": cmd_score_batch,
     "promote": cmd_promote,
+    "compare": cmd_compare,
     "schema": cmd_schema,
     "export-gating": cmd_export_gating,
 }
@@ -342,23 +515,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Errors: one line on stderr and a non-zero exit; the traceback only with --debug.
+    # 2 = the user's input/config/model is at fault (the message names the file),
+    # 3 = an internal error (a bug: please report it with the --debug traceback).
+    debug = bool(getattr(a, "debug", False))
     try:
         return HANDLERS[a.command](a)
     except _UsageError as err:
         parser.error(str(err))
         return 2
     except KeyboardInterrupt:
+        if debug:
+            raise
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        from .errors import BlinaprofileError
+        from .errors import BlinaprofileError, one_line
 
-        if getattr(a, "debug", False):
+        if debug:
             raise
+        if isinstance(err, BrokenPipeError):  # e.g. `blinaprofile schema | head`
+            return 141
         if isinstance(err, BlinaprofileError):
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(str(err))}", file=sys.stderr)
             return err.exit_code
-        print(f"internal error: {type(err).__name__}: {err} (rerun with --debug for a traceback)", file=sys.stderr)
+        if isinstance(err, OSError) and err.filename is not None:
+            # a file or folder the user named cannot be read or written (permissions,
+            # disk full, read-only file system...)
+            reason = err.strerror or type(err).__name__
+            print(f"error: {one_line(f'{err.filename}: {reason}')}", file=sys.stderr)
+            return 2
+        if isinstance(err, MemoryError):
+            print(
+                "error: out of memory (use fewer events per sample, fewer --jobs or more RAM)",
+                file=sys.stderr,
+            )
+            return 3
+        detail = one_line(f"{type(err).__name__}: {err}")
+        print(
+            f"internal error: {detail} (rerun with --debug for a traceback)", file=sys.stderr
+        )
         return 3
 
 

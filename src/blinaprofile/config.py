@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +26,8 @@ __all__ = [
     "TrainConfig",
     "TransformSpec",
     "load_config",
+    "parse_yaml",
+    "validate_config",
 ]
 
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
@@ -33,15 +35,40 @@ Positive = Annotated[float, Field(gt=0.0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/inf are refused in every float field: no threshold or rate can be infinite.
+    # Schemas are built on first use (defer_build) so that the CLI starts quickly.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
+
+
+# A name written into FCS TEXT ($PnN) and $SPILLOVER: printable, no comma, no surrounding
+# blanks, not starting with the FCS delimiter.
+ChannelName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^[^\s|,\x00-\x1f\x7f](?:[^,\x00-\x1f\x7f]*[^\s,\x00-\x1f\x7f])?$",
+    ),
+]
+MarkerName = Annotated[
+    str,
+    Field(
+        max_length=256,
+        pattern=r"^(?:[^\s|\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?)?$",
+    ),
+]
+# A name that becomes part of file names (sample IDs, timepoints).
+FileSafeName = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+]
 
 
 # --------------------------------------------------------------------------- panel
 class PanelChannel(_Strict):
     """One detector of a panel: the channel name the instrument writes and its marker."""
 
-    channel: str
-    marker: str | None = None
+    channel: ChannelName
+    marker: MarkerName | None = None
     kind: Literal["scatter", "time", "fluorescence", "viability", "mass"] = "fluorescence"
 
 
@@ -68,10 +95,25 @@ class TransformSpec(_Strict):
     """A GatingML-2.0 style transform (parameters as FlowKit names them)."""
 
     type: Literal["linear", "log", "logicle", "asinh", "hyperlog"]
-    t: Positive = 262144.0
-    w: Annotated[float, Field(ge=0.0)] = 0.5
-    m: Positive = 4.5
-    a: Annotated[float, Field(ge=0.0)] = 0.0
+    t: Annotated[float, Field(gt=0.0, le=1e12)] = 262144.0
+    w: Annotated[float, Field(ge=0.0, le=100.0)] = 0.5
+    m: Annotated[float, Field(gt=0.0, le=100.0)] = 4.5
+    a: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _parameters(self) -> TransformSpec:
+        # the constraints of the GatingML 2.0 definitions (checked here so that the
+        # error names the YAML file, not a sample)
+        if self.type in ("logicle", "hyperlog"):
+            if self.type == "hyperlog" and self.w <= 0:
+                raise ValueError("hyperlog needs w > 0")
+            if self.w > self.m / 2:
+                raise ValueError(f"{self.type} needs w <= m / 2 (w={self.w}, m={self.m})")
+            if self.a > self.m - 2 * self.w:
+                raise ValueError(
+                    f"{self.type} needs a <= m - 2w (a={self.a}, m={self.m}, w={self.w})"
+                )
+        return self
 
 
 class AdaptiveSpec(_Strict):
@@ -107,7 +149,7 @@ class RangeSpec(_Strict):
 class GateSpec(_Strict):
     """One gate. ``dims`` are markers (resolved through the panel) or channel names."""
 
-    id: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]
+    id: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", max_length=64)]
     parent: str = "root"
     type: Literal["rectangle", "polygon"]
     label: str = ""
@@ -152,9 +194,7 @@ class GatingConfig(_Strict):
         seen = {"root"}
         for g in self.gates:
             if g.parent not in seen:
-                raise ValueError(
-                    f"gate '{g.id}': parent '{g.parent}' is not defined before it"
-                )
+                raise ValueError(f"gate '{g.id}': parent '{g.parent}' is not defined before it")
             seen.add(g.id)
         for key, tid in self.channel_transforms.items():
             if tid not in self.transforms:
@@ -175,7 +215,7 @@ class SubsetSplit(_Strict):
     """Dirichlet split of a parent into subsets (class-independent)."""
 
     mean: dict[str, Fraction]
-    concentration: Positive = 30.0
+    concentration: Annotated[float, Field(ge=0.5, le=1e6)] = 30.0
 
     @field_validator("mean")
     @classmethod
@@ -186,6 +226,29 @@ class SubsetSplit(_Strict):
         return v
 
 
+#: latent fractions the event simulator needs (also checked by :mod:`blinaprofile.cohort`).
+SIMULATION_LATENT = (
+    "cd3_pct_lymph",
+    "cd8_pct_cd3",
+    "cd8_em_pct_cd8",
+    "cd8_tim3_pct_cd8",
+    "cd8_pd1_pct_cd8",
+    "cd4_treg_pct_cd4",
+)
+#: subset names of the CD8 non-EM split and of the CD4 split.
+SIMULATION_CD8_SUBSETS = ("naive", "cm", "temra")
+SIMULATION_CD4_SUBSETS = ("naive", "cm", "em", "temra")
+#: composition keys the simulator reads; the first four are shares of all events.
+SIMULATION_COMPOSITION = (
+    "debris",
+    "doublets",
+    "monocytes",
+    "dead_lymphocytes",
+    "b_of_non_t",
+    "dn_of_t",
+)
+
+
 class SimulationConfig(_Strict):
     """A simulated cohort scenario (``configs/simulation/*.yaml``)."""
 
@@ -193,24 +256,66 @@ class SimulationConfig(_Strict):
     description: str = ""
     n_patients: Annotated[int, Field(ge=2, le=100_000)] = 40
     responder_fraction: Fraction = 0.5
-    timepoints: list[str] = Field(default_factory=lambda: ["D28"], min_length=1)
-    within_patient_sd: Annotated[float, Field(ge=0.0)] = 0.2
+    timepoints: list[FileSafeName] = Field(
+        default_factory=lambda: ["D28"], min_length=1, max_length=100
+    )
+    within_patient_sd: Annotated[float, Field(ge=0.0, le=10.0)] = 0.2
     events_per_sample: Annotated[int, Field(ge=100, le=50_000_000)] = 20_000
     brightness_shift: Annotated[float, Field(ge=0.0, lt=0.9)] = 0.10
     latent: dict[str, LatentSpec]
     cd8_memory: SubsetSplit
     cd4_memory: SubsetSplit
     composition: dict[str, Fraction]
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**64)] = 0
+
+    @model_validator(mode="after")
+    def _simulatable(self) -> SimulationConfig:
+        dup = sorted({t for t in self.timepoints if self.timepoints.count(t) > 1})
+        if dup:
+            raise ValueError(f"timepoints: duplicate name(s) {dup}")
+        missing = [k for k in SIMULATION_LATENT if k not in self.latent]
+        if missing:
+            raise ValueError(f"latent: missing required fraction(s) {missing}")
+        for field_name, need in (
+            ("cd8_memory", SIMULATION_CD8_SUBSETS),
+            ("cd4_memory", SIMULATION_CD4_SUBSETS),
+        ):
+            got = set(getattr(self, field_name).mean)
+            if got != set(need):
+                raise ValueError(
+                    f"{field_name}.mean: needs exactly the subsets {list(need)}, got {sorted(got)}"
+                )
+        unknown = sorted(set(self.composition) - set(SIMULATION_COMPOSITION))
+        if unknown:
+            raise ValueError(
+                f"composition: unknown key(s) {unknown}; known: {list(SIMULATION_COMPOSITION)}"
+            )
+        events = sum(self.composition.get(k, 0.0) for k in SIMULATION_COMPOSITION[:4])
+        if events >= 0.95:
+            raise ValueError(
+                f"composition: debris + doublets + monocytes + dead_lymphocytes = {events:.3f} "
+                f"leaves (almost) no live lymphocytes; keep it below 0.95"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- train / QC
 class ModelSpec(_Strict):
     """One candidate model family with its hyper-parameter grid."""
 
-    family: Literal["logreg_l2", "logreg_l1", "logreg_elasticnet", "random_forest", "xgboost", "linear_svm"]
+    family: Literal[
+        "logreg_l2", "logreg_l1", "logreg_elasticnet", "random_forest", "xgboost", "linear_svm"
+    ]
     params: dict[str, Any] = Field(default_factory=dict)
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+
+    @field_validator("params", "grid")
+    @classmethod
+    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in v if not k.replace("__", "_").isidentifier()]
+        if bad:
+            raise ValueError(f"not valid parameter names: {bad}")
+        return v
 
 
 class ThresholdRule(_Strict):
@@ -249,9 +354,6 @@ class QCConfig(_Strict):
     ood_max_z: Annotated[float, Field(gt=0.0)] = 4.0
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
 def _format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -263,7 +365,9 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def validate_config(model: type[M], data: Any, *, source: str | os.PathLike[str] | None = None) -> M:
+def validate_config[M: BaseModel](
+    model: type[M], data: Any, *, source: str | os.PathLike[str] | None = None
+) -> M:
     """Validate an already-parsed mapping, raising :class:`ConfigError` naming the key."""
     if not isinstance(data, dict):
         raise ConfigError(
@@ -277,7 +381,56 @@ def validate_config(model: type[M], data: Any, *, source: str | os.PathLike[str]
         ) from None
 
 
-def load_config(model: type[M], path: str | os.PathLike[str]) -> M:
+#: Largest configuration file accepted (configs are a few kB; this stops accidents).
+MAX_CONFIG_BYTES = 1_000_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses duplicate keys (the last would silently win)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    out: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in out
+        except TypeError:  # an unhashable key (a list or mapping used as a key)
+            raise yaml.constructor.ConstructorError(
+                None, None, "a list or mapping cannot be a key", key_node.start_mark
+            ) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+    return out
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, *, source: str | os.PathLike[str] | None = None) -> Any:
+    """Parse YAML text safely (no Python tags, no duplicate keys).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``source`` and the line of the problem.
+    """
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {' '.join(str(err).split())}", path=source) from None
+    except RecursionError:
+        raise ConfigError("not valid YAML: nested too deeply", path=source) from None
+    except (ValueError, TypeError, OverflowError) as err:
+        # e.g. a date-like value that is not a real date (2024-13-45)
+        raise ConfigError(f"not valid YAML: {' '.join(str(err).split())}", path=source) from None
+
+
+def load_config[M: BaseModel](model: type[M], path: str | os.PathLike[str]) -> M:
     """Read a YAML file and validate it as ``model``.
 
     Raises
@@ -288,13 +441,21 @@ def load_config(model: type[M], path: str | os.PathLike[str]) -> M:
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        size = p.stat().st_size
+        if not p.is_file():
+            raise ConfigError("not a regular file (a folder?)", path=p)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file is {size} bytes; configs are small YAML files "
+                f"(limit {MAX_CONFIG_BYTES})",
+                path=p,
+            )
+        text = p.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError("config file not found", path=p) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read config: {err}", path=p) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}".replace("\n", " "), path=p) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"not UTF-8 text (byte {err.start})", path=p) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config: {err.strerror or err}", path=p) from None
+    data = parse_yaml(text, source=p)
     return validate_config(model, data, source=p)

@@ -21,7 +21,24 @@ __all__ = [
     "PanelMismatchError",
     "QCError",
     "SingleCellInputError",
+    "one_line",
 ]
+
+
+#: Longest message :func:`one_line` keeps (a cut message ends with ``...``).
+MAX_MESSAGE_LENGTH = 2000
+
+
+def one_line(text: str, *, limit: int = MAX_MESSAGE_LENGTH) -> str:
+    """``text`` on one line (line breaks and tabs become spaces), cut to ``limit`` characters.
+
+    Error messages are printed as a single line by the CLI and stored in one cell of a
+    batch's error row, whatever a file's content or name contained.
+    """
+    flat = "".join(" " if ch in "\r\n\t\v\f\x85\u2028\u2029" else ch for ch in text)
+    if len(flat) > limit:
+        flat = flat[: limit - 3] + "..."
+    return flat
 
 
 class BlinaprofileError(Exception):
@@ -43,9 +60,8 @@ class BlinaprofileError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        if self.path:
-            return f"{self.path}: {self.message}"
-        return self.message
+        text = f"{self.path}: {self.message}" if self.path else self.message
+        return one_line(text)
 
     def __reduce__(self):  # keep errors picklable across Dask/multiprocessing workers
         return (_rebuild, (type(self), self.message, self.path))

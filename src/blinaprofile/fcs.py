@@ -22,6 +22,7 @@ import os
 import re
 import stat
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,12 @@ _HEADER_LENGTH = 58
 _HEADER_OFFSET_LIMIT = 99_999_999
 # Integers in TEXT longer than this many digits are rejected (also keeps int() safe).
 _MAX_INT_DIGITS = 18
+# Events are converted in chunks of about this many bytes (fits in L2 cache).
+_CHUNK_BYTES = 1 << 20
 _SPILLOVER_KEYWORDS = ("$SPILLOVER", "SPILL", "$SPILL")
+_MATRIX_KEYWORDS = frozenset({*_SPILLOVER_KEYWORDS, "$COMP"})
+# Spillover/compensation values may be this many times max_keyword_length.
+_MATRIX_LENGTH_FACTOR = 100
 _PNN_RE = re.compile(r"\$P([1-9][0-9]*)N")
 _WRITER_DELIMITER = "|"
 _WRITER_MIN_RANGE = 262_144
@@ -352,10 +358,14 @@ def _parse_text(
                 f"keyword name {_short(name)!r} is {len(name)} characters long, more than "
                 f"max_keyword_length={max_keyword_length}"
             )
-        if len(value) > max_keyword_length:
+        limit = max_keyword_length
+        if name in _MATRIX_KEYWORDS:
+            # n names + n*n numbers: a 40-colour spectral matrix alone is ~40,000 characters.
+            limit = max_keyword_length * _MATRIX_LENGTH_FACTOR
+        if len(value) > limit:
             raise ctx.error(
                 f"keyword {_short(name)!r} has a value of {len(value)} characters, more than "
-                f"max_keyword_length={max_keyword_length}"
+                f"the limit of {limit} (max_keyword_length={max_keyword_length})"
             )
         if name in keywords:
             if keywords[name] != value:
@@ -422,9 +432,11 @@ def _parse_spillover(
     for idx, name in enumerate(names):
         if not name:
             raise ctx.error(f"{keyword} channel name {idx + 1} of {n} is empty")
-    duplicates = sorted({x for x in names if names.count(x) > 1})
+    duplicates = sorted(x for x, count in Counter(names).items() if count > 1)
     if duplicates:
-        raise ctx.error(f"{keyword} names a channel more than once: {', '.join(duplicates)}")
+        raise ctx.error(
+            f"{keyword} names a channel more than once: {_short(', '.join(duplicates), 200)}"
+        )
     matrix = np.empty(n * n, dtype=np.float64)
     for idx, text in enumerate(values):
         try:
@@ -501,7 +513,9 @@ def read_fcs(
     dtype
         Floating-point dtype of the returned events (``float64`` or ``float32``).
     max_keyword_length
-        Longest keyword value (and name) accepted, in characters.
+        Longest keyword value (and name) accepted, in characters. Spillover and
+        compensation matrices ($SPILLOVER, SPILL, $SPILL, $COMP) may be 100 times
+        longer, since a spectral panel's matrix alone takes tens of thousands.
     only_text
         Parse and validate HEADER and TEXT (including the DATA segment's offsets and
         size) but do not load the events; :attr:`FCSData.events` is then empty and
@@ -613,13 +627,15 @@ def _read_open_file(
         )
 
     channels, markers, widths, ranges, gains, decades = _parameters(ctx, keywords, par, datatype)
-    duplicates = sorted({c for c in channels if channels.count(c) > 1})
+    duplicates = sorted(c for c, count in Counter(channels).items() if count > 1)
     if duplicates:
-        where = "; ".join(
-            f"{c!r} ({', '.join(f'$P{i + 1}N' for i, x in enumerate(channels) if x == c)})"
-            for c in duplicates
-        )
-        raise ctx.error(f"duplicate channel names in $PnN: {where}")
+        positions: dict[str, list[str]] = {c: [] for c in duplicates[:5]}
+        for i, x in enumerate(channels, start=1):
+            if x in positions and len(positions[x]) < 6:
+                positions[x].append(f"$P{i}N" if len(positions[x]) < 5 else "...")
+        where = "; ".join(f"{c!r} ({', '.join(p)})" for c, p in positions.items())
+        more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+        raise ctx.error(f"duplicate channel names in $PnN: {where}{more}")
 
     order = "<"
     bytes_per_event = sum(widths) // 8
@@ -650,20 +666,16 @@ def _read_open_file(
     if needed > 0:
         _check_data_segment(ctx, data_start, data_end, file_size, needed, tot, par)
 
+    n_nonfinite = 0
     if only_text or tot == 0:
         events = np.empty((0, par), dtype=out_dtype)
     else:
-        buffer = bytearray(needed)
         fh.seek(data_start)
-        got = fh.readinto(buffer)
-        if got != needed:
-            raise ctx.error(
-                f"DATA segment should hold {needed} bytes from byte {data_start} but only "
-                f"{got} could be read (truncated?)"
+        # NaN/inf (even signalling NaNs) are kept and counted, not warned about.
+        with np.errstate(all="ignore"):
+            events, n_nonfinite = _read_events(
+                ctx, fh, datatype, order, widths, ranges, tot, out_dtype
             )
-        events = _decode_events(buffer, datatype, order, widths, ranges, tot, par, out_dtype)
-
-    n_nonfinite = _count_nonfinite(events)
     return FCSData(
         path=ctx.path,
         version=version,
@@ -840,43 +852,86 @@ def _check_data_segment(
         )
 
 
-def _decode_events(
-    buffer: bytearray,
+def _readinto_exact(ctx: _Ctx, fh: io.BufferedReader, target: npt.NDArray[np.uint8]) -> None:
+    """Fill ``target`` (a flat uint8 array) from the file's current position."""
+    view = memoryview(target)
+    filled = 0
+    while filled < len(view):
+        got = fh.readinto(view[filled:])
+        if not got:
+            raise ctx.error(
+                f"DATA segment ended after {fh.tell()} bytes of the file while "
+                f"{len(view) - filled} more bytes were expected (truncated?)"
+            )
+        filled += got
+
+
+def _read_events(
+    ctx: _Ctx,
+    fh: io.BufferedReader,
     datatype: str,
     order: str,
     widths: Sequence[int],
     ranges: Sequence[float],
     tot: int,
-    par: int,
     out_dtype: np.dtype[Any],
-) -> npt.NDArray[Any]:
-    """Turn the raw DATA bytes into a C-contiguous ``tot x par`` array of ``out_dtype``."""
-    if datatype in ("F", "D"):
-        source = np.dtype(f"{order}f{4 if datatype == 'F' else 8}")
-        values = np.frombuffer(buffer, dtype=source, count=tot * par).reshape(tot, par)
-        return np.ascontiguousarray(values.astype(out_dtype, copy=False))
+) -> tuple[npt.NDArray[Any], int]:
+    """Read ``tot`` events from the file's current position into a C-contiguous array.
 
-    masks = [_int_mask(width, r) for width, r in zip(widths, ranges, strict=True)]
-    if len(set(widths)) == 1:
-        source = np.dtype(f"{order}u{widths[0] // 8}")
-        values = np.frombuffer(buffer, dtype=source, count=tot * par).reshape(tot, par)
-        if any(m is not None for m in masks):
-            full = (1 << widths[0]) - 1
-            mask_row = np.array([full if m is None else m for m in masks], dtype=source)
-            values = values & mask_row
-        return np.ascontiguousarray(values.astype(out_dtype))
+    Data already in the requested layout are read straight into the result; anything
+    else (byte swapping, widening, bit masking) is converted in cache-sized chunks,
+    so memory use stays at the result plus one small buffer.
 
-    # Mixed bit widths: a structured record per event.
-    names = [f"c{i}" for i in range(par)]
-    formats = [f"{order}u{w // 8}" for w in widths]
-    record = np.dtype({"names": names, "formats": formats})
-    table = np.frombuffer(buffer, dtype=record, count=tot)
+    Returns
+    -------
+    tuple
+        The ``tot x n_channels`` events and the number of NaN/infinite values.
+    """
+    par = len(widths)
     out = np.empty((tot, par), dtype=out_dtype)
-    for i, name in enumerate(names):
-        column = table[name]
-        mask = masks[i]
-        out[:, i] = column if mask is None else column & np.asarray(mask, dtype=column.dtype)
-    return out
+    bytes_per_event = sum(widths) // 8
+    masks = (
+        [None] * par
+        if datatype != "I"
+        else [_int_mask(w, r) for w, r in zip(widths, ranges, strict=True)]
+    )
+    uniform = len(set(widths)) == 1
+    if datatype == "I":
+        if uniform:
+            source = np.dtype(f"{order}u{widths[0] // 8}")
+        else:
+            fields = [f"c{i}" for i in range(par)]
+            source = np.dtype({"names": fields, "formats": [f"{order}u{w // 8}" for w in widths]})
+    else:
+        source = np.dtype(f"{order}f{widths[0] // 8}")
+    if uniform and source == out_dtype and all(m is None for m in masks):
+        _readinto_exact(ctx, fh, out.reshape(-1).view(np.uint8))
+        return out, _count_nonfinite(out)
+
+    mask_row = None
+    if uniform and any(m is not None for m in masks):
+        full = (1 << widths[0]) - 1
+        mask_row = np.array([full if m is None else m for m in masks], dtype=source)
+    rows_per_chunk = max(1, _CHUNK_BYTES // bytes_per_event)
+    buffer = np.empty(min(tot, rows_per_chunk) * bytes_per_event, dtype=np.uint8)
+    n_nonfinite = 0
+    for first in range(0, tot, rows_per_chunk):
+        last = min(tot, first + rows_per_chunk)
+        raw = buffer[: (last - first) * bytes_per_event]
+        _readinto_exact(ctx, fh, raw)
+        target = out[first:last]
+        if uniform:
+            values = raw.view(source).reshape(last - first, par)
+            target[...] = values if mask_row is None else values & mask_row
+        else:
+            table = raw.view(source)
+            for i, name in enumerate(table.dtype.names or ()):
+                column = table[name]
+                mask = masks[i]
+                target[:, i] = column if mask is None else column & column.dtype.type(mask)
+        if datatype != "I":  # integers are always finite; count while the chunk is cached
+            n_nonfinite += _count_nonfinite(target)
+    return out, n_nonfinite
 
 
 def _int_mask(width: int, prange: float) -> int | None:
@@ -996,7 +1051,7 @@ def write_fcs(
     names = _validate_names("channels", channels, n_channels)
     if any(not c.strip() or c != c.strip() for c in names):
         raise ValueError("channel names must be non-empty with no surrounding blanks")
-    duplicates = sorted({c for c in names if names.count(c) > 1})
+    duplicates = sorted(c for c, count in Counter(names).items() if count > 1)
     if duplicates:
         raise ValueError(f"duplicate channel names: {', '.join(duplicates)}")
     marker_names = (
@@ -1085,7 +1140,13 @@ def _custom_keywords(keywords: Mapping[str, str | int | float] | None) -> list[t
                 f"keyword {name!r} is given twice (keyword names are case-insensitive)"
             )
         seen.add(upper)
-        out.append((name, str(value)))
+        text = str(value)
+        if len(text) > DEFAULT_MAX_KEYWORD_LENGTH:
+            raise ValueError(
+                f"value of keyword {name[:40]!r} is {len(text)} characters; read_fcs refuses "
+                f"values longer than {DEFAULT_MAX_KEYWORD_LENGTH} by default"
+            )
+        out.append((name, text))
     return out
 
 

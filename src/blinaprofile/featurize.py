@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import QCConfig, load_config
-from .errors import BlinaprofileError
+from .errors import BlinaprofileError, one_line
 from .schema import QC_COLUMNS, SCHEMA_VERSION, feature_names
 
 if TYPE_CHECKING:
@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 __all__ = [
     "FlowFeaturizer",
     "feature_columns",
+    "features_from_gating",
     "featurize_fcs",
     "featurize_manifest",
-    "features_from_gating",
     "load_qc",
     "qc_verdict",
 ]
@@ -205,7 +205,14 @@ def _featurize_one(args: tuple[str, str, str, str | None, bool, QCConfig]) -> di
             path, strategy=strategy, adaptive=adaptive, sample_id=sid, patient_id=pid, qc=qc
         ).row
     except BlinaprofileError as err:
-        return {"sample_id": sid, "patient_id": pid, "error": str(err)}
+        msg = str(err) if err.path else f"{path}: {err}"
+        return {"sample_id": sid, "patient_id": pid, "error": msg}
+    except Exception as err:
+        return {
+            "sample_id": sid,
+            "patient_id": pid,
+            "error": one_line(f"{path}: internal error: {type(err).__name__}: {err}"),
+        }
 
 
 def featurize_manifest(
@@ -223,14 +230,24 @@ def featurize_manifest(
     """
     import pandas as pd
 
+    from .gate import load_strategy
     from .read import read_manifest
     from .settings import settings
 
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    missing = [c for c in ("sample_id", "path") if c not in df.columns]
+    if missing:
+        from .errors import ManifestError
+
+        raise ManifestError(f"the sample table lacks column(s) {missing}")
+    if "patient_id" not in df.columns:
+        df = df.assign(patient_id=df["sample_id"])
     qc = qc or load_qc()
     sp = str(strategy_path) if strategy_path else None
+    load_strategy(sp)  # a bad strategy is one error for the run, not one per sample
     jobs = [
-        (r.path, r.sample_id, r.patient_id, sp, adaptive, qc) for r in df.itertuples(index=False)
+        (str(r.path), str(r.sample_id), str(r.patient_id), sp, adaptive, qc)
+        for r in df.itertuples(index=False)
     ]
     n_jobs = settings.n_jobs if n_jobs is None else n_jobs
     if n_jobs > 1 and len(jobs) > 1:
@@ -238,11 +255,11 @@ def featurize_manifest(
             rows = list(pool.map(_featurize_one, jobs, chunksize=max(1, len(jobs) // (4 * n_jobs))))
     else:
         rows = [_featurize_one(j) for j in jobs]
-    feats = pd.DataFrame(rows)
-    if "error" not in feats.columns:
-        feats["error"] = ""
-    feats["error"] = feats["error"].fillna("")
+    # every column is present even when every sample failed
+    feats = pd.DataFrame(rows).reindex(columns=[*feature_columns(), "error"])
+    feats["error"] = feats["error"].fillna("").astype(str)
     extra = [c for c in df.columns if c not in ("sample_id", "patient_id", "path")]
+    feats = feats.drop(columns=[c for c in extra if c in feats.columns])
     out = df[["sample_id", *extra]].merge(feats, on="sample_id", how="left")
     cols = [c for c in feature_columns() if c in out.columns]
     rest = [c for c in out.columns if c not in cols]
@@ -280,7 +297,6 @@ class FlowFeaturizer(*_flow_featurizer_base()):  # type: ignore[misc]
 
     def transform(self, X: Iterable[str]) -> pd.DataFrame:
         import pandas as pd
-
         from sklearn.utils.validation import check_is_fitted
 
         check_is_fitted(self, "strategy_")

@@ -70,7 +70,8 @@ GateKind = Literal["rectangle", "polygon", "ellipsoid", "boolean"]
 # relative width of the band around a bound inside which events are decided again with
 # FlowKit's arithmetic (our fast path agrees with it to ~1e-13 relative)
 _BAND = 1e-9
-_EPS_BAND = 1e-12
+# absolute width (raw units) of that band for compensated values
+_ABS_BAND = 1e-6
 
 
 @dataclass(frozen=True)
@@ -361,9 +362,7 @@ class GateTree:
         """
         if not self.bound:
             raise GatingError(f"gating strategy {self.name!r} must be bound to a sample first")
-        ev = _EventCache(
-            self, np.asarray(events), list(channels), spillover, path, scaling=scaling
-        )
+        ev = _EventCache(self, np.asarray(events), list(channels), spillover, path, scaling=scaling)
         n = ev.n
         masks: dict[str, np.ndarray] = {}
         rows: dict[str, np.ndarray | None] = {}
@@ -534,7 +533,9 @@ class GateTree:
         aliases: dict[str, str] = {}
         for mid, m in strategy.comp_matrices.items():
             if not isinstance(m, fk.Matrix):
-                raise GatingError(f"compensation {mid!r}: only square spillover matrices are supported")
+                raise GatingError(
+                    f"compensation {mid!r}: only square spillover matrices are supported"
+                )
             matrices[mid] = (list(m.detectors), np.asarray(m.matrix, dtype=np.float64))
             for fl, det in zip(m.fluorochromes or [], m.detectors, strict=False):
                 if fl:
@@ -795,21 +796,36 @@ def _channel_scaler(
 
 # ---------------------------------------------------------------------- event cache
 class _Comp:
-    """Lazily compensated channels of one matrix (rows added as gates need them)."""
+    """Lazily compensated channels of one matrix.
 
-    def __init__(self, detectors: list[str], matrix: np.ndarray, cols: list[int], wanted: list[str]):
+    Values are held for a set of computed events: all of them (``pos is None`` and
+    ``local`` has ``n`` columns) or the rows first asked for, extended when a gate on
+    another branch needs more (``pos`` maps an event to its column in ``local``, -1 if
+    not computed yet).
+    """
+
+    def __init__(
+        self, detectors: list[str], matrix: np.ndarray, cols: list[int], wanted: list[str]
+    ):
         self.detectors = detectors
         self.matrix = matrix
         self.cols = cols
+        self.inv = np.linalg.inv(matrix)
+        self.set_wanted(wanted)
+
+    def set_wanted(self, wanted: list[str]) -> None:
         self.wanted = wanted
-        self.pos = {c: i for i, c in enumerate(wanted)}
-        self.inv_sub = np.ascontiguousarray(
-            np.linalg.inv(matrix)[:, [detectors.index(c) for c in wanted]]
-        )
-        self.values: np.ndarray | None = None  # (len(wanted), n)
-        self.done: np.ndarray | None = None  # bool (n,) or None when all done
-        self.all_done = False
-        self.scale = 0.0  # max |x| * max |inv| * k over computed rows (error scale)
+        self.index = {c: i for i, c in enumerate(wanted)}
+        # (J, k): compensated channel j = sum_i w[j, i] * detector i
+        self.w = np.ascontiguousarray(self.inv[:, [self.detectors.index(c) for c in wanted]].T)
+        self.local: np.ndarray | None = None  # (J, m)
+        self.pos: np.ndarray | None = None  # (n,) int64, -1 = not computed; None = all rows
+        self.all_rows = False
+
+
+# below this share of the events a matrix is applied to the requested rows only;
+# above it, one BLAS pass over all events (no gather) is cheaper
+_SUBSET_SHARE = 0.3
 
 
 class _EventCache:
@@ -894,10 +910,7 @@ class _EventCache:
     def block(self, channels: Sequence[str], rows: np.ndarray | None) -> np.ndarray:
         """Scaled values of several channels, ``(rows, channels)`` float64."""
         cols = [self._col(c) for c in channels]
-        if rows is None:
-            b = np.take(self.events, cols, axis=1)
-        else:
-            b = self.events[np.ix_(rows, cols)]
+        b = np.take(self.events, cols, axis=1) if rows is None else self.events[np.ix_(rows, cols)]
         b = np.asarray(b, dtype=np.float64)
         for j, c in enumerate(channels):
             f = self.scaling.get(c)
@@ -953,62 +966,83 @@ class _EventCache:
         self._comps[comp] = st
         return st
 
-    def _compensate_rows(self, st: _Comp, rows: np.ndarray | None) -> None:
-        if st.all_done:
-            return
-        if st.values is None:
-            st.values = np.empty((len(st.wanted), self.n), dtype=np.float64)
+    def _span(self, st: _Comp) -> tuple[int, np.ndarray] | None:
+        """First column and (J, span) weights to compensate by one strided BLAS pass."""
+        if any(c in self.scaling for c in st.detectors) or self.events.dtype != np.float64:
+            return None
+        lo, hi = min(st.cols), max(st.cols) + 1
+        extra = [c for c in range(lo, hi) if c not in st.cols]
+        if len(extra) > len(st.cols) or (
+            extra and not np.isfinite(self.events[:, extra]).all()
+        ):  # 0 * nan would spoil the sum
+            return None
+        w = np.zeros((st.w.shape[0], hi - lo), dtype=np.float64)
+        w[:, [c - lo for c in st.cols]] = st.w
+        return lo, w
+
+    def _compensate_rows(self, st: _Comp, rows: np.ndarray | None) -> np.ndarray | None:
+        """Make sure ``rows`` are compensated; return their columns in ``st.local``."""
+        if st.all_rows:
+            return rows
+        if st.local is None and (rows is None or rows.size >= _SUBSET_SHARE * self.n):
+            span = self._span(st)
+            if span is not None:
+                lo, w = span
+                view = self.events[:, lo : lo + w.shape[1]]
+                st.local = w @ view.T
+            else:
+                b = self.block(st.detectors, None)
+                st.local = st.w @ b.T
+            st.all_rows = True
+            return rows
+        if st.local is None:
+            assert rows is not None
+            b = self.block(st.detectors, rows)
+            st.local = st.w @ b.T
+            st.pos = np.full(self.n, -1, dtype=np.int64)
+            st.pos[rows] = np.arange(rows.size)
+            return np.arange(rows.size)
+        assert st.pos is not None
         if rows is None:
-            todo = None if st.done is None else np.flatnonzero(~st.done)
-        else:
-            todo = rows if st.done is None else rows[~st.done[rows]]
-            if todo.size == 0:
-                return
-        b = self.block(st.detectors, todo)
-        if b.size:
-            st.scale = max(
-                st.scale, float(np.max(np.abs(b))) * float(np.max(np.abs(st.inv_sub))) * b.shape[1]
-            )
-        res = b @ st.inv_sub
-        if todo is None:
-            st.values[:] = res.T
-            st.all_done = True
-            st.done = None
-            return
-        st.values[:, todo] = res.T
-        if st.done is None:
-            st.done = np.zeros(self.n, dtype=bool)
-        st.done[todo] = True
+            rows = np.arange(self.n)
+        p = st.pos[rows]
+        missing = p < 0
+        if missing.any():
+            new = rows[missing]
+            b = self.block(st.detectors, new)
+            m = st.local.shape[1]
+            st.local = np.concatenate([st.local, st.w @ b.T], axis=1)
+            st.pos[new] = np.arange(m, m + new.size)
+            p = st.pos[rows]
+        return p
 
     def raw(self, channel: str, comp: str, rows: np.ndarray | None = None) -> np.ndarray:
         """Compensated (or raw) values of a channel as float64 (all events or ``rows``)."""
         if comp == UNCOMPENSATED:
             return self.column(channel, rows)
         st = self._comp_state(comp)
-        if st is None or channel not in st.pos:
-            if st is not None and channel in st.detectors:
-                # a detector no gate asked for with this matrix (adaptive/feature use)
-                st.wanted.append(channel)
-                st.pos[channel] = len(st.wanted) - 1
-                st.inv_sub = np.ascontiguousarray(
-                    np.linalg.inv(st.matrix)[:, [st.detectors.index(c) for c in st.wanted]]
-                )
-                st.values, st.done, st.all_done = None, None, False
-                return self.raw(channel, comp, rows)
+        if st is None or channel not in st.detectors:
             return self.column(channel, rows)
-        self._compensate_rows(st, rows)
-        assert st.values is not None
-        v = st.values[st.pos[channel]]
-        return v if rows is None else v[rows]
+        if channel not in st.index:
+            # a detector no gate asked for with this matrix (adaptive/feature use)
+            st.set_wanted([*st.wanted, channel])
+        p = self._compensate_rows(st, rows)
+        assert st.local is not None
+        v = st.local[st.index[channel]]
+        return v if p is None else v[p]
 
     def comp_error_scale(self, comp: str, channel: str) -> float:
-        """Absolute error scale of the fast compensation of ``channel`` (0 if exact)."""
+        """Absolute error bound of the fast compensation of ``channel`` (0 if not compensated).
+
+        ``k * eps * sum |w| * max |x|`` stays below 1e-8 for values up to 2**22 (any flow
+        cytometer's range); the band is set well above it.
+        """
         if comp == UNCOMPENSATED:
             return 0.0
-        st = self._comps.get(comp)
-        if st is None or channel not in st.pos:
+        st = self._comp_state(comp)
+        if st is None or channel not in st.detectors:
             return 0.0
-        return st.scale
+        return _ABS_BAND
 
     # -- values in gate space -------------------------------------------------------------
     def _ratio(self, r: Ratio, rows: np.ndarray | None) -> np.ndarray:
@@ -1033,11 +1067,14 @@ class _EventCache:
         if full is not None:
             return full if where is None else full[where]
         t = self.transform(dim.transform)
+        x = self.raw(dim.channel, dim.compensation, where)
+        if getattr(t, "kind", "") == "flin":
+            y = (x + t.a) / (t.t + t.a)  # FlowKit's expression, one pass
+        else:
+            y = np.asarray(t.apply(x), dtype=np.float64)
         if where is None:
-            full = np.asarray(t.apply(self.raw(dim.channel, dim.compensation)), dtype=np.float64)
-            self._xf[key] = full
-            return full
-        return np.asarray(t.apply(self.raw(dim.channel, dim.compensation, where)), dtype=np.float64)
+            self._xf[key] = y
+        return y
 
     def exact(self, dim: Dim, rows: np.ndarray) -> np.ndarray:
         """Values of a dimension at ``rows`` computed with FlowKit's own arithmetic.
@@ -1098,8 +1135,9 @@ def _dim_test(
     if fast:
         assert dim.channel is not None
         x = ev.raw(dim.channel, dim.compensation, rows)
-        exact_input = dim.transform is None or ev.transform(dim.transform).kind == "flin"
-        escale = ev.comp_error_scale(dim.compensation, dim.channel) * _EPS_BAND
+        # the fast value differs from FlowKit's only by compensation rounding (escale) and,
+        # with a transform, by the rounding of inverse(bound) versus the forward transform
+        escale = ev.comp_error_scale(dim.compensation, dim.channel)
         res: np.ndarray | None = None
         near: np.ndarray | None = None
         for rb, upper in ((rb_lo, False), (rb_hi, True)):
@@ -1107,11 +1145,9 @@ def _dim_test(
                 continue
             t = x < rb if upper else x >= rb
             res = t if res is None else (res & t)
-            if exact_input and escale == 0.0 and dim.transform is None:
+            if dim.transform is None and escale == 0.0:
                 continue
-            tol = max(_BAND * abs(rb), escale, _BAND if not exact_input else 0.0)
-            if tol == 0.0:
-                continue
+            tol = max(_BAND * max(1.0, abs(rb)), escale)
             band = np.abs(x - rb) <= tol
             near = band if near is None else (near | band)
         assert res is not None
@@ -1125,7 +1161,10 @@ def _dim_test(
         near = None
         if dim.ratio is None and (
             dim.compensation != UNCOMPENSATED
-            or (dim.transform is not None and hasattr(ev.transform(dim.transform), "apply_reference"))
+            or (
+                dim.transform is not None
+                and hasattr(ev.transform(dim.transform), "apply_reference")
+            )
         ):
             near = np.zeros(y.shape[0], dtype=bool)
             for b in (lo, hi):
@@ -1169,46 +1208,109 @@ def _winding(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Odd winding number (flowutils' rule) and a mask of points within ``tol`` of a tie.
 
-    Same arithmetic as flowutils' ``points_in_polygon``: a bounding-box test, then for
-    every edge an upward crossing (``ay <= py < by``) with the point strictly left adds 1
-    and a downward crossing (``by <= py < ay``) with the point strictly right subtracts 1.
+    Same decisions as flowutils' ``points_in_polygon``: points outside the vertices'
+    bounding box are out; otherwise an edge crossed upward (``ay <= py < by``) with the
+    point strictly left of it adds 1, an edge crossed downward (``by <= py < ay``) with
+    the point strictly right subtracts 1, and an odd total is inside. ``is_left`` is
+    computed with flowutils' exact expression. With ``tol > 0``, points whose decision
+    could flip under a perturbation of ``tol`` are flagged (for an exact re-check).
     """
+    x0, x1, y0, y1 = float(vx.min()), float(vx.max()), float(vy.min()), float(vy.max())
+    if tol <= 0:
+        return _parity(vx, vy, x, y, (x0, x1, y0, y1)), np.zeros(x.shape[0], dtype=bool)
     inside = np.zeros(x.shape[0], dtype=bool)
     near = np.zeros(x.shape[0], dtype=bool)
-    cand = np.flatnonzero((x >= vx.min()) & (x <= vx.max()) & (y >= vy.min()) & (y <= vy.max()))
     if tol > 0:
-        loose = np.flatnonzero(
-            (x >= vx.min() - tol) & (x <= vx.max() + tol) & (y >= vy.min() - tol) & (y <= vy.max() + tol)
-        )
-        edge = np.setdiff1d(loose, cand, assume_unique=True)
-        near[edge] = True
+        loose = (x >= x0 - tol) & (x <= x1 + tol) & (y >= y0 - tol) & (y <= y1 + tol)
+        cand = np.flatnonzero(loose)
+        px = x[cand]
+        py = y[cand]
+        strict = (px >= x0) & (px <= x1) & (py >= y0) & (py <= y1)
+        near[cand[~strict]] = True
+        cand, px, py = cand[strict], px[strict], py[strict]
+    else:
+        cand = np.flatnonzero((x >= x0) & (x <= x1) & (y >= y0) & (y <= y1))
+        px = x[cand]
+        py = y[cand]
     if cand.size == 0:
         return inside, near
-    px = x[cand]
-    py = y[cand]
-    wind = np.zeros(cand.size, dtype=np.int32)
     nv = vx.shape[0]
+    wind: np.ndarray = np.zeros(cand.size, dtype=np.int32)
     for i in range(nv):
         ax, ay = float(vx[i]), float(vy[i])
         bx, by = float(vx[(i + 1) % nv]), float(vy[(i + 1) % nv])
-        up = (ay <= py) & (py < by)
-        down = (ay > py) & (by <= py)
-        cross = np.flatnonzero(up | down)
         if tol > 0:
             ties = np.flatnonzero((np.abs(py - ay) <= tol) | (np.abs(py - by) <= tol))
             near[cand[ties]] = True
+        if ay == by:
+            continue  # a horizontal edge is never crossed
+        upward = ay < by
+        lo, hi = (ay, by) if upward else (by, ay)
+        cross = np.flatnonzero((py >= lo) & (py < hi))
         if cross.size == 0:
             continue
         cy = py[cross]
         cx = px[cross]
         is_left = (bx - ax) * (cy - ay) - (cx - ax) * (by - ay)
-        wind[cross] += (up[cross] & (is_left > 0)).astype(np.int32)
-        wind[cross] -= (down[cross] & (is_left < 0)).astype(np.int32)
+        hit = cross[is_left > 0] if upward else cross[is_left < 0]
+        np.add.at(wind, hit, 1 if upward else -1)
         if tol > 0:
             close = np.abs(is_left) <= tol * (abs(bx - ax) + abs(by - ay) + 1.0)
             near[cand[cross[close]]] = True
     inside[cand] = (wind % 2) != 0
     return inside, near
+
+
+def _parity(
+    vx: np.ndarray,
+    vy: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    box: tuple[float, float, float, float],
+) -> np.ndarray:
+    """Odd winding number by parity: each counted crossing (+1 or -1) flips it.
+
+    Branch-free over all points (no gathers), in preallocated buffers.
+    """
+    n = x.shape[0]
+    inside = np.zeros(n, dtype=bool)
+    t1 = np.empty(n, dtype=np.float64)
+    t2 = np.empty(n, dtype=np.float64)
+    b1 = np.empty(n, dtype=bool)
+    b2 = np.empty(n, dtype=bool)
+    nv = vx.shape[0]
+    for i in range(nv):
+        ax, ay = float(vx[i]), float(vy[i])
+        bx, by = float(vx[(i + 1) % nv]), float(vy[(i + 1) % nv])
+        if ay == by:
+            continue
+        upward = ay < by
+        lo, hi = (ay, by) if upward else (by, ay)
+        # is_left = (bx - ax) * (y - ay) - (x - ax) * (by - ay), as flowutils computes it
+        np.subtract(y, ay, out=t1)
+        np.multiply(t1, bx - ax, out=t1)
+        np.subtract(x, ax, out=t2)
+        np.multiply(t2, by - ay, out=t2)
+        np.subtract(t1, t2, out=t1)
+        if upward:
+            np.greater(t1, 0.0, out=b1)
+        else:
+            np.less(t1, 0.0, out=b1)
+        np.greater_equal(y, lo, out=b2)
+        b1 &= b2
+        np.less(y, hi, out=b2)
+        b1 &= b2
+        inside ^= b1
+    x0, x1, y0, y1 = box
+    for arr, op, v in (
+        (x, np.greater_equal, x0),
+        (x, np.less_equal, x1),
+        (y, np.greater_equal, y0),
+        (y, np.less_equal, y1),
+    ):
+        op(arr, v, out=b1)
+        inside &= b1
+    return inside
 
 
 def points_in_polygon(vertices: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -1218,7 +1320,9 @@ def points_in_polygon(vertices: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.
     including self-intersecting polygons.
     """
     v = np.asarray(vertices, dtype=np.float64)
-    inside, _ = _winding(v[:, 0], v[:, 1], np.asarray(x, np.float64), np.asarray(y, np.float64), 0.0)
+    inside, _ = _winding(
+        v[:, 0], v[:, 1], np.asarray(x, np.float64), np.asarray(y, np.float64), 0.0
+    )
     return inside
 
 
@@ -1267,7 +1371,9 @@ def _ellipsoid_d2(g: Gate, pts: np.ndarray) -> np.ndarray:
 def _ellipsoid_rows(ev: _EventCache, g: Gate, prow: np.ndarray | None) -> np.ndarray:
     k = len(g.dims)
     if k < 2 or len(g.mean) != k or len(g.covariance) != k:
-        raise GatingError(f"ellipsoid gate {g.id!r}: mean/covariance do not match its dims", path=ev.path)
+        raise GatingError(
+            f"ellipsoid gate {g.id!r}: mean/covariance do not match its dims", path=ev.path
+        )
     pts = np.column_stack([ev.transformed(d, prow) for d in g.dims])
     d2 = _ellipsoid_d2(g, pts)
     inside = d2 <= g.distance_square

@@ -1,16 +1,38 @@
-"""The packaged responder model: an MLflow pyfunc ("model from code") around a skops file.
+"""The packaged responder model: an MLflow pyfunc ("model from code") around skops files.
 
 A model directory (``models/default`` or an MLflow artifact) contains the MLflow
-``MLmodel`` file, the model code (:mod:`blinaprofile._pyfunc_entry`), the fitted
-scikit-learn Pipeline saved with skops (``pipeline.skops``) and ``meta.json`` (feature
-list, schema version, decision threshold, training-cohort statistics for
-out-of-distribution checks). Nothing is unpickled: skops loads only the types listed in
-``meta.json`` and allowed by :data:`TRUSTED_PREFIXES`.
+``MLmodel`` file, the model code (:mod:`blinaprofile._pyfunc_entry`), and as artifacts:
 
-``predict`` takes a feature table (one row per sample) and returns ``probability``,
-``call`` (``responder``/``nonresponder``) and one ``contrib_<feature>`` column per feature
-(log-odds contribution: coefficient x standardised value for linear models, SHAP values
-for tree models). ``params={"threshold": t}`` overrides the stored threshold.
+``pipeline.skops``
+    The fitted scikit-learn Pipeline (impute -> scale -> [select] -> classifier).
+``uncertainty.skops``
+    The same pipeline refit on patient-bootstrap resamples of the training cohort (fixed
+    hyper-parameters); they give the probability interval. Absent in older models.
+``meta.json``
+    Feature list, schema version, decision threshold and rule, CV metrics, training-cohort
+    statistics for out-of-distribution checks, global importance.
+``training_features.csv``
+    The training cohort's features and response (to place a new sample against the cohort).
+
+Nothing is unpickled: skops loads only the types recorded in ``meta.json`` and allowed by
+:data:`TRUSTED_PREFIXES`.
+
+Prediction
+----------
+``predict`` takes a feature table (one row per sample) and returns
+
+- ``probability``: the final model's responder probability;
+- ``probability_low``, ``probability_high``: a 95% interval for it, from the bootstrap
+  refits: ``expit(logit(p) -/+ 1.96 * sd)`` with ``sd`` the standard deviation of the
+  refits' log-odds for that sample (NaN when the model has no refits). It reflects how
+  much the fitted model would change with another cohort of the same size; it is not a
+  statement about the patient's outcome;
+- ``call``: ``responder`` when ``probability >= threshold`` else ``nonresponder``;
+- ``contrib_<feature>``: additive contribution of each feature to the log-odds, relative
+  to an average training sample (see :func:`contributions`).
+
+``params={"threshold": t}`` overrides the stored threshold (the MLflow signature declares
+it as a parameter with the stored value as default).
 """
 
 from __future__ import annotations
@@ -27,15 +49,22 @@ import pandas as pd
 from .errors import FeatureSchemaError, ModelError
 
 __all__ = [
+    "OUTPUT_COLUMNS",
     "TRUSTED_PREFIXES",
     "ResponderModel",
     "contributions",
+    "global_contributions",
     "load_model",
     "log_model",
+    "probability_interval",
     "save_model",
+    "tree_shap",
 ]
 
 TRUSTED_PREFIXES = ("sklearn.", "xgboost.", "numpy.", "scipy.", "builtins.", "collections.")
+#: Columns of a prediction before the per-feature ``contrib_<feature>`` columns.
+OUTPUT_COLUMNS = ("probability", "probability_low", "probability_high", "call")
+_Z95 = 1.959963984540054
 
 
 def _check_trusted(types: list[str]) -> list[str]:
@@ -46,7 +75,7 @@ def _check_trusted(types: list[str]) -> list[str]:
 
 
 def load_pipeline(path: str | os.PathLike[str], trusted: list[str]) -> Any:
-    """Load a skops-saved pipeline, trusting only the listed (and allowed) types."""
+    """Load a skops file (a pipeline or a list of them), trusting only listed, allowed types."""
     import skops.io as sio
 
     p = Path(path)
@@ -58,47 +87,225 @@ def load_pipeline(path: str | os.PathLike[str], trusted: list[str]) -> Any:
     return sio.load(p, trusted=untrusted)
 
 
-def _final_estimator(pipe: Any) -> Any:
-    return pipe.steps[-1][1] if hasattr(pipe, "steps") else pipe
+# --------------------------------------------------------------------------- explanations
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def _split_pipeline(pipe: Any, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Preprocessed matrix, indices of the columns reaching the classifier, classifier."""
+    if not hasattr(pipe, "steps"):
+        raise ModelError("expected a scikit-learn Pipeline")
+    Z = np.asarray(pipe[:-1].transform(X), dtype=float)
+    cols = np.arange(X.shape[1])
+    if "select" in pipe.named_steps:
+        sel = pipe.named_steps["select"]
+        if hasattr(sel, "get_support"):
+            cols = np.flatnonzero(sel.get_support())
+    return Z, cols, pipe.steps[-1][1]
+
+
+def _tree_paths(tree: Any) -> tuple[list[float], list[dict[int, tuple[float, float, float]]]]:
+    """Leaves of a fitted sklearn tree: class-1 fraction and per-feature (low, high, cover).
+
+    For each leaf the splits on its path are merged per feature into one interval
+    ``low < x <= high`` and one cover fraction (product of child/parent sample weights).
+    """
+    t = tree.tree_
+    left, right = t.children_left, t.children_right
+    feat, thr = t.feature, t.threshold
+    wn = t.weighted_n_node_samples
+    values = t.value[:, 0, :]
+    values = values / values.sum(axis=1, keepdims=True)
+    col = 1 if values.shape[1] > 1 else 0
+    leaves: list[float] = []
+    paths: list[dict[int, tuple[float, float, float]]] = []
+    stack: list[tuple[int, dict[int, tuple[float, float, float]]]] = [(0, {})]
+    while stack:
+        node, cond = stack.pop()
+        if left[node] == -1:
+            leaves.append(float(values[node, col]))
+            paths.append(cond)
+            continue
+        f = int(feat[node])
+        lo, hi, cov = cond.get(f, (-np.inf, np.inf, 1.0))
+        for child, is_left in ((left[node], True), (right[node], False)):
+            frac = wn[child] / wn[node]
+            new = dict(cond)
+            new[f] = (lo, min(hi, thr[node]), cov * frac) if is_left else (max(lo, thr[node]), hi, cov * frac)
+            stack.append((child, new))
+    return leaves, paths
+
+
+def tree_shap(estimators: list[Any], Z: np.ndarray) -> tuple[np.ndarray, float]:
+    """Exact path-dependent TreeSHAP of the averaged class-1 probability of sklearn trees.
+
+    Parameters
+    ----------
+    estimators
+        Fitted :class:`~sklearn.tree.DecisionTreeClassifier` objects (e.g. a random forest's
+        ``estimators_``); the explained function is their mean class-1 probability.
+    Z
+        Samples x features, as the trees see them.
+
+    Returns
+    -------
+    phi, expected
+        SHAP values (samples x features, probability scale) and the expected value; for
+        every sample ``expected + phi.sum() == mean tree probability`` (local accuracy).
+
+    Notes
+    -----
+    Under the path-dependent value function, each leaf ``l`` contributes
+    ``v_l * prod_{j in S} o_j(x) * prod_{j not in S} z_j`` to ``f_S(x)``, where for each
+    feature ``j`` on the leaf's path ``o_j(x)`` says whether ``x`` satisfies all of its
+    splits on ``j`` and ``z_j`` is the share of training samples that follow them. The
+    Shapley value of such a product game has a closed form through the coefficients of
+    ``prod_{i != j} (z_i + o_i t)``; we build the full polynomial once per leaf and divide
+    one factor out per feature, vectorised over samples and leaves. Paths are padded with
+    ``z = o = 1`` factors, which are null players and leave the values unchanged.
+    """
+    from .metrics import shapley_weights
+
+    Z = np.asarray(Z, dtype=np.float32).astype(float)  # trees compare float32 values
+    n, d = Z.shape
+    vals: list[float] = []
+    paths: list[dict[int, tuple[float, float, float]]] = []
+    for est in estimators:
+        v, p = _tree_paths(est)
+        vals.extend(v)
+        paths.extend(p)
+    L = len(vals)
+    D = max(1, max(len(p) for p in paths))
+    F = np.zeros((L, D), dtype=int)
+    LO = np.full((L, D), -np.inf)
+    HI = np.full((L, D), np.inf)
+    ZF = np.ones((L, D))
+    for li, p in enumerate(paths):
+        for k, (f, (lo, hi, cov)) in enumerate(p.items()):
+            F[li, k], LO[li, k], HI[li, k], ZF[li, k] = f, lo, hi, cov
+    V = np.asarray(vals) / len(estimators)
+    expected = float(np.sum(V * np.prod(ZF, axis=1)))
+    w = shapley_weights(D)
+    onehot = np.zeros((L * D, d))
+    onehot[np.arange(L * D), F.ravel()] = 1.0
+    phi = np.zeros((n, d))
+    chunk = max(1, int(2e6 // max(1, L * (D + 1))))
+    for start in range(0, n, chunk):
+        Xc = Z[start : start + chunk]
+        xv = Xc[:, F]  # c x L x D
+        O = ((xv > LO) & (xv <= HI)).astype(float)
+        # full polynomial prod_k (z_k + o_k t): coefficients c x L x (D + 1)
+        P = np.zeros((*O.shape[:2], D + 1))
+        P[..., 0] = 1.0
+        for k in range(D):
+            z, o = ZF[None, :, k, None], O[:, :, k, None]
+            shifted = np.concatenate([np.zeros_like(P[..., :1]), P[..., :-1]], axis=-1)
+            P = P * z + shifted * o
+        contrib = np.zeros(O.shape)
+        for k in range(D):
+            z = ZF[None, :, k]
+            o = O[:, :, k]
+            # divide out (z + o t): o == 1 -> synthetic division from the top; o == 0 -> / z
+            Q1 = np.zeros((*O.shape[:2], D))
+            Q1[..., D - 1] = P[..., D]
+            for s in range(D - 1, 0, -1):
+                Q1[..., s - 1] = P[..., s] - z * Q1[..., s]
+            Q0 = P[..., :D] / z[..., None]
+            Q = np.where(o[..., None] > 0.5, Q1, Q0)
+            contrib[:, :, k] = (Q @ w) * (o - z)
+        contrib *= V[None, :, None]
+        phi[start : start + chunk] = contrib.reshape(len(Xc), L * D) @ onehot
+    return phi, expected
+
+
+def _to_log_odds(phi: np.ndarray, prob: np.ndarray, base: float) -> np.ndarray:
+    """Rescale probability-scale contributions to sum to ``logit(prob) - logit(base)``."""
+    prob = np.asarray(prob, dtype=float)
+    p = np.clip(prob, 0.01, 0.99)
+    b = float(np.clip(base, 0.01, 0.99))
+    diff = prob - base  # what the probability-scale values add up to
+    far = np.abs(diff) > 1e-9
+    slope = np.where(
+        far,
+        (_logit(p) - _logit(np.array(b))) / np.where(far, diff, 1.0),
+        1.0 / (b * (1 - b)),
+    )
+    return phi * slope[:, None]
 
 
 def contributions(pipe: Any, X: pd.DataFrame) -> pd.DataFrame:
     """Per-sample, per-feature log-odds contributions of a fitted pipeline.
 
-    Linear models: coefficient x preprocessed value. Tree boosting (XGBoost): exact TreeSHAP
-    values from the booster. Other models: occlusion (log-odds change when the feature is
-    replaced by its training median after preprocessing).
+    Contributions are relative to an average training sample (standardised value 0) and
+    add up to the sample's log-odds minus the model's baseline log-odds:
+
+    - logistic regression: coefficient x standardised value (exact);
+    - calibrated linear SVM: sigmoid slope x SVM coefficient x standardised value, averaged
+      over the calibration folds (exact per fold);
+    - XGBoost: TreeSHAP values on the margin, from the booster (exact);
+    - random forest: exact path-dependent TreeSHAP of the forest probability
+      (:func:`tree_shap`), rescaled to log-odds per sample so they add up to
+      ``logit(p) - logit(expected p)`` (probabilities clipped to [0.01, 0.99]);
+    - anything else: occlusion (log-odds change when the standardised feature is set to 0).
+
+    Features dropped by a selection step get 0.
     """
-    cols = list(X.columns)
-    if not hasattr(pipe, "steps"):
-        raise ModelError("expected a scikit-learn Pipeline")
-    pre = pipe[:-1]
-    clf = _final_estimator(pipe)
-    Z = np.asarray(pre.transform(X), dtype=float)
+    names = list(X.columns)
+    Z, cols, clf = _split_pipeline(pipe, X)
+    out = np.zeros((len(X), len(names)))
     if hasattr(clf, "calibrated_classifiers_"):
-        clf = clf.calibrated_classifiers_[0].estimator
-    if hasattr(clf, "coef_"):
-        coef = np.asarray(clf.coef_).ravel()
-        return pd.DataFrame(Z * coef[None, :], columns=cols, index=X.index)
-    if hasattr(clf, "get_booster"):
+        parts = []
+        for cc in clf.calibrated_classifiers_:
+            coef = np.asarray(cc.estimator.coef_).ravel()
+            a = float(cc.calibrators[0].a_)
+            parts.append(-a * Z * coef[None, :])
+        out[:, cols] = np.mean(parts, axis=0)
+    elif hasattr(clf, "coef_"):
+        out[:, cols] = Z * np.asarray(clf.coef_).ravel()[None, :]
+    elif hasattr(clf, "get_booster"):
         import xgboost as xgb
 
         contrib = clf.get_booster().predict(xgb.DMatrix(Z), pred_contribs=True)
-        return pd.DataFrame(contrib[:, : len(cols)], columns=cols, index=X.index)
-    base = _logit(clf.predict_proba(Z)[:, 1])
-    out = np.zeros_like(Z)
-    for j in range(Z.shape[1]):
-        Zj = Z.copy()
-        Zj[:, j] = 0.0  # standardised median/mean
-        out[:, j] = base - _logit(clf.predict_proba(Zj)[:, 1])
-    return pd.DataFrame(out, columns=cols, index=X.index)
+        out[:, cols] = contrib[:, : Z.shape[1]]
+    elif hasattr(clf, "estimators_") and all(hasattr(e, "tree_") for e in clf.estimators_):
+        phi, base = tree_shap(list(clf.estimators_), Z)
+        prob = clf.predict_proba(Z)[:, 1]
+        out[:, cols] = _to_log_odds(phi, prob, base)
+    else:
+        base = _logit(clf.predict_proba(Z)[:, 1])
+        for j in range(Z.shape[1]):
+            Zj = Z.copy()
+            Zj[:, j] = 0.0
+            out[:, cols[j]] = base - _logit(clf.predict_proba(Zj)[:, 1])
+    return pd.DataFrame(out, columns=names, index=X.index)
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+def global_contributions(pipe: Any, X: pd.DataFrame) -> dict[str, float]:
+    """Mean absolute contribution of each feature over ``X`` (mean |SHAP| for tree models)."""
+    c = contributions(pipe, X.astype(float))
+    return {k: float(v) for k, v in c.abs().mean().sort_values(ascending=False).items()}
 
 
+def probability_interval(
+    prob: np.ndarray, refit_probs: np.ndarray, *, z: float = _Z95
+) -> tuple[np.ndarray, np.ndarray]:
+    """``expit(logit(prob) -/+ z * sd)`` with ``sd`` the SD of refit log-odds per sample.
+
+    ``refit_probs`` is ``models x samples``. Returns NaN where there are fewer than 2 refits.
+    """
+    prob = np.asarray(prob, dtype=float)
+    refit_probs = np.atleast_2d(np.asarray(refit_probs, dtype=float))
+    if refit_probs.shape[0] < 2:
+        nan = np.full(prob.shape, np.nan)
+        return nan, nan
+    sd = np.std(_logit(refit_probs), axis=0, ddof=1)
+    centre = _logit(prob)
+    return 1 / (1 + np.exp(-(centre - z * sd))), 1 / (1 + np.exp(-(centre + z * sd)))
+
+
+# --------------------------------------------------------------------------- runtime
 class ResponderModel:
     """Runtime of a packaged model (used by the MLflow pyfunc wrapper and directly).
 
@@ -108,11 +315,16 @@ class ResponderModel:
         Fitted scikit-learn Pipeline from the feature table to probabilities.
     meta
         ``features``, ``schema_version``, ``threshold``, ``training_stats`` ...
+    uncertainty
+        Bootstrap refits of the pipeline (for ``probability_low/high``), or ``None``.
     """
 
-    def __init__(self, pipeline: Any, meta: dict[str, Any]) -> None:
+    def __init__(
+        self, pipeline: Any, meta: dict[str, Any], uncertainty: list[Any] | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.meta = meta
+        self.uncertainty = list(uncertainty) if uncertainty else []
 
     @property
     def features(self) -> list[str]:
@@ -139,14 +351,25 @@ class ResponderModel:
                 )
         return table[self.features].astype(float)
 
+    def predict_interval(self, table: pd.DataFrame) -> pd.DataFrame:
+        """``probability``, ``probability_low``, ``probability_high`` for each row."""
+        X = self.check_features(table)
+        prob = self.pipeline.predict_proba(X)[:, 1]
+        if self.uncertainty:
+            refit = np.vstack([m.predict_proba(X)[:, 1] for m in self.uncertainty])
+            lo, hi = probability_interval(prob, refit)
+        else:
+            lo = hi = np.full(len(X), np.nan)
+        return pd.DataFrame(
+            {"probability": prob, "probability_low": lo, "probability_high": hi}, index=table.index
+        )
+
     def predict(self, table: pd.DataFrame, *, threshold: float | None = None) -> pd.DataFrame:
-        """Probability, call and per-feature contributions for each row."""
+        """Probability with its interval, call and per-feature contributions for each row."""
         X = self.check_features(table)
         t = self.threshold if threshold is None else float(threshold)
-        prob = self.pipeline.predict_proba(X)[:, 1]
-        out = pd.DataFrame(index=table.index)
-        out["probability"] = prob
-        out["call"] = np.where(prob >= t, "responder", "nonresponder")
+        out = self.predict_interval(table)
+        out["call"] = np.where(out["probability"] >= t, "responder", "nonresponder")
         contrib = contributions(self.pipeline, X)
         for c in contrib.columns:
             out[f"contrib_{c}"] = contrib[c].to_numpy()
@@ -164,11 +387,13 @@ class ResponderModel:
         return pd.DataFrame(z, index=table.index)
 
 
+# --------------------------------------------------------------------------- packaging
 def _package(
     staging: Path,
     pipeline: Any,
     meta: dict[str, Any],
     training_table: pd.DataFrame | None,
+    uncertainty: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Write the model's files into ``staging``; return MLflow save/log keyword arguments."""
     import skops.io as sio
@@ -179,17 +404,31 @@ def _package(
     sk = staging / "pipeline.skops"
     sio.dump(pipeline, sk)
     meta = dict(meta)
-    meta["trusted_types"] = _check_trusted(sio.get_untrusted_types(file=sk))
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+    trusted = set(_check_trusted(sio.get_untrusted_types(file=sk)))
     artifacts = {"pipeline": str(sk), "meta": str(staging / "meta.json")}
+    if uncertainty:
+        uk = staging / "uncertainty.skops"
+        sio.dump(list(uncertainty), uk)
+        trusted |= set(_check_trusted(sio.get_untrusted_types(file=uk)))
+        artifacts["uncertainty"] = str(uk)
+        meta["uncertainty"] = {
+            "method": "patient-bootstrap refits with the final hyper-parameters",
+            "n_models": len(uncertainty),
+            "interval": "95%: expit(logit(p) -/+ 1.96 x SD of refit log-odds)",
+        }
+    meta["trusted_types"] = sorted(trusted)
+    (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default))
     if training_table is not None:
         tt = staging / "training_features.csv"
         training_table.to_csv(tt, index=False)
         artifacts["training_features"] = str(tt)
     features = list(meta["features"])
-    out_cols = [ColSpec("double", "probability"), ColSpec("string", "call")] + [
-        ColSpec("double", f"contrib_{f}") for f in features
-    ]
+    out_cols = [
+        ColSpec("double", "probability"),
+        ColSpec("double", "probability_low"),
+        ColSpec("double", "probability_high"),
+        ColSpec("string", "call"),
+    ] + [ColSpec("double", f"contrib_{f}") for f in features]
     signature = ModelSignature(
         inputs=Schema([ColSpec("double", f) for f in features]),  # type: ignore[arg-type]
         outputs=Schema(out_cols),  # type: ignore[arg-type]
@@ -203,6 +442,7 @@ def _package(
         "metadata": {
             "schema_version": meta["schema_version"],
             "trained_on": meta.get("trained_on", "unknown"),
+            "family": meta.get("family", "unknown"),
         },
     }
 
@@ -213,6 +453,7 @@ def save_model(
     meta: dict[str, Any],
     *,
     training_table: pd.DataFrame | None = None,
+    uncertainty: list[Any] | None = None,
 ) -> Path:
     """Save a pipeline as an MLflow pyfunc model directory, atomically.
 
@@ -228,8 +469,8 @@ def save_model(
     for p in (staging, tmp):
         if p.exists():
             shutil.rmtree(p)
-    kwargs = _package(staging, pipeline, meta, training_table)
-    mlflow.pyfunc.save_model(path=str(tmp), **kwargs)
+    kwargs = _package(staging, pipeline, meta, training_table, uncertainty)
+    mlflow.pyfunc.save_model(path=str(tmp), input_example=_input_example(meta), **kwargs)
     shutil.rmtree(staging)
     if out.exists():
         old = out.parent / f".{out.name}.old"
@@ -248,6 +489,7 @@ def log_model(
     meta: dict[str, Any],
     *,
     training_table: pd.DataFrame | None = None,
+    uncertainty: list[Any] | None = None,
     registered_model_name: str | None = None,
 ) -> Any:
     """Log the model to the active MLflow run (and register it); returns ``ModelInfo``."""
@@ -256,25 +498,32 @@ def log_model(
     import mlflow
 
     with tempfile.TemporaryDirectory() as d:
-        kwargs = _package(Path(d) / "pkg", pipeline, meta, training_table)
-        example = pd.DataFrame([meta["training_stats"][f]["median"] for f in meta["features"]], index=meta["features"]).T
+        kwargs = _package(Path(d) / "pkg", pipeline, meta, training_table, uncertainty)
         return mlflow.pyfunc.log_model(
             name="model",
             registered_model_name=registered_model_name,
-            input_example=example,
+            input_example=_input_example(meta),
             **kwargs,
         )
 
 
+def _input_example(meta: dict[str, Any]) -> pd.DataFrame:
+    """One row of training-cohort medians (the model's input example)."""
+    return pd.DataFrame(
+        [[meta["training_stats"][f]["median"] for f in meta["features"]]],
+        columns=meta["features"],
+    )
+
+
 def _requirements() -> list[str]:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     pkgs = ["scikit-learn", "xgboost-cpu", "skops", "pandas", "numpy", "mlflow"]
     out = []
     for p in pkgs:
         try:
             out.append(f"{p}=={version(p)}")
-        except Exception:  # noqa: BLE001 - metadata lookup may fail for any reason
+        except PackageNotFoundError:
             out.append(p)
     return out
 

@@ -9,6 +9,7 @@ the manifest's folder or absolute) are required; ``patient_id``, ``timepoint`` a
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -49,8 +50,25 @@ def modality_of(path: str | os.PathLike[str]) -> Literal["flow", "single_cell"]:
     return "flow"
 
 
-def read_flow(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) -> FCSData:
+def read_flow(
+    path: str | os.PathLike[str],
+    *,
+    allow_nonfinite: bool = False,
+    keep_identifiers: bool = False,
+) -> FCSData:
     """Read an FCS file and check it is usable for gating.
+
+    Parameters
+    ----------
+    path
+        The FCS file.
+    allow_nonfinite
+        Accept NaN/inf event values (they are refused by default).
+    keep_identifiers
+        Keep every TEXT keyword. By default only the technical keywords that
+        :func:`blinaprofile.privacy.select_keywords` allows are kept, so identifying
+        ones (``$SRC``, ``$FIL``, ``$SMNO``, ``$PROJ``, ``$OP``, ``$DATE``, ``PATIENT ID``...)
+        never reach features, MLflow, reports, batch outputs or logs.
 
     Raises
     ------
@@ -60,8 +78,10 @@ def read_flow(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) ->
         Malformed FCS, zero events, or NaN/inf values (unless ``allow_nonfinite``).
     """
     from .fcs import read_fcs
+    from .privacy import select_keywords
 
     data = read_fcs(path)
+    data.keywords = select_keywords(data.keywords, allow_identifying=keep_identifiers)
     if data.n_events == 0:
         raise FCSFormatError("the file has zero events", path=path)
     if data.n_nonfinite and not allow_nonfinite:
@@ -71,6 +91,22 @@ def read_flow(path: str | os.PathLike[str], *, allow_nonfinite: bool = False) ->
     if data.events.dtype != np.float64 and data.events.dtype != np.float32:
         data.events = data.events.astype(np.float64)
     return data
+
+
+def _describe_bytes(raw: bytes) -> str:
+    """A hint about what a file that is not UTF-8 text actually is."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "it is UTF-16 encoded; save the manifest as UTF-8 CSV"
+    if raw.startswith(b"PK\x03\x04"):
+        return "it looks like an Excel workbook or zip archive; export it as UTF-8 CSV"
+    if raw.startswith(b"\xd0\xcf\x11\xe0"):
+        return "it looks like a legacy Excel (.xls) file; export it as UTF-8 CSV"
+    if raw.startswith(b"FCS"):
+        return "it is an FCS file, not a manifest"
+    return "save the manifest as UTF-8 CSV"
+
+
+_BAD_ID_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
 def read_manifest(
@@ -86,35 +122,56 @@ def read_manifest(
     import pandas as pd
 
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ManifestError("manifest not found", path=p)
+    if not p.is_file():
+        raise ManifestError("the manifest is not a regular file (a folder?)", path=p)
     try:
         raw = p.read_bytes()
+    except OSError as err:
+        raise ManifestError(f"cannot read manifest: {err.strerror or err}", path=p) from None
+    if not raw.strip():
+        raise ManifestError("the manifest is empty", path=p)
+    try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ManifestError(
-            f"not UTF-8 text (byte {err.start}): save the manifest as UTF-8 CSV", path=p
+            f"not UTF-8 text (byte {err.start}): {_describe_bytes(raw)}", path=p
         ) from None
-    except OSError as err:
-        raise ManifestError(f"cannot read manifest: {err.strerror}", path=p) from None
-    if not text.strip():
-        raise ManifestError("the manifest is empty", path=p)
+    if "\x00" in text:
+        raise ManifestError(
+            f"contains NUL characters, so it is not a text CSV: {_describe_bytes(raw)}", path=p
+        )
+    import csv
     import io
 
     try:
         df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise ManifestError(f"not a valid CSV: {err}".replace("\n", " "), path=p) from None
-    df.columns = [str(c).strip().lower() for c in df.columns]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise ManifestError(f"not a valid CSV: {reason}", path=p) from None
+    columns = [str(c).strip().lower() for c in df.columns]
+    dup_cols = sorted({c for c in columns if columns.count(c) > 1})
+    if dup_cols:
+        raise ManifestError(f"column(s) {dup_cols} appear more than once", path=p)
+    df.columns = columns
     missing = [c for c in ("sample_id", "file") if c not in df.columns]
     if missing:
-        raise ManifestError(
-            f"missing column(s) {missing}; found {list(df.columns)}", path=p
-        )
-    df["sample_id"] = df["sample_id"].str.strip()
+        raise ManifestError(f"missing column(s) {missing}; found {list(df.columns)[:20]}", path=p)
+    if df.empty:
+        raise ManifestError("the manifest has a header but no samples", path=p)
+    for col in df.columns:
+        df[col] = df[col].astype(str).str.strip()
     if (df["sample_id"] == "").any():
         rows = (df.index[df["sample_id"] == ""] + 2).tolist()
         raise ManifestError(f"empty sample_id on line(s) {rows[:10]}", path=p)
+    bad_ids = [s for s in df["sample_id"] if _BAD_ID_CHARS.search(s) or s in (".", "..")]
+    if bad_ids:
+        raise ManifestError(
+            f"sample_id(s) {bad_ids[:5]!r} contain a path separator or control character; "
+            f"sample IDs name output files",
+            path=p,
+        )
     dup = df["sample_id"][df["sample_id"].duplicated()].unique().tolist()
     if dup:
         raise ManifestError(f"duplicate sample_id(s) {dup[:10]}", path=p)
@@ -124,9 +181,22 @@ def read_manifest(
     if "timepoint" not in df.columns:
         df["timepoint"] = ""
     base = p.parent
-    df["path"] = [str((base / f.strip()).resolve()) if f.strip() else "" for f in df["file"]]
+    paths: list[str] = []
+    for f in df["file"]:
+        try:
+            paths.append(str((base / f).resolve()) if f else "")
+        except (OSError, RuntimeError, ValueError) as err:
+            raise ManifestError(f"file path {f[:200]!r} cannot be used: {err}", path=p) from None
+    df["path"] = paths
+
+    def _exists(q: str) -> bool:
+        try:
+            return bool(q) and Path(q).exists()
+        except (OSError, ValueError):
+            return False
+
     if check_files:
-        absent = [f for f, q in zip(df["file"], df["path"], strict=True) if not q or not Path(q).exists()]
+        absent = [f for f, q in zip(df["file"], df["path"], strict=True) if not _exists(q)]
         if absent:
             more = f" (+{len(absent) - 5} more)" if len(absent) > 5 else ""
             raise ManifestError(f"file(s) not found: {absent[:5]}{more}", path=p)
@@ -135,7 +205,7 @@ def read_manifest(
         bad = []
         for v in df["response"]:
             key = str(v).strip().lower()
-            if key == "" and not require_response:
+            if key == "":
                 codes.append(np.nan)
             elif key in RESPONSE_CODES:
                 codes.append(RESPONSE_CODES[key])

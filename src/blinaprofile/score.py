@@ -1,26 +1,58 @@
 """Scoring one sample: features, QC, out-of-distribution check, probability and call.
 
-The call is ``"no call"`` (with reasons) when the sample fails QC or any model feature
-lies outside the training cohort (robust z beyond ``qc.ood_max_z``); a confident label
-is never given for such a sample.
+The call is ``"no call"`` (with reasons) when the sample fails QC (too few events or
+cells, an adaptive gate that could not be placed, a panel that lacks a marker the gating
+needs) or when any model feature lies outside the training cohort (robust z beyond
+``qc.ood_max_z``); a confident label is never given for such a sample.
+
+The responder probability comes with a 95% uncertainty interval. If the model's
+``predict`` returns ``probability_low``/``probability_high`` those are used; otherwise the
+interval is the 2.5-97.5 percentile range of the probabilities given by refits of the
+model's own pipeline (same family and hyper-parameters) on stratified bootstrap resamples
+of the training cohort stored with the model (``training_features.csv``). The refits are
+made once per model and process and cached.
+
+Privacy: nothing from the FCS TEXT segment (``$SRC``, ``$FIL``, ``$DATE``, ``$OP`` ...) and
+not the input file's name is put into a result. A lone file scored without a sample ID
+gets a pseudonymous one derived from its checksum (``S-<first 12 hex of sha256>``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+import threading
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .config import QCConfig
-from .errors import BlinaprofileError
+from .errors import BlinaprofileError, ModelError, PanelMismatchError
 
-__all__ = ["ScoreResult", "file_checksum", "score_features", "score_sample"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .gate import GateTree, GatingResult
+
+__all__ = [
+    "NO_CALL",
+    "RESULT_COLUMNS",
+    "ScoreContext",
+    "ScoreResult",
+    "ScoringModel",
+    "file_checksum",
+    "load_scoring_model",
+    "pseudonymous_id",
+    "score_features",
+    "score_sample",
+]
 
 NO_CALL = "no call"
+#: bootstrap refits behind the probability interval (when the model gives none itself)
+DEFAULT_N_BOOTSTRAP = 50
+INTERVAL_LEVEL = 0.95
 
 
 def file_checksum(path: str | os.PathLike[str]) -> str:
@@ -35,9 +67,45 @@ def file_checksum(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def pseudonymous_id(checksum: str) -> str:
+    """A sample ID that reveals nothing about the file: ``S-`` + 12 hex of its SHA-256."""
+    return f"S-{checksum[:12]}"
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class ScoreContext:
+    """What a report needs beyond the result (not serialised): the gating behind it."""
+
+    path: Path
+    tree: GateTree | None = None
+    gating: GatingResult | None = None
+
+
 @dataclass
 class ScoreResult:
-    """The outcome of scoring one sample."""
+    """The outcome of scoring one sample.
+
+    Attributes
+    ----------
+    sample_id
+        The manifest's / user's sample ID, or a pseudonym from the file's checksum.
+    probability, probability_low, probability_high
+        Responder probability and its 95% interval (``None`` when not computable).
+    call
+        ``"responder"``, ``"nonresponder"`` or ``"no call"``.
+    reasons
+        Why the call is ``"no call"`` (empty otherwise).
+    qc
+        Counts against the QC thresholds, the OOD limit and the verdict.
+    interval
+        How the probability interval was obtained.
+    gating
+        Strategy, counts, percent of parent, thresholds and flags (flow only).
+    model, input
+        Model name, version, alias, URI, family...; the input's checksum, modality, panel
+        and gating strategy (never its file name or TEXT keywords).
+    """
 
     sample_id: str
     modality: str
@@ -51,18 +119,65 @@ class ScoreResult:
     ood_z: dict[str, float] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     input: dict[str, Any] = field(default_factory=dict)
+    probability_low: float | None = None
+    probability_high: float | None = None
+    interval: dict[str, Any] = field(default_factory=dict)
+    qc: dict[str, Any] = field(default_factory=dict)
+    gating: dict[str, Any] = field(default_factory=dict)
+    context: ScoreContext | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """JSON-ready dict of every field but :attr:`context` (non-finite numbers -> None)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "context"}
         return _jsonable(d)
+
+    def to_row(self) -> dict[str, Any]:
+        """One flat row with the columns of :data:`RESULT_COLUMNS` (batch outputs)."""
+        z = {k: abs(v) for k, v in self.ood_z.items() if np.isfinite(v)}
+        worst = max(z, key=lambda k: z[k]) if z else ""
+        row: dict[str, Any] = {
+            "sample_id": self.sample_id,
+            "modality": self.modality,
+            "call": self.call,
+            "probability": self.probability,
+            "probability_low": self.probability_low,
+            "probability_high": self.probability_high,
+            "threshold": self.threshold,
+            "qc_pass": self.qc_pass,
+            "reasons": "; ".join(self.reasons),
+            "ood_max_abs_z": z[worst] if worst else None,
+            "ood_feature": worst,
+            "top_features": "; ".join(
+                f"{t['feature']}:{float(t['contribution']):+.3f}" for t in self.top_features
+            ),
+            "model_name": self.model.get("name"),
+            "model_version": self.model.get("version"),
+            "model_alias": self.model.get("alias"),
+            "model_uri": self.model.get("uri"),
+            "model_family": self.model.get("family"),
+            "schema_version": self.model.get("schema_version"),
+            "gating_strategy": self.input.get("gating_strategy"),
+            "input_sha256": self.input.get("sha256"),
+            "interval_method": self.interval.get("method"),
+            "error": "",
+        }
+        for k in _feature_and_qc_columns():
+            v = self.features.get(k)
+            row[k] = float(v) if v is not None else None
+        return row
 
     def summary(self) -> str:
         """A few lines for a terminal."""
         lines = [f"sample        {self.sample_id} ({self.modality})"]
+        if self.input.get("sha256"):
+            lines.append(f"input sha256  {self.input['sha256']}")
         lines.append(f"QC            {'PASS' if self.qc_pass else 'FAIL'}")
         if self.probability is not None:
+            iv = ""
+            if self.probability_low is not None and self.probability_high is not None:
+                iv = f" [95% interval {self.probability_low:.3f}-{self.probability_high:.3f}]"
             lines.append(
-                f"probability   {self.probability:.3f} responder (threshold {self.threshold:.3f})"
+                f"probability   {self.probability:.3f} responder{iv} (threshold {self.threshold:.3f})"
             )
         lines.append(f"call          {self.call}")
         for r in self.reasons:
@@ -74,34 +189,222 @@ class ScoreResult:
                     f"  {t['feature']:<20} {float(t['value']):8.2f}  {float(t['contribution']):+.3f}"
                 )
         if self.model:
-            lines.append(f"model         {self.model.get('uri')} ({self.model.get('family')})")
+            m = self.model
+            ver = f" v{m['version']}" if m.get("version") else ""
+            alias = f" @{m['alias']}" if m.get("alias") else ""
+            lines.append(f"model         {m.get('name')}{ver}{alias} ({m.get('family')}; {m.get('uri')})")
         return "\n".join(lines)
+
+
+def _feature_and_qc_columns() -> list[str]:
+    from .schema import QC_COLUMNS, feature_names
+
+    return [*feature_names(), *QC_COLUMNS]
+
+
+def _result_columns() -> list[str]:
+    base = [
+        "sample_id",
+        "modality",
+        "call",
+        "probability",
+        "probability_low",
+        "probability_high",
+        "threshold",
+        "qc_pass",
+        "reasons",
+        "ood_max_abs_z",
+        "ood_feature",
+        "top_features",
+        "model_name",
+        "model_version",
+        "model_alias",
+        "model_uri",
+        "model_family",
+        "schema_version",
+        "gating_strategy",
+        "input_sha256",
+        "interval_method",
+        "error",
+    ]
+    return [*base, *_feature_and_qc_columns()]
+
+
+#: Columns of every batch result table (CLI ``score-batch`` and :func:`score_samples`).
+RESULT_COLUMNS: tuple[str, ...] = tuple(_result_columns())
 
 
 def _jsonable(o: Any) -> Any:
     if isinstance(o, dict):
-        return {k: _jsonable(v) for k, v in o.items()}
+        return {str(k): _jsonable(v) for k, v in o.items()}
     if isinstance(o, list | tuple):
         return [_jsonable(v) for v in o]
     if isinstance(o, np.generic):
         o = o.item()
+    if isinstance(o, Path):
+        return str(o)
     if isinstance(o, float) and not np.isfinite(o):
         return None
     return o
 
 
-_MODEL_CACHE: dict[str, Any] = {}
+# --------------------------------------------------------------------------- models
+@dataclass
+class ScoringModel:
+    """A loaded model with what scoring needs around it (cached per URI and process).
+
+    Attributes
+    ----------
+    uri
+        What it was loaded from (``models:/NAME@ALIAS``, ``runs:/...`` or a folder).
+    pyfunc, runtime
+        The MLflow pyfunc and its :class:`blinaprofile.model.ResponderModel`.
+    info
+        ``name``, ``version``, ``alias``, ``uri``, ``family``, ``schema_version``,
+        ``trained_on``, ``threshold_rule``, ``model_uuid``, ``run_id``.
+    training
+        The training cohort's features and ``response`` (``training_features.csv``), or
+        ``None`` when the model has none.
+    """
+
+    uri: str
+    pyfunc: Any
+    runtime: Any
+    info: dict[str, Any]
+    training: pd.DataFrame | None = None
+    _boot: list[Any] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def bootstrap_models(self, n: int = DEFAULT_N_BOOTSTRAP, *, seed: int = 0) -> list[Any]:
+        """Refits of the model's pipeline on stratified bootstrap resamples (cached).
+
+        Raises
+        ------
+        ModelError
+            The model has no training table, or fewer than two samples of a class.
+        """
+        with self._lock:
+            if self._boot is not None and len(self._boot) >= n:
+                return self._boot[:n]
+            self._boot = self._fit_bootstrap(n, seed=seed)
+            return self._boot
+
+    def _fit_bootstrap(self, n: int, *, seed: int) -> list[Any]:
+        from sklearn.base import clone
+
+        if self.training is None or "response" not in self.training.columns:
+            raise ModelError("the model has no training table to derive an interval from")
+        feats = list(self.runtime.features)
+        X = self.training[feats].astype(float)
+        y = self.training["response"].astype(int).to_numpy()
+        pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+        if len(pos) < 2 or len(neg) < 2:
+            raise ModelError("the training table has fewer than two samples of a class")
+        rng = np.random.default_rng(seed)
+        fits = []
+        for _ in range(n):
+            pick = np.concatenate(
+                [rng.choice(pos, size=len(pos), replace=True), rng.choice(neg, size=len(neg), replace=True)]
+            )
+            fits.append(clone(self.runtime.pipeline).fit(X.iloc[pick], y[pick]))
+        return fits
 
 
-def _get_model(uri: str | None) -> tuple[Any, Any, str]:
-    from .model import load_model
+_MODEL_CACHE: dict[str, ScoringModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_scoring_model(uri: str | os.PathLike[str] | None = None) -> ScoringModel:
+    """Load (once per process) a model by MLflow URI or folder, with its provenance.
+
+    ``None`` means the shipped default (:attr:`Settings.default_model`).
+    """
     from .settings import settings
 
     key = str(uri or settings.default_model)
-    if key not in _MODEL_CACHE:
-        _MODEL_CACHE[key] = load_model(key)
-    pyfunc, runtime = _MODEL_CACHE[key]
-    return pyfunc, runtime, key
+    with _CACHE_LOCK:
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE[key] = _load(key)
+        return _MODEL_CACHE[key]
+
+
+def _load(key: str) -> ScoringModel:
+    import pandas as pd
+
+    from .model import load_model
+
+    pyfunc, runtime = load_model(key)
+    training = None
+    inner = pyfunc.unwrap_python_model()
+    tpath = getattr(inner, "training_features_path", None)
+    if tpath and Path(tpath).is_file():
+        training = pd.read_csv(tpath)
+    return ScoringModel(key, pyfunc, runtime, _model_info(key, pyfunc, runtime), training)
+
+
+def _model_info(key: str, pyfunc: Any, runtime: Any) -> dict[str, Any]:
+    meta = runtime.meta
+    md = getattr(pyfunc, "metadata", None)
+    info: dict[str, Any] = {
+        "uri": key,
+        "name": meta.get("registered_model"),
+        "version": None if meta.get("version") is None else str(meta.get("version")),
+        "alias": meta.get("alias"),
+        "family": meta.get("family"),
+        "schema_version": meta.get("schema_version"),
+        "trained_on": meta.get("trained_on"),
+        "threshold_rule": meta.get("threshold_rule"),
+        "model_uuid": getattr(md, "model_uuid", None),
+        "run_id": getattr(md, "run_id", None),
+        "created": getattr(md, "utc_time_created", None),
+    }
+    if key.startswith("models:/"):
+        rest = key[len("models:/") :]
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            info.update(name=name, alias=alias, version=_alias_version(name, alias))
+        else:
+            name, _, ver = rest.partition("/")
+            info.update(name=name, version=ver or None)
+    elif key.startswith("runs:/"):
+        info["name"] = info["name"] or key
+    else:
+        info["name"] = info["name"] or Path(key).name
+        if info["version"] is None:
+            uuid = info.get("model_uuid")
+            info["version"] = f"unregistered ({uuid[:8]})" if uuid else "unregistered"
+    return info
+
+
+def _alias_version(name: str, alias: str) -> str | None:
+    import mlflow
+
+    from .settings import settings
+
+    try:
+        client = mlflow.tracking.MlflowClient(settings.tracking_uri, settings.tracking_uri)
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException as err:
+        raise ModelError(f"cannot resolve models:/{name}@{alias}: {err.message}") from None
+
+
+# --------------------------------------------------------------------------- scoring
+def _qc_table(row: dict[str, Any], qc: QCConfig) -> list[dict[str, Any]]:
+    checks = (
+        ("n_events", qc.min_events, "events read"),
+        ("n_live", qc.min_live, "live single lymphocytes"),
+        ("n_cd3", qc.min_cd3, "CD3+ T cells"),
+        ("n_cd4", qc.min_cd4, "CD4+ T cells"),
+        ("n_cd8", qc.min_cd8, "CD8+ T cells"),
+    )
+    out = []
+    for key, minimum, what in checks:
+        v = row.get(key)
+        val = None if v is None or (isinstance(v, float) and not np.isfinite(v)) else int(v)
+        out.append(
+            {"metric": key, "what": what, "value": val, "minimum": minimum, "pass": val is None or val >= minimum}
+        )
+    return out
 
 
 def score_features(
@@ -111,20 +414,44 @@ def score_features(
     qc: QCConfig | None = None,
     threshold: float | None = None,
     n_top: int = 5,
+    interval: bool = True,
+    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
 ) -> ScoreResult:
-    """Score one feature row (from either modality)."""
+    """Score one feature row (from either modality).
+
+    Parameters
+    ----------
+    row
+        A feature-table row (:func:`blinaprofile.featurize.feature_columns`).
+    model
+        ``models:/NAME@ALIAS``, ``runs:/...`` or a model folder (default: the shipped model).
+    qc
+        QC and abstention thresholds (default ``configs/qc.yaml``).
+    threshold
+        Decision threshold overriding the model's.
+    n_top
+        How many top contributing features to report.
+    interval, n_bootstrap
+        Compute the probability interval (from ``n_bootstrap`` refits when the model gives
+        none itself).
+    """
     import pandas as pd
 
     from .featurize import load_qc
 
     qc = qc or load_qc()
-    pyfunc, runtime, uri = _get_model(model)
+    sm = load_scoring_model(model)
+    runtime = sm.runtime
     reasons: list[str] = [r for r in str(row.get("qc_reasons") or "").split("; ") if r]
     qc_pass = bool(row.get("qc_pass", True)) and not reasons
     table = pd.DataFrame([row])
     feats = runtime.features
     missing = [f for f in feats if f not in table.columns or pd.isna(table[f].iloc[0])]
+    t = runtime.threshold if threshold is None else float(threshold)
     prob: float | None = None
+    low: float | None = None
+    high: float | None = None
+    iv: dict[str, Any] = {}
     contrib: dict[str, float] = {}
     ood: dict[str, float] = {}
     if missing:
@@ -132,22 +459,37 @@ def score_features(
             f"feature(s) {missing} unavailable for this {row.get('modality', 'sample')} sample"
         )
     else:
-        out = pyfunc.predict(table[feats].astype(float), params={"threshold": threshold or runtime.threshold})
+        X = table[feats].astype(float)
+        out = sm.pyfunc.predict(X, params={"threshold": t})
         prob = float(out["probability"].iloc[0])
         contrib = {f: float(out[f"contrib_{f}"].iloc[0]) for f in feats}
+        if interval:
+            low, high, iv = _interval(sm, out, X, n_bootstrap)
         z = runtime.ood_scores(table).iloc[0]
         ood = {f: float(z[f]) for f in feats}
         far = {f: v for f, v in ood.items() if abs(v) > qc.ood_max_z}
         if far:
-            desc = ", ".join(f"{f} (z={v:+.1f})" for f, v in sorted(far.items(), key=lambda kv: -abs(kv[1])))
-            reasons.append(f"outside the training cohort (|z| > {qc.ood_max_z}): {desc}")
-    t = runtime.threshold if threshold is None else float(threshold)
+            desc = ", ".join(
+                f"{f} (z={v:+.1f})" for f, v in sorted(far.items(), key=lambda kv: -abs(kv[1]))
+            )
+            reasons.append(f"outside the training cohort (|robust z| > {qc.ood_max_z:g}): {desc}")
     if prob is None or reasons:
         call = NO_CALL
     else:
         call = "responder" if prob >= t else "nonresponder"
     top = sorted(contrib.items(), key=lambda kv: -abs(kv[1]))[:n_top]
-    features = {k: float(row[k]) for k in row if isinstance(row.get(k), int | float | np.number) and not isinstance(row.get(k), bool)}
+    features = {
+        k: float(v)
+        for k, v in row.items()
+        if isinstance(v, int | float | np.number) and not isinstance(v, bool | np.bool_)
+    }
+    qc_info = {
+        "verdict": "PASS" if qc_pass else "FAIL",
+        "counts": _qc_table(row, qc),
+        "thresholds": qc.model_dump(),
+        "ood_max_z": qc.ood_max_z,
+        "ood_pass": not any(abs(v) > qc.ood_max_z for v in ood.values()),
+    }
     return ScoreResult(
         sample_id=str(row.get("sample_id", "")),
         modality=str(row.get("modality", "flow")),
@@ -159,12 +501,53 @@ def score_features(
         features=features,
         top_features=[{"feature": f, "value": float(row[f]), "contribution": c} for f, c in top],
         ood_z=ood,
-        model={
-            "uri": uri,
-            "family": runtime.meta.get("family"),
-            "schema_version": runtime.meta.get("schema_version"),
-            "trained_on": runtime.meta.get("trained_on"),
-            "threshold_rule": runtime.meta.get("threshold_rule"),
+        model=dict(sm.info),
+        probability_low=low,
+        probability_high=high,
+        interval=iv,
+        qc=qc_info,
+    )
+
+
+def _interval(
+    sm: ScoringModel, out: pd.DataFrame, X: pd.DataFrame, n_bootstrap: int
+) -> tuple[float | None, float | None, dict[str, Any]]:
+    if {"probability_low", "probability_high"} <= set(out.columns):
+        lo_m, hi_m = float(out["probability_low"].iloc[0]), float(out["probability_high"].iloc[0])
+        if np.isfinite(lo_m) and np.isfinite(hi_m):
+            return (
+                lo_m,
+                hi_m,
+                {
+                    "method": "model",
+                    "level": INTERVAL_LEVEL,
+                    "description": (
+                        "95% interval computed by the model from its bootstrap refits "
+                        "(stored with the model)"
+                    ),
+                },
+            )
+    try:
+        fits = sm.bootstrap_models(n_bootstrap)
+    except ModelError as err:
+        return None, None, {"method": "none", "note": err.message}
+    p = np.array([m.predict_proba(X)[0, 1] for m in fits], dtype=float)
+    a = (1.0 - INTERVAL_LEVEL) / 2.0
+    lo, hi = np.quantile(p, [a, 1.0 - a])
+    n_train = 0 if sm.training is None else len(sm.training)
+    return (
+        float(lo),
+        float(hi),
+        {
+            "method": "bootstrap_refit",
+            "level": INTERVAL_LEVEL,
+            "n_refits": len(fits),
+            "n_training_samples": n_train,
+            "description": (
+                f"{INTERVAL_LEVEL:.0%} percentile interval of the probabilities from {len(fits)} "
+                f"refits of the model's pipeline on stratified bootstrap resamples of its "
+                f"{n_train} training samples"
+            ),
         },
     )
 
@@ -178,14 +561,37 @@ def score_sample(
     qc: QCConfig | None = None,
     sample_id: str | None = None,
     threshold: float | None = None,
+    keep_gating: bool = False,
+    interval: bool = True,
+    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
 ) -> ScoreResult:
     """Read, gate/annotate, featurize and score one sample (FCS or single-cell).
+
+    Parameters
+    ----------
+    path
+        An FCS file, ``.h5ad``, 10x ``.h5`` or 10x folder.
+    model
+        ``models:/NAME@ALIAS``, ``runs:/...`` or a model folder (default: shipped model).
+    strategy, adaptive
+        Gating YAML (default: the shipped T-cell strategy) and adaptive placement.
+    qc
+        QC and abstention thresholds (default ``configs/qc.yaml``).
+    sample_id
+        The sample's ID; default ``S-<first 12 hex of the file's sha256>``.
+    threshold
+        Decision threshold overriding the model's.
+    keep_gating
+        Keep the gating behind the result in :attr:`ScoreResult.context` (for reports).
+    interval, n_bootstrap
+        See :func:`score_features`.
 
     Raises
     ------
     BlinaprofileError
-        For unreadable input, panel mismatch, bad config or model problems. QC failures do
-        not raise: they give ``call == "no call"`` with reasons.
+        For unreadable input, bad config or model problems. QC failures, including a
+        panel that lacks a needed marker, do not raise: they give ``call == "no call"``
+        with reasons.
     """
     from .featurize import featurize_fcs, load_qc
     from .gate import load_strategy
@@ -193,14 +599,44 @@ def score_sample(
 
     p = ensure_file(path)
     qc = qc or load_qc()
-    info: dict[str, Any] = {"file": p.name, "sha256": file_checksum(p)}
-    if modality_of(p) == "flow":
+    checksum = file_checksum(p)
+    sid = sample_id or pseudonymous_id(checksum)
+    modality = modality_of(p)
+    info: dict[str, Any] = {
+        "sha256": checksum,
+        "modality": modality,
+        "sample_id_source": "given" if sample_id else "checksum",
+    }
+    gating: dict[str, Any] = {}
+    ctx = ScoreContext(path=p)
+    if modality == "flow":
         tree = load_strategy(strategy)
-        sf = featurize_fcs(p, strategy=tree, adaptive=adaptive, sample_id=sample_id, qc=qc, keep_gating=True)
-        row = sf.row
         info["gating_strategy"] = tree.name
-        if sf.tree is not None:
+        info["gating_strategy_version"] = tree.version
+        info["adaptive"] = adaptive
+        info["panel"] = _panel_name()
+        try:
+            sf = featurize_fcs(
+                p, strategy=tree, adaptive=adaptive, sample_id=sid, qc=qc, keep_gating=True
+            )
+        except PanelMismatchError as err:
+            return _panel_no_call(sid, err, model=model, qc=qc, threshold=threshold, info=info)
+        row = sf.row
+        if sf.tree is not None and sf.result is not None:
             info["channel_map"] = sf.tree.channel_map()
+            gating = {
+                "strategy": sf.tree.name,
+                "version": sf.tree.version,
+                "adaptive": adaptive,
+                "counts": dict(sf.result.counts),
+                "percent_of_parent": sf.result.parent_percent(sf.tree),
+                "parents": {g.id: g.parent or "all events" for g in sf.tree.gates},
+                "thresholds": dict(sf.result.thresholds),
+                "confidence": dict(sf.result.confidence),
+                "flags": list(sf.result.flags),
+            }
+            if keep_gating:
+                ctx.tree, ctx.gating = sf.tree, sf.result
     else:
         from .singlecell import featurize_single_cell
 
@@ -211,8 +647,55 @@ def score_sample(
                 path=p,
             )
         row = table.iloc[0].to_dict()
-        if sample_id:
-            row["sample_id"] = sample_id
-    res = score_features(row, model=model, qc=qc, threshold=threshold)
+        row["sample_id"] = sid
+        row["patient_id"] = sid
+    res = score_features(
+        row, model=model, qc=qc, threshold=threshold, interval=interval, n_bootstrap=n_bootstrap
+    )
     res.input = info
+    res.gating = gating
+    res.context = ctx if keep_gating else None
     return res
+
+
+def _panel_name() -> str | None:
+    from .config import PanelConfig, load_config
+    from .errors import ConfigError
+    from .settings import settings
+
+    try:
+        return load_config(PanelConfig, settings.default_panel).name
+    except ConfigError:
+        return None
+
+
+def _panel_no_call(
+    sid: str,
+    err: PanelMismatchError,
+    *,
+    model: str | None,
+    qc: QCConfig,
+    threshold: float | None,
+    info: dict[str, Any],
+) -> ScoreResult:
+    """A "no call" result for a sample whose panel lacks a marker the gating needs."""
+    sm = load_scoring_model(model)
+    return ScoreResult(
+        sample_id=sid,
+        modality="flow",
+        probability=None,
+        call=NO_CALL,
+        threshold=sm.runtime.threshold if threshold is None else float(threshold),
+        qc_pass=False,
+        reasons=[f"panel mismatch: {err.message}"],
+        features={},
+        model=dict(sm.info),
+        input=info,
+        qc={
+            "verdict": "FAIL",
+            "counts": [],
+            "thresholds": qc.model_dump(),
+            "ood_max_z": qc.ood_max_z,
+            "ood_pass": None,
+        },
+    )

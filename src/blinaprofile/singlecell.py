@@ -16,27 +16,30 @@ Public API
 Estimators (details in ``docs/single_cell.md``)
 -----------------------------------------------
 Protein
-    Antibody counts are CLR-normalised per cell; for each marker and sample a two-component
-    Gaussian mixture is fitted to the parent population (all cells for CD3, T cells for
-    CD4/CD8/CD45RA/CCR7/PD-1/TIM3, CD4 T cells for CD25/CD127). The threshold is where the
-    weighted component densities cross; the per-cell confidence is the mixture posterior.
-    Samples whose mixture is not bimodal (Ashman's D below ``protein.min_separation``) or too
-    small use the mixture pooled over samples; rare-positive markers (PD-1, TIM3, CD25) fall
-    back to ``median + k * MAD`` of the parent.
+    Antibody counts are CLR-normalised per cell (``log(x + 5)`` minus the cell's mean); for
+    each marker and sample a two-component Gaussian mixture is fitted to the parent
+    population (all cells for CD3; T cells for CD4/CD8/CD45RA/CCR7; each lineage for
+    PD-1/TIM3; CD4 T cells for CD25/CD127). The threshold is where the weighted component
+    densities cross; the per-cell confidence is the mixture posterior. Samples that are too
+    small or whose mixture is not bimodal (Ashman's D < 2) use the mixture pooled over
+    samples; markers with a rare positive (PD-1, TIM3, CD25) or rare negative (CD127)
+    population fall back to ``median +/- 3 MAD``. The weak CCR7 antibody gets RNA evidence
+    added (``protein.fuse_rna``).
 RNA
     Gene-set scores (counts per 10,000 + log1p; mean of the set minus the mean of
     expression-matched control genes) are reported in ``obs['bp_score_*']`` and start a
-    two-component Poisson mixture on the raw counts of the set's genes with each cell's library
-    size as exposure: rates are pooled over the object, the prior of the positive state is
-    per sample (shrunk towards the pooled prior). A zero count in a shallow cell is therefore
-    weak evidence, never a biological zero, and the expected fraction of a state is the mean
-    posterior, not the share of hard calls.
+    two-state negative-binomial mixture on the raw counts of the set's genes with each cell's
+    library size as exposure: rates are pooled over the object, the prior of the positive
+    state is per sample (shrunk towards the pooled prior). A zero count in a shallow cell is
+    therefore weak evidence, never a biological zero, and the expected fraction of a state
+    is the mean posterior, not the share of hard calls.
 
 Only :mod:`anndata` is imported at module level; scanpy is not needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import re
@@ -102,8 +105,7 @@ def _default_signatures() -> dict[str, SignatureSpec]:
     return {
         "t_cell": _sig(
             ["CD3E", "CD3D", "CD3G", "TRAC"],
-            ["MS4A1", "CD79A", "CD19", "LYZ", "CD14", "S100A8", "S100A9", "KLRF1", "NCAM1"],
-            description="T cells vs B, NK and myeloid cells",
+            description="T cells (CD3 complex, TCR alpha constant) vs all other cells",
         ),
         "cd8_vs_cd4": _sig(
             ["CD8A", "CD8B"],
@@ -145,7 +147,6 @@ def _default_signatures() -> dict[str, SignatureSpec]:
         "pd1": _sig(["PDCD1"], secondary=["TOX", "TIGIT", "CXCL13"], description="PD-1+ state"),
         "treg": _sig(
             ["FOXP3", "IL2RA", "CTLA4", "IKZF2"],
-            ["IL7R"],
             description="regulatory T cells among CD4",
         ),
         "b_cell": _sig(["MS4A1", "CD79A", "CD79B", "CD19"], description="B cells (score only)"),
@@ -198,11 +199,18 @@ class ProteinSpec(_Strict):
         ]
     )
     clr_axis: Literal["cell", "feature"] = "cell"
+    pseudocount: Annotated[float, Field(gt=0.0)] = 5.0
     min_cells_per_fit: Annotated[int, Field(ge=10)] = 50
     min_separation: Annotated[float, Field(gt=0.0)] = 2.0
     min_weight: Prob = 0.02
     rule_k_mad: Annotated[float, Field(gt=0.0)] = 3.0
-    rare_positive: list[str] = Field(default_factory=lambda: ["PD1", "TIM3", "CD25"])
+    rare_positive: list[str] = Field(default_factory=lambda: ["PD1", "TIM3", "CD25", "CD25-CD127"])
+    fuse_rna: dict[str, str] = Field(
+        default_factory=lambda: {"CCR7": "ccr7"},
+        description="protein marker -> RNA gene set whose evidence is added to the protein "
+        "posterior (for weak antibodies such as CCR7)",
+    )
+    fuse_max_log_ratio: Annotated[float, Field(gt=0.0)] = 4.0
     max_iter: Annotated[int, Field(ge=10)] = 300
 
 
@@ -220,7 +228,9 @@ class RNASpec(_Strict):
     max_secondary_log_ratio: Annotated[float, Field(gt=0.0)] = 1.5
     min_cells_per_fit: Annotated[int, Field(ge=2)] = 30
     max_iter: Annotated[int, Field(ge=1)] = 200
-    tol: Annotated[float, Field(gt=0.0)] = 1e-7
+    tol: Annotated[float, Field(gt=0.0)] = 1e-6
+    max_fit_cells: Annotated[int, Field(ge=100)] = 20_000
+    homogeneous_min_detected: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
     signatures: dict[str, SignatureSpec] = Field(default_factory=_default_signatures)
 
     @model_validator(mode="after")
@@ -440,7 +450,7 @@ def _read_10x_mtx(folder: Path) -> ad.AnnData:
         )
     try:
         with _open_maybe_gz(mtx) as fh:
-            m = sp.coo_matrix(mmread(fh))
+            m = sp.coo_matrix(mmread(fh, spmatrix=False))
         f = pd.read_csv(feats, sep="\t", header=None, dtype=str, compression="infer")
         b = pd.read_csv(bcs, sep="\t", header=None, dtype=str, compression="infer")
     except (OSError, ValueError, EOFError, pd.errors.ParserError) as err:
@@ -809,7 +819,7 @@ class _GMM:
 
     def prob(self, v: np.ndarray) -> np.ndarray:
         """P(high | v), made monotone in ``v`` and consistent with the threshold."""
-        if self.method == "rule":
+        if self.method.startswith("rule"):
             return _expit((v - self.threshold) / max(float(self.sd[0]) / 2.0, 1e-3))
         lp = [
             np.log(self.w[k]) - np.log(self.sd[k]) - 0.5 * ((v - self.mu[k]) / self.sd[k]) ** 2
@@ -836,49 +846,69 @@ class _GMM:
 
 
 def _fit_gmm(v: np.ndarray, spec: ProteinSpec) -> _GMM:
-    """EM for a 1-D two-component Gaussian mixture started at Otsu's split."""
+    """EM for a 1-D two-component Gaussian mixture on a 256-bin histogram.
+
+    EM runs from four starts at once (Otsu's split and splits at the 50th, 75th and 90th
+    percentiles) for 25 iterations, then continues from the most likely one. Binning makes a fit cost the
+    same for 50 or 50,000 cells; the bin width (1/256 of the range) is far below the
+    components' spread.
+    """
     v = np.asarray(v, dtype=np.float64)
     n = v.size
     spread = float(np.ptp(v)) if n else 0.0
     floor = max(0.05, 0.02 * spread)
+    mu0 = float(np.mean(v)) if n else 0.0
+    degenerate = _GMM(
+        np.array([mu0, mu0]), np.array([floor, floor]), np.array([1.0, 1e-12]), n, 0.0, False, mu0
+    )
     if n < 4 or spread <= 0:
-        mu0 = float(np.mean(v)) if n else 0.0
-        return _GMM(
-            np.array([mu0, mu0]), np.array([floor, floor]), np.array([1.0, 0.0]), n, 0.0, False, mu0
+        return degenerate
+    h, e = np.histogram(v, bins=256)
+    x = (e[:-1] + e[1:]) / 2
+    keep = h > 0
+    x, c = x[keep], h[keep].astype(np.float64)
+    starts = np.array([_otsu(v), *np.quantile(v, [0.5, 0.75, 0.9])])
+    r1 = (x[None, :] > starts[:, None]).astype(np.float64)  # (starts, bins)
+
+    def m_step(r1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r = np.stack([1.0 - r1, r1], axis=1) * c  # (starts, 2, bins)
+        wsum = r.sum(axis=2)
+        safe = np.maximum(wsum, 1e-12)
+        mu = (r * x).sum(axis=2) / safe
+        var = (r * (x[None, None, :] - mu[:, :, None]) ** 2).sum(axis=2) / safe
+        return wsum / n, mu, np.maximum(np.sqrt(var), floor)
+
+    w, mu, sd = m_step(r1)
+    valid = (w * n >= 2).all(axis=1)
+    if not valid.any():
+        return degenerate
+    w, mu, sd = w[valid], mu[valid], sd[valid]
+    prev = np.full(w.shape[0], -np.inf)
+    tot = prev
+    for it in range(spec.max_iter):
+        if it == 25 and w.shape[0] > 1:  # continue only from the best start so far
+            keep_best = int(np.argmax(np.where((w > 1e-9).all(axis=1), tot, -np.inf)))
+            w, mu, sd = w[[keep_best]], mu[[keep_best]], sd[[keep_best]]
+            prev, tot = prev[[keep_best]], tot[[keep_best]]
+        wc = np.maximum(w, 1e-300)
+        lp = (
+            np.log(wc)[:, :, None]
+            - np.log(sd)[:, :, None]
+            - 0.5 * ((x[None, None, :] - mu[:, :, None]) / sd[:, :, None]) ** 2
         )
-    t0 = _otsu(v)
-    lo, hi = v[v < t0], v[v >= t0]
-    if lo.size < 2 or hi.size < 2:
-        med = float(np.median(v))
-        lo, hi = v[v <= med], v[v > med]
-    if lo.size < 2 or hi.size < 2:
-        mu0 = float(np.mean(v))
-        return _GMM(
-            np.array([mu0, mu0]), np.array([floor, floor]), np.array([1.0, 0.0]), n, 0.0, False, mu0
-        )
-    mu = np.array([lo.mean(), hi.mean()])
-    sd = np.maximum(np.array([lo.std(), hi.std()]), floor)
-    w = np.array([lo.size, hi.size], dtype=float) / n
-    prev = -np.inf
-    for _ in range(spec.max_iter):
-        lp = np.stack(
-            [np.log(w[k]) - np.log(sd[k]) - 0.5 * ((v - mu[k]) / sd[k]) ** 2 for k in (0, 1)]
-        )
-        top = lp.max(axis=0)
-        ll = top + np.log(np.exp(lp[0] - top) + np.exp(lp[1] - top))
-        r1 = np.exp(lp[1] - ll)
-        r0 = 1.0 - r1
-        n1, n0 = float(r1.sum()), float(r0.sum())
-        if n1 < 1e-6 or n0 < 1e-6:
-            break
-        w = np.array([n0, n1]) / n
-        mu = np.array([(r0 @ v) / n0, (r1 @ v) / n1])
-        var = np.array([(r0 @ (v - mu[0]) ** 2) / n0, (r1 @ (v - mu[1]) ** 2) / n1])
-        sd = np.maximum(np.sqrt(var), floor)
-        tot = float(ll.sum())
-        if abs(tot - prev) < 1e-8 * abs(tot):
+        top = lp.max(axis=1)
+        ll = top + np.log(np.exp(lp[:, 0] - top) + np.exp(lp[:, 1] - top))
+        tot = ll @ c
+        r1 = np.exp(lp[:, 1] - ll)
+        w, mu, sd = m_step(r1)
+        if np.all(np.abs(tot - prev) < 1e-6 * np.abs(tot)):
             break
         prev = tot
+    ok_w = (w > 1e-9).all(axis=1)
+    if not ok_w.any():
+        return degenerate
+    best = int(np.argmax(np.where(ok_w, tot, -np.inf)))
+    mu, sd, w = mu[best].copy(), sd[best].copy(), w[best].copy()
     if mu[0] > mu[1]:
         mu, sd, w = mu[::-1].copy(), sd[::-1].copy(), w[::-1].copy()
     w = np.clip(w, 1e-12, 1.0)
@@ -907,7 +937,7 @@ def _rule_gmm(v: np.ndarray, k: float) -> _GMM:
         float("nan"),
         True,
         thr,
-        method="rule",
+        method="rule_rare_positive",
     )
 
 
@@ -933,7 +963,7 @@ def _protein_gate(
     if not parent.any():
         return _Gate(prob, fits, False)
     pooled = _fit_gmm(values[parent], spec)
-    rule_allowed = marker in spec.rare_positive
+    rare = marker in spec.rare_positive
     any_ok = False
     for s, name in enumerate(sample_names):
         sel = parent & (groups == s)
@@ -955,7 +985,7 @@ def _protein_gate(
                 pooled.threshold,
                 "pooled_mixture",
             )
-        if fit is None and rule_allowed:
+        if fit is None and rare:
             ref = v if v.size >= spec.min_cells_per_fit else values[parent]
             fit = _rule_gmm(ref, spec.rule_k_mad)
         if fit is None:
@@ -973,14 +1003,62 @@ def _protein_gate(
     return _Gate(prob, fits, any_ok)
 
 
-# --------------------------------------------------------------------------- Poisson mixture
+# --------------------------------------------------------------------------- count mixtures
+def _nb_rates(
+    X: np.ndarray,
+    X2: np.ndarray,
+    lib: np.ndarray,
+    p: np.ndarray,
+    prior_umis: float,
+    glob: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-UMI rates of the two states (weights ``p`` / ``1-p``) and a shared NB dispersion.
+
+    Rates are shrunk towards the global rate by ``prior_umis`` pseudo-UMIs; the dispersion
+    ``theta`` of each gene is the method-of-moments estimate within states, clipped to
+    [0.5, 1000] (1000 is practically Poisson). ``X2`` is ``X**2``. Everything reduces to
+    matrix-vector products, so one call costs a few passes over ``X``.
+    """
+    q = 1.0 - p
+    lib2 = lib * lib
+    # np.dot, not @: 1-D @ 1-D takes a slow path in some numpy builds
+    pl, ql = float(np.dot(p, lib)), float(np.dot(q, lib))
+    pl2, ql2 = float(np.dot(p, lib2)), float(np.dot(q, lib2))
+    r1 = (p @ X + prior_umis * glob) / (pl + prior_umis)
+    r0 = (q @ X + prior_umis * glob) / (ql + prior_umis)
+    # sum_i w_i [(x - L r)^2 - L r] = w.x2 - 2 r (w L).x + r^2 w.L^2 - r w.L
+    excess = (
+        p @ X2
+        - 2 * r1 * ((p * lib) @ X)
+        + r1**2 * pl2
+        - r1 * pl
+        + q @ X2
+        - 2 * r0 * ((q * lib) @ X)
+        + r0**2 * ql2
+        - r0 * ql
+    )
+    second = r1**2 * pl2 + r0**2 * ql2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        theta = np.where(excess > 0, second / excess, 1000.0)
+    return r1, r0, np.clip(np.nan_to_num(theta, nan=1000.0), 0.5, 1000.0)
+
+
+def _nb_loglik(X: np.ndarray, lib: np.ndarray, r: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Per-cell NB log-likelihood up to terms that do not depend on the state."""
+    mu = lib[:, None] * r[None, :]
+    lt = np.log(theta)[None, :]
+    lmt = np.log(mu + theta[None, :])
+    return np.asarray((X * (np.log(mu) - lmt) + theta[None, :] * (lt - lmt)).sum(axis=1))
+
+
 @dataclass
 class _BinFit:
-    """A two-state Poisson mixture on a gene set, each cell's library size as exposure."""
+    """A two-state negative-binomial mixture on a gene set, library size as exposure."""
 
     genes: list[str]
-    log_ratio: np.ndarray  # log(rate_high / rate_low) per gene
-    rate_diff: float  # sum over genes of (rate_high - rate_low), per UMI
+    rate_high: np.ndarray
+    rate_low: np.ndarray
+    theta: np.ndarray
     log_prior: np.ndarray  # logit P(high) per sample (pooled for samples without cells)
     weights: dict[str, float]
     fold: float
@@ -994,7 +1072,9 @@ class _BinFit:
 
     def llr(self, X: np.ndarray, lib: np.ndarray, Xs: np.ndarray | None = None) -> np.ndarray:
         """Per-cell log-likelihood ratio high vs low (without the prior)."""
-        out = X @ self.log_ratio - lib * self.rate_diff
+        out = _nb_loglik(X, lib, self.rate_high, self.theta) - _nb_loglik(
+            X, lib, self.rate_low, self.theta
+        )
         if Xs is not None and self.sec_genes:
             out = out + Xs @ self.sec_log_ratio - lib * self.sec_rate_diff
         return np.asarray(out)
@@ -1002,8 +1082,9 @@ class _BinFit:
     def as_dict(self) -> dict[str, Any]:
         return {
             "genes": list(self.genes),
-            "log_rate_ratio": np.asarray(self.log_ratio, dtype=float),
-            "rate_difference_per_umi": float(self.rate_diff),
+            "rate_high_per_10k": np.asarray(self.rate_high * 1e4, dtype=float),
+            "rate_low_per_10k": np.asarray(self.rate_low * 1e4, dtype=float),
+            "nb_theta": np.asarray(self.theta, dtype=float),
             "secondary_genes": list(self.sec_genes),
             "secondary_log_rate_ratio": np.asarray(self.sec_log_ratio, dtype=float),
             "prior_positive": {k: float(v) for k, v in self.weights.items()},
@@ -1036,7 +1117,7 @@ def _finish_prior(
     fit.weights = {str(s): float(pi[i]) for i, s in enumerate(sample_names) if counts[i] > 0}
 
 
-def _fit_poisson_mixture(
+def _fit_count_mixture(
     X: np.ndarray,
     lib: np.ndarray,
     groups: np.ndarray,
@@ -1046,38 +1127,58 @@ def _fit_poisson_mixture(
     genes: list[str],
     spec: RNASpec,
 ) -> tuple[_BinFit, np.ndarray]:
-    """EM for a two-state Poisson mixture; the fit and the per-cell posteriors P(high)."""
+    """EM for a two-state NB mixture; the fit and the per-cell posteriors P(high).
+
+    ``orient`` is +1 for genes marking the high state and -1 for genes marking the low one:
+    the mean oriented log fold change names the states and decides whether two states were
+    found at all (``rna.min_fold``). Rates and dispersions are fitted on at most
+    ``rna.max_fit_cells`` cells (every sample represented in proportion); the per-sample
+    priors and posteriors are then computed on all cells.
+    """
     n_groups = len(sample_names)
-    glob = (X.sum(axis=0) + 1e-3) / max(float(lib.sum()), 1.0)
-    a = spec.prior_umis
-    p = np.clip(init, 0.02, 0.98)
+    m = X.shape[0]
+    fit_idx = np.arange(m)
+    if m > spec.max_fit_cells:
+        fit_idx = np.sort(np.random.default_rng(0).choice(m, spec.max_fit_cells, replace=False))
+    Xf, libf, gf = X[fit_idx], lib[fit_idx], groups[fit_idx]
+    X2f = Xf**2
+    glob = (Xf.sum(axis=0) + 1e-3) / max(float(libf.sum()), 1.0)
+    p = np.clip(init[fit_idx], 0.02, 0.98)
     prev = -np.inf
     n_iter = 0
-    lr = np.zeros(X.shape[1])
-    diff = 0.0
+    r1 = r0 = glob
+    theta = np.full(X.shape[1], 1000.0)
     for it in range(1, spec.max_iter + 1):
         n_iter = it
-        r1 = (p @ X + a * glob) / (p @ lib + a)
-        r0 = ((1 - p) @ X + a * glob) / ((1 - p) @ lib + a)
-        lr = np.log(r1) - np.log(r0)
-        diff = float((r1 - r0).sum())
-        pi, _ = _sample_prior(p, groups, n_groups, spec.sample_prior_cells)
-        l1 = X @ np.log(r1) - lib * r1.sum() + np.log(pi[groups])
-        l0 = X @ np.log(r0) - lib * r0.sum() + np.log1p(-pi[groups])
+        r1, r0, theta = _nb_rates(Xf, X2f, libf, p, spec.prior_umis, glob)
+        pi, _ = _sample_prior(p, gf, n_groups, spec.sample_prior_cells)
+        l1 = _nb_loglik(Xf, libf, r1, theta) + np.log(pi[gf])
+        l0 = _nb_loglik(Xf, libf, r0, theta) + np.log1p(-pi[gf])
         top = np.maximum(l0, l1)
         ll = float(np.sum(top + np.log(np.exp(l0 - top) + np.exp(l1 - top))))
         p = _expit(l1 - l0)
-        if abs(ll - prev) <= spec.tol * max(abs(ll), 1.0):
+        if abs(ll - prev) <= spec.tol * Xf.shape[0]:
             break
         prev = ll
-    if float(orient @ lr) < 0:  # component "high" is the state the up genes mark
-        lr, diff, p = -lr, -diff, 1 - p
+    lr = np.log(r1) - np.log(r0)
+    if float(np.dot(orient, lr)) < 0:  # "high" is the state the up genes mark
+        r1, r0, lr = r0, r1, -lr
     fold = float(np.exp(np.mean(orient * lr)))
     ok = fold >= spec.min_fold
-    note = "" if ok else f"states not separable (fold {fold:.2f} < {spec.min_fold:g})"
-    fit = _BinFit(list(genes), lr, diff, np.zeros(n_groups), {}, fold, ok, X.shape[0], n_iter, note)
-    _finish_prior(fit, p, groups, sample_names, spec.sample_prior_cells)
-    return fit, p
+    note = "" if ok else f"states not separable (mean fold {fold:.2f} < {spec.min_fold:g})"
+    fit = _BinFit(list(genes), r1, r0, theta, np.zeros(n_groups), {}, fold, ok, m, n_iter, note)
+    # per-sample priors and posteriors of all cells with the rates fixed
+    llr = fit.llr(X, lib)
+    q = _expit(llr)
+    for _ in range(100):
+        pi, _ = _sample_prior(q, groups, n_groups, spec.sample_prior_cells)
+        q_new = _expit(llr + _logit(pi)[groups])
+        done = float(np.max(np.abs(q_new - q))) < 1e-6
+        q = q_new
+        if done:
+            break
+    _finish_prior(fit, q, groups, sample_names, spec.sample_prior_cells)
+    return fit, q
 
 
 def _add_secondary(
@@ -1091,7 +1192,11 @@ def _add_secondary(
     sec_genes: list[str],
     spec: RNASpec,
 ) -> np.ndarray:
-    """Learn secondary-gene rates from anchor cells and return the updated posteriors."""
+    """Learn secondary-gene rates from anchor cells and return the updated posteriors.
+
+    Secondary genes add Poisson evidence with each gene's log rate ratio capped at
+    ``rna.max_secondary_log_ratio``, so they sway uncertain cells but not confident ones.
+    """
     hi = p >= spec.anchor_posterior
     lo = p <= 1 - spec.anchor_posterior
     if hi.sum() < 10 or lo.sum() < 10 or Xs.shape[1] == 0:
@@ -1141,10 +1246,11 @@ class _RNA:
                 if u in sym_index and u not in wanted:
                     wanted.append(u)
         self.present = set(wanted)
-        # expression-matched controls: bin all genes by mean normalised expression (QC cells)
-        w = np.zeros(n_all)
-        w[rows] = spec.target_sum / np.maximum(self.lib, 1.0)
-        gene_mean = np.asarray(counts.T @ w).ravel() / max(rows.size, 1)
+        # expression-matched controls: bin all genes by mean normalised expression
+        # (an evenly spaced subset of at most 20,000 QC-passed cells ranks genes well enough)
+        sub = rows[np.linspace(0, rows.size - 1, min(rows.size, 20_000)).astype(np.int64)]
+        w = spec.target_sum / np.maximum(lib_all[sub], 1.0)
+        gene_mean = np.asarray(counts[sub].T @ w).ravel() / max(sub.size, 1)
         sig_cols = {sym_index[x] for x in wanted}
         order = np.argsort(gene_mean, kind="stable")
         bins = np.empty(g, dtype=np.int64)
@@ -1193,6 +1299,7 @@ class _RNA:
         return np.asarray(X, dtype=np.float64)
 
     def set_score(self, genes: Sequence[str]) -> np.ndarray | None:
+        """Mean log-normalised expression of the genes minus that of matched controls."""
         gs = self.genes(genes)
         if not gs:
             return None
@@ -1218,7 +1325,10 @@ def _fit_signature(
     spec: RNASpec,
     scores: Mapping[str, np.ndarray],
 ) -> tuple[_BinFit | None, np.ndarray | None]:
-    """Fit one signature's Poisson mixture on ``rows``; the fit and posteriors for ``rows``."""
+    """Fit one signature's count mixture on ``rows``; the fit and posteriors for ``rows``.
+
+    EM starts from Otsu's split of the gene-set score (top 20% if the score is constant).
+    """
     sig = spec.signatures[name]
     up = rna.genes(sig.up)
     genes = up + [g for g in rna.genes(sig.down) if g not in up]
@@ -1226,15 +1336,15 @@ def _fit_signature(
         return None, None
     X = rna.counts(genes, rows)
     lib = rna.lib[rows]
-    orient = np.array([1.0] * len(up) + [-1.0] * (len(genes) - len(up)))
     sc = scores.get(name)
-    s = sc[rows] if sc is not None else X @ orient
+    s = sc[rows] if sc is not None else X[:, : len(up)].sum(axis=1)
     thr = _otsu(s) if np.ptp(s) > 0 else float(np.median(s))
     init = np.where(s >= thr, 0.9, 0.1)
     if init.min() == init.max():
         init = np.where(s > np.quantile(s, 0.8), 0.9, 0.1)
     g = groups[rows]
-    fit, p = _fit_poisson_mixture(X, lib, g, sample_names, init, orient, genes, spec)
+    orient = np.array([1.0] * len(up) + [-1.0] * (len(genes) - len(up)))
+    fit, p = _fit_count_mixture(X, lib, g, sample_names, init, orient, genes, spec)
     if fit.ok and sig.secondary:
         sec = [x for x in rna.genes(sig.secondary) if x not in genes]
         if sec:
@@ -1271,8 +1381,8 @@ class _Labels:
     params: dict[str, Any]
 
 
-def _clr(prot: pd.DataFrame, axis: str) -> pd.DataFrame:
-    lg = np.log1p(np.clip(prot.to_numpy(dtype=np.float64), 0.0, None))
+def _clr(prot: pd.DataFrame, axis: str, pseudocount: float) -> pd.DataFrame:
+    lg = np.log(np.clip(prot.to_numpy(dtype=np.float64), 0.0, None) + pseudocount)
     lg = lg - (lg.mean(axis=1, keepdims=True) if axis == "cell" else lg.mean(axis=0, keepdims=True))
     return pd.DataFrame(lg, index=prot.index, columns=prot.columns)
 
@@ -1312,7 +1422,9 @@ class _Annotator:
                 self.params["rna"]["n_control_genes"] = int(rna.n_ctrl_genes)
         self.clr: pd.DataFrame | None = None
         if inp.protein is not None and self.m:
-            self.clr = _clr(inp.protein.iloc[self.rows], cfg.protein.clr_axis)
+            self.clr = _clr(
+                inp.protein.iloc[self.rows], cfg.protein.clr_axis, cfg.protein.pseudocount
+            )
             self.params["protein"] = {
                 "clr_axis": cfg.protein.clr_axis,
                 "markers": [str(c) for c in self.clr.columns],
@@ -1320,14 +1432,47 @@ class _Annotator:
             }
 
     # ------------------------------------------------------------------ helpers
-    def gate(self, marker: str, parent: np.ndarray) -> _Gate | None:
+    def gate(self, marker: str, parent: np.ndarray, scope: str = "") -> _Gate | None:
+        """Per-sample gate of ``marker`` within ``parent``; None if absent or never placed."""
         if self.clr is None or marker not in self.clr.columns:
             return None
         g = _protein_gate(
             self.clr[marker].to_numpy(), parent, self.groups, self.names, marker, self.cfg.protein
         )
-        self.params["protein"]["gates"][marker] = g.fits
+        self.params["protein"]["gates"][f"{marker}@{scope}" if scope else marker] = g.fits
         return g if g.available else None
+
+    def fuse(self, marker: str, prob: np.ndarray, rows: np.ndarray) -> bool:
+        """Add RNA evidence to a weak protein gate (``protein.fuse_rna``), in place on rows.
+
+        The RNA rates of the two states are estimated once from the cells weighted by the
+        protein posterior (no EM, so the states stay the protein-defined ones); each cell's
+        log-likelihood ratio is added to the logit of its protein posterior.
+        """
+        sig_name = self.cfg.protein.fuse_rna.get(marker)
+        if self.rna is None or sig_name is None or sig_name not in self.cfg.rna.signatures:
+            return False
+        sig = self.cfg.rna.signatures[sig_name]
+        genes = self.rna.genes([*sig.up, *sig.down])
+        rows = rows[~np.isnan(prob[rows])]
+        if not genes or rows.size < self.cfg.rna.min_cells_per_fit:
+            return False
+        X = self.rna.counts(genes, rows)
+        lib = self.rna.lib[rows]
+        w = prob[rows]
+        glob = (X.sum(axis=0) + 1e-3) / max(float(lib.sum()), 1.0)
+        r1, r0, theta = _nb_rates(X, X**2, lib, w, self.cfg.rna.prior_umis, glob)
+        cap = self.cfg.protein.fuse_max_log_ratio
+        llr = np.clip(_nb_loglik(X, lib, r1, theta) - _nb_loglik(X, lib, r0, theta), -cap, cap)
+        lr = np.log(r1) - np.log(r0)
+        prob[rows] = _expit(_logit(w) + llr)
+        self.params["protein"].setdefault("fused_rna", {})[marker] = {
+            "gene_set": sig_name,
+            "genes": genes,
+            "log_rate_ratio": lr,
+            "n_cells": int(rows.size),
+        }
+        return True
 
     def fit(
         self, name: str, rows: np.ndarray, scope: str
@@ -1357,6 +1502,31 @@ class _Annotator:
         out[rows] = p
         return out
 
+    def by_lineage(self, name: str, scopes: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+        """Fit a gene set per lineage; a lineage with too few cells or no separable states
+        uses one fit over all lineages together. P(high) over QC cells and the scopes used."""
+        out = np.full(self.m, np.nan)
+        used: list[str] = []
+        pooled: _BinFit | None = None
+        tried = False
+        for scope, rows in scopes.items():
+            if not rows.size:
+                continue
+            if rows.size >= self.cfg.rna.min_cells_per_fit:
+                fit, p = self.fit(name, rows, scope)
+                if fit is not None and p is not None and fit.ok:
+                    out[rows] = p
+                    used.append(scope)
+                    continue
+            if not tried:
+                tried = True
+                both = np.sort(np.concatenate([r for r in scopes.values() if r.size]))
+                pooled, _ = self.fit(name, both, "+".join(k for k, r in scopes.items() if r.size))
+            if pooled is not None and pooled.ok and self.rna is not None:
+                out[rows] = _predict_signature(self.rna, pooled, rows, self.groups)
+                used.append(f"{scope} (fit pooled over lineages)")
+        return out, used
+
     def genes_of(self, name: str) -> list[str]:
         sig = self.cfg.rna.signatures[name]
         return self.rna.genes([*sig.up, *sig.down]) if self.rna is not None else []
@@ -1375,19 +1545,8 @@ class _Annotator:
         elif (g3 := self.gate("CD3", everyone)) is not None:
             t_prob = np.nan_to_num(g3.prob, nan=0.0)
             evidence["t_cell"] = "protein: CD3 (CLR, per-sample mixture)"
-        elif (p := self.posterior("t_cell", np.arange(m), "all")) is not None:
-            t_prob = p
-            evidence["t_cell"] = (
-                f"RNA: t_cell gene set [{', '.join(self.genes_of('t_cell'))}] (Poisson mixture)"
-            )
         else:
-            have = f"{len(self.inp.symbols)} genes" if self.inp.counts is not None else "no RNA"
-            prot = list(self.inp.protein.columns) if self.inp.protein is not None else "none"
-            raise SingleCellInputError(
-                "cannot call T cells: no usable CD3 protein and none of the T-cell genes "
-                f"{cfg.rna.signatures['t_cell'].up} usable ({have}; protein: {prot})",
-                path=src,
-            )
+            t_prob, evidence["t_cell"] = self._rna_t_cells()
         t_call = t_prob >= 0.5
         tix = np.flatnonzero(t_call)
 
@@ -1416,7 +1575,7 @@ class _Annotator:
             lin_conf[tix] = np.maximum(pp, 1 - pp)
             evidence["lineage"] = (
                 f"RNA: cd8_vs_cd4 gene sets [{', '.join(self.genes_of('cd8_vs_cd4'))}] "
-                "(Poisson mixture + secondary genes)"
+                "(NB mixture + secondary genes)"
             )
         elif tix.size:
             sig = cfg.rna.signatures["cd8_vs_cd4"]
@@ -1431,8 +1590,8 @@ class _Annotator:
         scopes = {"CD8": np.flatnonzero(is8), "CD4": np.flatnonzero(is4)}
 
         mem, evidence["memory"] = self._memory(t_call, lineage, scopes)
-        tim3, evidence["tim3"] = self._state("TIM3", "checkpoint", t_call, scopes)
-        pd1, evidence["pd1"] = self._state("PD1", "pd1", t_call, scopes)
+        tim3, evidence["tim3"] = self._state("TIM3", "checkpoint", scopes)
+        pd1, evidence["pd1"] = self._state("PD1", "pd1", scopes)
         treg, evidence["treg"] = self._treg(is4, scopes)
         treg[is8] = 0.0
         kind = {k: _kind(v) for k, v in evidence.items()}
@@ -1456,6 +1615,37 @@ class _Annotator:
             params=self.params,
         )
 
+    def _rna_t_cells(self) -> tuple[np.ndarray, str]:
+        """T cells from the t_cell gene set: a two-state NB mixture, or, when the set does not
+        separate two populations but is detected in most cells, a homogeneous T population
+        (T-cell-sorted data)."""
+        cfg, m = self.cfg, self.m
+        genes = self.genes_of("t_cell")
+        fit, p = self.fit("t_cell", np.arange(m), "all")
+        if fit is not None and p is not None and fit.ok:
+            return p, f"RNA: t_cell gene set [{', '.join(genes)}] (NB mixture)"
+        detected = (
+            self.rna.counts(genes).sum(axis=1) > 0 if self.rna is not None and genes else None
+        )
+        if detected is not None and detected.mean() >= cfg.rna.homogeneous_min_detected:
+            share = float(detected.mean())
+            return np.where(detected, 1.0, share), (
+                f"RNA: homogeneous T-cell population (t_cell set [{', '.join(genes)}] detected "
+                f"in {100 * share:.0f}% of cells, no second population)"
+            )
+        have = f"{len(self.inp.symbols)} genes" if self.inp.counts is not None else "no RNA"
+        prot = list(self.inp.protein.columns) if self.inp.protein is not None else "none"
+        why = (
+            f"the genes {genes} do not separate T cells from other cells and are detected in "
+            f"only {100 * float(detected.mean()):.0f}% of cells"
+            if detected is not None
+            else f"none of the T-cell genes {cfg.rna.signatures['t_cell'].up} is present"
+        )
+        raise SingleCellInputError(
+            f"cannot call T cells: no usable CD3 protein and {why} ({have}; protein: {prot})",
+            path=self.inp.source,
+        )
+
     def _memory(
         self, t_call: np.ndarray, lineage: np.ndarray, scopes: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, str]:
@@ -1472,21 +1662,25 @@ class _Annotator:
         ra_lo = np.full(m, np.nan)  # P(CD45RA+) in the CCR7- branch (TEMRA vs EM)
         src_c: set[str] = set()
         src_r: set[str] = set()
+        pooled: dict[str, _BinFit | None] = {}
         if g_ccr7 is not None:
             ccr7 = g_ccr7.prob.copy()
-            src_c.add("protein CCR7")
+            if self.fuse("CCR7", ccr7, np.flatnonzero(t_call)):
+                src_c.add("protein CCR7 + RNA ccr7 set (fused)")
+            else:
+                src_c.add("protein CCR7")
         if g_ra is not None:
             ra_hi, ra_lo = g_ra.prob.copy(), g_ra.prob.copy()
             src_r.add(f"protein {ra_name}")
         if self.rna is not None:
+            if g_ccr7 is None:
+                c_rna, c_used = self.by_lineage("ccr7", scopes)
+                if c_used:
+                    ccr7 = c_rna
+                    src_c.add("RNA ccr7 set")
             for scope, rows in scopes.items():
                 if not rows.size:
                     continue
-                if g_ccr7 is None:
-                    p = self.posterior("ccr7", rows, scope)
-                    if p is not None:
-                        ccr7[rows] = p[rows]
-                        src_c.add("RNA ccr7 set")
                 if g_ra is None:
                     c = ccr7[rows]
                     if np.isnan(c).all():
@@ -1497,6 +1691,17 @@ class _Annotator:
                         ("temra_vs_em", rows[c < 0.5], ra_lo),
                     ):
                         fit, _ = self.fit(sig_name, sub, scope)
+                        if fit is None or not fit.ok:
+                            # too few cells in this lineage's branch: fit on CD4 + CD8 together
+                            fit = pooled.get(sig_name)
+                            if sig_name not in pooled:
+                                both = np.concatenate(list(scopes.values()))
+                                cb = ccr7[both]
+                                branch = both[
+                                    (cb >= 0.5) if sig_name == "naive_vs_cm" else (cb < 0.5)
+                                ]
+                                fit, _ = self.fit(sig_name, np.sort(branch), "T")
+                                pooled[sig_name] = fit
                         if fit is not None and fit.ok:
                             target[rows] = _predict_signature(self.rna, fit, rows, self.groups)
                             used += 1
@@ -1516,43 +1721,71 @@ class _Annotator:
         )
 
     def _state(
-        self, marker: str, sig_name: str, parent: np.ndarray, scopes: dict[str, np.ndarray]
+        self, marker: str, sig_name: str, scopes: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, str]:
+        """A T-cell state per lineage: protein gate if the marker is present, else gene set."""
         out = np.full(self.m, np.nan)
-        g = self.gate(marker, parent)
-        if g is not None:
-            out[parent] = g.prob[parent]
-            return out, f"protein: {marker} (CLR, per-sample threshold within T cells)"
-        used = False
-        for scope, rows in scopes.items():
-            if rows.size and (p := self.posterior(sig_name, rows, scope)) is not None:
-                out[rows] = p[rows]
-                used = True
+        if self.clr is not None and marker in self.clr.columns:
+            placed = []
+            for scope, rows in scopes.items():
+                sub = np.zeros(self.m, dtype=bool)
+                sub[rows] = True
+                if rows.size and (g := self.gate(marker, sub, scope)) is not None:
+                    out[rows] = g.prob[rows]
+                    placed.append(scope)
+            if placed:
+                return out, (
+                    f"protein: {marker} (CLR, per-sample threshold within "
+                    f"{' and '.join(placed)} T cells)"
+                )
+        est, used = self.by_lineage(sig_name, scopes)
         if used:
-            return out, (
-                f"RNA: {sig_name} gene set [{', '.join(self.genes_of(sig_name))}] (Poisson "
-                "mixture per lineage; fraction = mean posterior)"
+            return est, (
+                f"RNA: {sig_name} gene set [{', '.join(self.genes_of(sig_name))}] (NB "
+                f"mixture per lineage: {', '.join(used)}; fraction = mean posterior)"
             )
         return out, f"unavailable: no {marker} protein and no separable {sig_name} gene set"
 
     def _treg(self, is4: np.ndarray, scopes: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
+        """CD25+ CD127lo within CD4: one gate on CLR(CD25) - CLR(CD127), the diagonal a flow
+        gater draws on CD25 vs CD127 (rare positive); CD25 alone without CD127 protein."""
         out = np.full(self.m, np.nan)
-        g25 = self.gate("CD25", is4)
-        if g25 is not None:
-            g127 = self.gate("CD127", is4)
-            if g127 is not None:
-                out[is4] = g25.prob[is4] * (1 - g127.prob[is4])
-                return out, "protein: CD25+ CD127lo within CD4 (per-sample thresholds)"
-            out[is4] = g25.prob[is4]
-            return out, "protein: CD25+ within CD4 (no CD127 protein)"
+        clr = self.clr
+        if clr is not None and "CD25" in clr.columns:
+            if "CD127" in clr.columns:
+                clr["CD25-CD127"] = clr["CD25"] - clr["CD127"]
+                g = self.gate("CD25-CD127", is4)
+                del clr["CD25-CD127"]
+                what = "CD25+ CD127lo (gate on CLR CD25 - CLR CD127)"
+            else:
+                g = self.gate("CD25", is4)
+                what = "CD25+ (no CD127 protein)"
+            if g is not None:
+                out[is4] = g.prob[is4]
+                return out, f"protein: {what} within CD4, per-sample threshold"
         rows = scopes["CD4"]
         if rows.size and (p := self.posterior("treg", rows, "CD4")) is not None:
             out[rows] = p[rows]
             return out, (
-                f"RNA: treg gene set [{', '.join(self.genes_of('treg'))}] (Poisson mixture; "
+                f"RNA: treg gene set [{', '.join(self.genes_of('treg'))}] (NB mixture; "
                 "fraction = mean posterior)"
             )
         return out, "unavailable: no CD25 protein and no separable treg gene set"
+
+
+def _single_blas_thread() -> contextlib.AbstractContextManager[Any]:
+    """Limit BLAS to one thread: the many small matrix-vector products here are otherwise
+    dominated by waking BLAS worker threads (x20 slower, worse on a loaded machine)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _run_annotator(inp: _Input, qc: np.ndarray, cfg: SingleCellConfig) -> _Labels:
+    with _single_blas_thread():
+        return _Annotator(inp, qc, cfg).run()
 
 
 def _tim3_estimator(lab: _Labels) -> str:
@@ -1720,7 +1953,7 @@ def annotate(
     target = adata.copy() if copy else adata
     inp = _prepare(target, cfg, sample_key=sample_key, patient_key=None, default_sample="sample")
     qc, qc_info = _cell_qc(inp, cfg)
-    lab = _Annotator(inp, qc, cfg).run()
+    lab = _run_annotator(inp, qc, cfg)
     obs, clr = _obs_frame(inp, qc, lab, target.obs_names)
     for c in obs.columns:
         target.obs[c] = (
@@ -1864,7 +2097,7 @@ def featurize_single_cell(
         adata, cfg, sample_key=sample_key, patient_key=patient_key, default_sample=default
     )
     qc, _ = _cell_qc(inp, cfg)
-    lab = _Annotator(inp, qc, cfg).run()
+    lab = _run_annotator(inp, qc, cfg)
     grp_qc = inp.sample[qc]
     n_events = np.bincount(inp.sample, minlength=len(inp.sample_names))
     estimator = _tim3_estimator(lab)

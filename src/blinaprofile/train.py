@@ -543,9 +543,11 @@ def evaluate(
     jobs = n_jobs or _n_jobs()
     tasks = [delayed(_run_cv)(s, Xa, y, groups, config, importance=True) for s in config.models]
     tasks += [delayed(_null_auc)(s, Xa, yp, groups, config) for yp in perms for s in config.models]
-    out = Parallel(n_jobs=min(jobs, len(tasks)))(tasks) if jobs > 1 and len(tasks) > 2 else [
-        t[0](*t[1], **t[2]) for t in tasks
-    ]
+    # worker processes pay off only for permutation tests (each worker re-imports the stack)
+    if jobs > 1 and perms:
+        out = Parallel(n_jobs=min(jobs, len(tasks)))(tasks)
+    else:
+        out = [fn(*args, **kwargs) for fn, args, kwargs in tasks]
     runs: list[_CVRun] = out[: len(config.models)]
     null = np.array(out[len(config.models) :], dtype=float).reshape(len(perms), len(fams))
     families: dict[str, FamilyEvaluation] = {}

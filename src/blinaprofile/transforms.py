@@ -237,12 +237,14 @@ class Transform(ABC):
         Returns
         -------
         numpy.ndarray
-            A new float64 array of the same shape.
+            A new float64 array of the same shape. Values whose raw equivalent exceeds
+            the float64 range map to +-inf (without a floating-point warning).
         """
         src = _as_real_array(y)
         out = np.empty(src.shape, dtype=np.float64)
         if src.size:
-            self._backward(src.reshape(-1), out.reshape(-1))
+            with np.errstate(over="ignore"):
+                self._backward(src.reshape(-1), out.reshape(-1))
         return out
 
     @abstractmethod
@@ -855,17 +857,22 @@ class _Buckets:
         keys = np.arange(self.base, self.base + self.n_buckets + 1, dtype=np.int64)
         return np.left_shift(keys, self.shift).view(np.float64)
 
-    def keys(self, bits: IntArray, out: IntArray) -> bool:
-        """Bucket index of ``|x|`` (from the int64 view ``bits``) into ``out``.
+    def key_function(self) -> Callable[[IntArray, IntArray], bool]:
+        """``keys(bits, out)``: bucket index of ``|x|`` (from the int64 view ``bits``).
 
-        Returns whether any value lies outside the buckets (zero, denormal, too small, too
-        large, inf, NaN); ``out`` holds garbage for those.
+        ``keys`` returns whether any value lies outside the buckets (zero, denormal, too
+        small, too large, inf, NaN); ``out`` holds garbage for those.
         """
-        np.right_shift(bits, self.shift, out=out)
-        np.bitwise_and(out, self.key_mask, out=out)
-        np.subtract(out, self.base, out=out)
-        # keys below the table are negative, i.e. huge as unsigned: one max() finds both
-        return bool(out.view(np.uint64).max() >= self.n_buckets)
+        shift, key_mask, base, n_buckets = self.shift, self.key_mask, self.base, self.n_buckets
+
+        def keys(bits: IntArray, out: IntArray) -> bool:
+            np.right_shift(bits, shift, out=out)
+            np.bitwise_and(out, key_mask, out=out)
+            np.subtract(out, base, out=out)
+            # keys below the table are negative, i.e. huge as unsigned: one max() finds both
+            return bool(out.view(np.uint64).max() >= n_buckets)
+
+        return keys
 
     def outside(self, key: IntArray, flag: npt.NDArray[np.bool_]) -> IntArray:
         """Positions whose ``key`` (from :meth:`keys`) is outside the buckets."""
@@ -896,12 +903,19 @@ def _build_poly_table(k: _BiexConstants, t: float) -> _PolyTable | None:
     with 128 buckets per octave.
     """
     top = math.ceil(math.log2(t))
-    full = _Buckets(_POLY_MANT_BITS, top - _OCTAVES_BELOW_T, top + _OCTAVES_ABOVE_T)
+    # stay within normal doubles (biased exponents 1..2046)
+    first = max(top - _OCTAVES_BELOW_T, 1 - _EXP_BIAS)
+    last = min(top + _OCTAVES_ABOVE_T, _EXP_BIAS)
+    if last <= first:
+        return None
+    full = _Buckets(_POLY_MANT_BITS, first, last)
     nodes = full.nodes()
     fx = _biex_reference(k, nodes)
-    b1, b2 = _biex_derivatives(k, fx)
-    d1 = 1.0 / b1
-    d2 = -b2 * d1**3
+    # non-finite derivatives (absurd parameter scales) are screened out just below
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        b1, b2 = _biex_derivatives(k, fx)
+        d1 = 1.0 / b1
+        d2 = -b2 * d1**3
     # Keep the longest run of octaves whose nodes all converged to increasing values
     # (flowutils itself fails on tiny |x| when W = 0, and on huge |x|).
     good = (fx > k.x1) & np.isfinite(fx) & np.isfinite(d1) & np.isfinite(d2) & (d1 > 0)
@@ -942,6 +956,8 @@ def _build_poly_table(k: _BiexConstants, t: float) -> _PolyTable | None:
         a4 * scale**4,
         a5 * scale**5,
     )
+    if not all(np.isfinite(c).all() for c in coefs):
+        return None  # absurd parameter scales: use the exact iteration for everything
     return _PolyTable(buckets=buckets, x1=k.x1, coefs=tuple(np.ascontiguousarray(c) for c in coefs))
 
 
@@ -949,21 +965,23 @@ def _poly_kernel(table: _PolyTable, fallback: Callable[[FloatArray], FloatArray]
     buckets, x1 = table.buckets, table.x1
     top, *rest = table.coefs[::-1]
     frac_mask = buckets.frac_mask
+    keys = buckets.key_function()
+    multiply, add = np.multiply, np.add
 
     def kernel(x: FloatArray, out: FloatArray, sc: _Scratch) -> None:
         m = x.shape[0]
         bits = x.view(np.int64)
         key, frac, tmp, ikey = sc.key[:m], sc.frac[:m], sc.tmp[:m], sc.ikey[:m]
-        outside = buckets.keys(bits, key)
+        outside = keys(bits, key)
         np.bitwise_and(bits, frac_mask, out=ikey)
         np.copyto(frac, ikey, casting="unsafe")
         # Horner from the highest coefficient. mode="wrap" is the cheapest bounds
         # handling; entries for keys outside the table are recomputed below.
-        np.take(top, key, out=out, mode="wrap")
+        top.take(key, out=out, mode="wrap")
         for coef in rest:
-            np.multiply(out, frac, out=out)
-            np.take(coef, key, out=tmp, mode="wrap")
-            np.add(out, tmp, out=out)
+            multiply(out, frac, out=out)
+            coef.take(key, out=tmp, mode="wrap")
+            add(out, tmp, out=out)
         np.copysign(out, x, out=out)
         np.add(out, x1, out=out)
         if outside:
@@ -1266,11 +1284,9 @@ def _lut_kernel(lut: _LinearLut) -> _Kernel:
     x_next = np.concatenate((xs, [np.inf]))
 
     nonzero = np.abs(xs[xs != 0])
-    buckets = _Buckets(
-        _LUT_MANT_BITS,
-        math.floor(math.log2(float(nonzero.min()))) - 1,
-        math.ceil(math.log2(float(nonzero.max()))) + 1,
-    )
+    last = min(math.ceil(math.log2(float(nonzero.max()))) + 1, _EXP_BIAS)
+    first = max(math.floor(math.log2(float(nonzero.min()))) - 1, 1 - _EXP_BIAS, last - 64)
+    buckets = _Buckets(_LUT_MANT_BITS, first, last)  # |x| outside: exact np.interp fallback
     nodes = buckets.nodes()
     lower, upper = nodes[:-1], nodes[1:]
     start_pos = np.searchsorted(xs, lower, side="right")
@@ -1282,29 +1298,30 @@ def _lut_kernel(lut: _LinearLut) -> _Kernel:
         return generic
     n_buckets = buckets.n_buckets
     start = np.concatenate((start_pos, start_neg)).astype(np.int64)
+    keys = buckets.key_function()
 
     def kernel(x: FloatArray, out: FloatArray, sc: _Scratch) -> None:
         m = x.shape[0]
         bits = x.view(np.int64)
         key, jj, tmp, flag = sc.key[:m], sc.ikey[:m], sc.tmp[:m], sc.flag[:m]
-        outside = buckets.keys(bits, key)
+        outside = keys(bits, key)
         # negative values use the second half of `start`; out-of-table keys give
         # garbage (but in-bounds, thanks to mode="wrap") entries, recomputed below
         np.right_shift(bits, 63, out=jj)  # 0 or -1
         np.multiply(jj, n_buckets, out=jj)
         np.subtract(key, jj, out=sc.jkey[:m])
-        np.take(start, sc.jkey[:m], out=jj, mode="wrap")
+        start.take(sc.jkey[:m], out=jj, mode="wrap")
         # inf/NaN inputs (always outside) would raise FP warnings on their garbage entries
         with np.errstate(invalid="ignore", over="ignore") if outside else nullcontext():
             for _ in range(n_steps):
-                np.take(x_next, jj, out=tmp, mode="wrap")
+                x_next.take(jj, out=tmp, mode="wrap")
                 np.greater_equal(x, tmp, out=flag)
                 np.add(jj, flag, out=jj)
-            np.take(x_lo, jj, out=tmp, mode="wrap")
+            x_lo.take(jj, out=tmp, mode="wrap")
             np.subtract(x, tmp, out=out)
-            np.take(slope_pad, jj, out=tmp, mode="wrap")
+            slope_pad.take(jj, out=tmp, mode="wrap")
             np.multiply(tmp, out, out=out)
-            np.take(y_lo, jj, out=tmp, mode="wrap")
+            y_lo.take(jj, out=tmp, mode="wrap")
             np.add(out, tmp, out=out)
         if outside:
             sel = buckets.outside(key, flag)

@@ -1,0 +1,273 @@
+"""Leaderboards of training runs from MLflow (``blinaprofile compare``).
+
+Every :func:`blinaprofile.train.train` run logs one nested *candidate* run per model family
+(tag ``blinaprofile.run_kind = candidate``) holding that family's cross-validated metrics,
+their bootstrap 95% intervals and the permutation p-value. :func:`leaderboard` collects
+those candidate runs through the MLflow API, from any tracking store (local SQLite, the
+team server), into one table; :func:`write_leaderboard` writes it as CSV (numbers),
+Markdown and HTML (formatted, ``AUC [95% CI]``).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import BlinaprofileError
+
+__all__ = ["LEADERBOARD_COLUMNS", "format_leaderboard", "leaderboard", "write_leaderboard"]
+
+_CI_METRICS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "brier", "ece")
+
+#: Columns of :func:`leaderboard` (numbers stay numbers; CSV keeps all of them).
+LEADERBOARD_COLUMNS: tuple[str, ...] = (
+    "experiment",
+    "training_run",
+    "training_run_id",
+    "candidate_run_id",
+    "started",
+    "family",
+    "chosen",
+    "n_samples",
+    "n_patients",
+    *[f"{m}{s}" for m in _CI_METRICS for s in ("", "_ci_low", "_ci_high")],
+    "threshold",
+    "perm_pvalue",
+    "n_permutations",
+    "selection_pvalue",
+    "registered_model",
+    "version",
+    "trained_on",
+    "schema_version",
+    "git_commit",
+)
+
+
+class CompareError(BlinaprofileError):
+    """The tracking store has nothing to compare (or cannot be read)."""
+
+
+def _experiments(client: Any, names: list[str] | None) -> list[Any]:
+    if not names:
+        return list(client.search_experiments())
+    out = []
+    for n in names:
+        exp = client.get_experiment_by_name(n)
+        if exp is None:
+            known = sorted(e.name for e in client.search_experiments())
+            raise CompareError(f"no MLflow experiment named {n!r} (known: {known})")
+        out.append(exp)
+    return out
+
+
+def leaderboard(
+    experiment: str | list[str] | None = None,
+    *,
+    tracking_uri: str | None = None,
+    max_runs: int = 1000,
+    sort_by: str = "roc_auc",
+) -> pd.DataFrame:
+    """One row per (training run, model family) with metrics, 95% CIs and p-values.
+
+    Parameters
+    ----------
+    experiment
+        Experiment name(s); ``None`` means every experiment in the store.
+    tracking_uri
+        MLflow tracking URI (default :attr:`Settings.tracking_uri`).
+    max_runs
+        At most this many candidate runs (newest first) are read.
+    sort_by
+        Column to rank by (descending, except ``brier`` and ``ece``: ascending).
+
+    Returns
+    -------
+    DataFrame
+        Columns :data:`LEADERBOARD_COLUMNS`, best first, with a 1-based ``rank`` index.
+
+    Raises
+    ------
+    CompareError
+        Unknown experiment, or no candidate runs to compare.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from .settings import settings
+
+    uri = tracking_uri or settings.tracking_uri
+    client = mlflow.tracking.MlflowClient(uri)
+    names = [experiment] if isinstance(experiment, str) else experiment
+    try:
+        exps = _experiments(client, names)
+        if not exps:
+            raise CompareError(f"the tracking store {uri} has no experiments")
+        by_id = {e.experiment_id: e.name for e in exps}
+        runs = client.search_runs(
+            experiment_ids=list(by_id),
+            filter_string="tags.`blinaprofile.run_kind` = 'candidate'",
+            max_results=max_runs,
+            order_by=["attributes.start_time DESC"],
+        )
+    except MlflowException as err:
+        raise CompareError(f"cannot read the tracking store {uri}: {err.message}") from None
+    if not runs:
+        where = f"experiment(s) {sorted(by_id.values())}" if names else f"store {uri}"
+        raise CompareError(
+            f"no training runs to compare in {where} (train with 'blinaprofile train')"
+        )
+    parents: dict[str, Any] = {}
+    rows = []
+    for r in runs:
+        tags, m, p = r.data.tags, r.data.metrics, r.data.params
+        pid = tags.get("mlflow.parentRunId", "")
+        if pid and pid not in parents:
+            try:
+                parents[pid] = client.get_run(pid)
+            except MlflowException:
+                parents[pid] = None
+        parent = parents.get(pid)
+        ptags = parent.data.tags if parent is not None else {}
+        pmetrics = parent.data.metrics if parent is not None else {}
+        chosen = tags.get("chosen") == "true"
+        row: dict[str, Any] = {
+            "experiment": by_id.get(r.info.experiment_id, r.info.experiment_id),
+            "training_run": parent.info.run_name if parent is not None else "",
+            "training_run_id": pid,
+            "candidate_run_id": r.info.run_id,
+            "started": datetime.fromtimestamp(r.info.start_time / 1000, tz=UTC).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            ),
+            "family": tags.get("family", p.get("family", "")),
+            "chosen": chosen,
+            "n_samples": _int(p.get("n_samples")),
+            "n_patients": _int(p.get("n_patients")),
+        }
+        for name in LEADERBOARD_COLUMNS:
+            if name in row:
+                continue
+            if name in m:
+                row[name] = float(m[name])
+        row["selection_pvalue"] = float(pmetrics.get("selection_pvalue", np.nan))
+        row["registered_model"] = ptags.get("registered_model", "")
+        row["version"] = ptags.get("registered_version", "") if chosen else ""
+        row["trained_on"] = tags.get("trained_on", ptags.get("trained_on", ""))
+        row["schema_version"] = tags.get("schema_version", "")
+        row["git_commit"] = ptags.get("git_commit", "")
+        rows.append(row)
+    df = pd.DataFrame(rows).reindex(columns=list(LEADERBOARD_COLUMNS))
+    if sort_by not in df.columns:
+        raise CompareError(f"cannot sort by {sort_by!r}; choose one of {list(df.columns)}")
+    df = df.sort_values(
+        [sort_by, "started"], ascending=[sort_by in ("brier", "ece"), False], na_position="last"
+    ).reset_index(drop=True)
+    df.index = pd.RangeIndex(1, len(df) + 1, name="rank")
+    return df
+
+
+def _int(v: Any) -> float:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return np.nan
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    return "" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _ci(row: pd.Series, m: str, digits: int = 2) -> str:
+    v, lo, hi = row.get(m), row.get(f"{m}_ci_low"), row.get(f"{m}_ci_high")
+    if v is None or not np.isfinite(v):
+        return ""
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _pval(row: pd.Series, col: str) -> str:
+    p = row.get(col)
+    n = row.get("n_permutations")
+    if p is None or not np.isfinite(p):
+        return "n/a"
+    floor = 1.0 / (1.0 + n) if n is not None and np.isfinite(n) and n > 0 else 0.0
+    return f"<={p:.3f}" if abs(p - floor) < 1e-12 else f"{p:.3f}"
+
+
+def format_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
+    """Human-readable leaderboard: ``metric [95% CI]`` strings and p-values."""
+    out = pd.DataFrame(index=df.index)
+    out["family"] = df["family"]
+    out["training run"] = df["training_run"]
+    out["experiment"] = df["experiment"]
+    out["started (UTC)"] = df["started"]
+    out["n"] = df["n_samples"].map(lambda v: "" if pd.isna(v) else str(int(v)))
+    out["ROC AUC [95% CI]"] = df.apply(_ci, axis=1, m="roc_auc")
+    out["bal. accuracy [95% CI]"] = df.apply(_ci, axis=1, m="balanced_accuracy")
+    out["sensitivity"] = df.apply(_ci, axis=1, m="sensitivity")
+    out["specificity"] = df.apply(_ci, axis=1, m="specificity")
+    out["Brier [95% CI]"] = df.apply(_ci, axis=1, m="brier", digits=3)
+    out["ECE"] = df["ece"].map(lambda v: _num(v, 3))
+    out["perm. p"] = df.apply(_pval, axis=1, col="perm_pvalue")
+    out["registered"] = [
+        f"{m} v{v}" if c and v else ("chosen" if c else "")
+        for m, v, c in zip(df["registered_model"], df["version"], df["chosen"], strict=True)
+    ]
+    return out
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    cols = ["rank", *df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for idx, row in df.iterrows():
+        cells = [str(idx), *(str(v).replace("|", "\\|") for v in row.to_numpy())]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_NOTE = (
+    "Metrics are out-of-fold from nested, repeated, patient-grouped, stratified "
+    "cross-validation; intervals are patient-bootstrap 95% percentile intervals; "
+    "'perm. p' is the label-permutation p-value (n/a when the run had no permutations; "
+    "'<=' marks the smallest p-value its number of permutations can give). The chosen "
+    "family's AUC is optimistic by the choice among families: see the run's "
+    "selection_pvalue."
+)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_leaderboard(
+    df: pd.DataFrame, out_dir: str | os.PathLike[str], *, stem: str = "leaderboard"
+) -> dict[str, Path]:
+    """Write ``<stem>.csv`` (raw numbers), ``<stem>.md`` and ``<stem>.html`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pretty = format_leaderboard(df)
+    paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "html": out / f"{stem}.html"}
+    tmp = paths["csv"].with_name(paths["csv"].name + ".tmp")
+    df.to_csv(tmp, index=True)
+    os.replace(tmp, paths["csv"])
+    _atomic_write(paths["md"], f"# blinaprofile leaderboard\n\n{_markdown(pretty)}\n{_NOTE}\n")
+    table = pretty.to_html(index=True, escape=True, border=0, classes="leaderboard")
+    page = (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>blinaprofile leaderboard"
+        "</title><style>body{font-family:sans-serif;margin:1.5em}"
+        "table{border-collapse:collapse;font-size:0.9em}"
+        "th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}"
+        "th{background:#f4f4f4}</style></head><body>\n"
+        "<h1>blinaprofile leaderboard</h1>\n"
+        f"{table}\n<p>{html.escape(_NOTE)}</p>\n</body></html>\n"
+    )
+    _atomic_write(paths["html"], page)
+    return paths
