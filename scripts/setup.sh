@@ -27,5 +27,5 @@ if [ ! -x .tools/bin/uv ]; then
   "$PY" -m venv .tools
   .tools/bin/python -m pip install --quiet "uv==0.13.9"
 fi
-.tools/bin/uv sync --frozen --python "$PY" --quiet
+.tools/bin/uv sync --frozen --compile-bytecode --python "$PY" --quiet
 echo "setup: environment ready in .venv ($(.venv/bin/python --version))" >&2

@@ -31,7 +31,7 @@ def test_scoring_walkthrough_notebook_executes(tmp_path_factory, tmp_path, monke
     joined = "\n".join(text)
     assert f"model: {sm.model_dir}" in joined
     assert "call " in joined and "probability" in joined
-    assert "no call ['only 3000 events (< 5000)']" in joined
+    assert "no call ['only 3000 events (< 5000)'" in joined
     assert "'n_skipped': 3" in joined and "'n_scored': 0" in joined
     reports = list((tmp_path / "walkthrough-output").glob("*.report.html"))
     assert len(reports) == 1 and reports[0].stat().st_size > 50_000

@@ -138,8 +138,12 @@ def test_simulator_outputs_and_determinism(sim_dir: Path, sim_path: Path, tmp_pa
     # same seed, same counts
     cfg = load_config(SimulationConfig, ROOT / "configs" / "simulation" / "default.yaml")
     cfg = cfg.model_copy(update={"n_patients": 2})
-    p1 = simulate_single_cell_cohort(cfg, tmp_path / "a", n_cells_per_sample=200, n_genes=300, seed=5)
-    p2 = simulate_single_cell_cohort(cfg, tmp_path / "b", n_cells_per_sample=200, n_genes=300, seed=5)
+    p1 = simulate_single_cell_cohort(
+        cfg, tmp_path / "a", n_cells_per_sample=200, n_genes=300, seed=5
+    )
+    p2 = simulate_single_cell_cohort(
+        cfg, tmp_path / "b", n_cells_per_sample=200, n_genes=300, seed=5
+    )
     a1, a2 = ad.read_h5ad(p1), ad.read_h5ad(p2)
     assert (a1.X != a2.X).nnz == 0
     assert a1.obsm["protein"].equals(a2.obsm["protein"])
@@ -232,7 +236,9 @@ def test_features_schema_and_truth_protein(annotated_protein: ad.AnnData) -> Non
     df = featurize_single_cell(a)
     assert a.obs.equals(before)  # the caller's object is not modified
     assert list(df.columns) == COLUMNS
-    assert (df["modality"] == "single_cell").all() and (df["schema_version"] == SCHEMA_VERSION).all()
+    assert (df["modality"] == "single_cell").all() and (
+        df["schema_version"] == SCHEMA_VERSION
+    ).all()
     assert df["cd8_tim3_median"].isna().all() and df["cd8_pd1_median"].isna().all()
     assert df["qc_pass"].dtype == bool and df["qc_pass"].all() and (df["qc_reasons"] == "").all()
     assert (df["n_events"] == 1500).all()
@@ -362,8 +368,11 @@ def test_read_10x_matrix_folder_protein_only_calls() -> None:
 def test_wu2020_cd8_calls_against_published_clusters() -> None:
     a = read_single_cell(WU, sample_key="sample")
     annotate(a, sample_key="sample")
-    published = a.obs["cluster_orig"].astype(str).str[0].map(
-        {"8": "CD8 cluster", "4": "CD4 cluster", "3": "other cluster"}
+    published = (
+        a.obs["cluster_orig"]
+        .astype(str)
+        .str[0]
+        .map({"8": "CD8 cluster", "4": "CD4 cluster", "3": "other cluster"})
     )
     table = pd.crosstab(published, a.obs["bp_lineage"], margins=True)
     print("\nwu2020: published cluster (rows) vs bp_lineage (columns)\n", table)
@@ -373,7 +382,9 @@ def test_wu2020_cd8_calls_against_published_clusters() -> None:
     agreement = float((is8 == pub8).mean())
     sensitivity = float(is8[pub8].mean())
     precision = float(pub8[is8].mean())
-    print(f"agreement {agreement:.3f}, CD8 sensitivity {sensitivity:.3f}, precision {precision:.3f}")
+    print(
+        f"agreement {agreement:.3f}, CD8 sensitivity {sensitivity:.3f}, precision {precision:.3f}"
+    )
     assert called.sum() >= 180  # measured 185 of 191 cells in CD4/CD8 clusters
     assert agreement >= 0.90  # measured 0.930
     assert sensitivity >= 0.92  # measured 0.966
@@ -440,15 +451,23 @@ def test_unreadable_and_unsupported_files(tmp_path: Path) -> None:
         read_single_cell(csv)
     folder = tmp_path / "tenx"
     folder.mkdir()
-    (folder / "matrix.mtx.gz").write_bytes(gzip.compress(b"%%MatrixMarket matrix coordinate integer general\n1 1 0\n"))
-    with pytest.raises(SingleCellInputError, match=r"tenx: not a 10x matrix folder: missing .*barcodes"):
+    (folder / "matrix.mtx.gz").write_bytes(
+        gzip.compress(b"%%MatrixMarket matrix coordinate integer general\n1 1 0\n")
+    )
+    with pytest.raises(
+        SingleCellInputError, match=r"tenx: not a 10x matrix folder: missing .*barcodes"
+    ):
         read_single_cell(folder)
 
 
 def test_missing_sample_key_is_named(sim_path: Path) -> None:
-    with pytest.raises(SingleCellInputError, match=r"default_single_cell\.h5ad: sample key 'donor_sample'"):
+    with pytest.raises(
+        SingleCellInputError, match=r"default_single_cell\.h5ad: sample key 'donor_sample'"
+    ):
         read_single_cell(sim_path, sample_key="donor_sample")
-    with pytest.raises(SingleCellInputError, match=r"sample key 'donor_sample' is not an obs column"):
+    with pytest.raises(
+        SingleCellInputError, match=r"sample key 'donor_sample' is not an obs column"
+    ):
         featurize_single_cell(sim_path, sample_key="donor_sample")
     with pytest.raises(SingleCellInputError, match=r"patient key 'who'"):
         featurize_single_cell(sim_path, patient_key="who")
@@ -465,7 +484,9 @@ def _tiny(n: int = 300, genes: list[str] | None = None, seed: int = 0) -> ad.Ann
 def test_h5ad_without_needed_genes_is_named(tmp_path: Path) -> None:
     path = tmp_path / "no_markers.h5ad"
     _tiny().write_h5ad(path)
-    with pytest.raises(SingleCellInputError, match=r"no_markers\.h5ad: cannot call T cells: .*CD3E"):
+    with pytest.raises(
+        SingleCellInputError, match=r"no_markers\.h5ad: cannot call T cells: .*CD3E"
+    ):
         featurize_single_cell(path)
     # T-cell genes present but no CD4/CD8 genes and no protein
     a = _tiny(genes=["CD3E", "CD3D", "CD3G", *[f"G{i}" for i in range(40)]])
@@ -497,12 +518,14 @@ def test_counts_layer_and_protein_names(tmp_path: Path) -> None:
     a.obsm["protein_expression"] = np.ones((a.n_obs, 2))
     path = tmp_path / "x.h5ad"
     a.write_h5ad(path)
-    with pytest.raises(SingleCellInputError, match=r"obsm\['protein_expression'\] .*without antibody names"):
+    with pytest.raises(
+        SingleCellInputError, match=r"obsm\['protein_expression'\] .*without antibody names"
+    ):
         read_single_cell(path)
     a.uns["protein_names"] = np.array(["CD279_TotalSeqB", "CD366 (TIM-3)"])
     a.write_h5ad(path)
     b = read_single_cell(path)
-    assert (b.X != counts).nnz == 0  # counts layer wins over the normalised X
+    assert (counts != b.X).nnz == 0  # counts layer wins over the normalised X
     assert list(b.obsm["protein"].columns) == ["PD1", "TIM3"]
 
 

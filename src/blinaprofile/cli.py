@@ -23,7 +23,7 @@ COMMANDS: dict[str, str] = {
     "score": "score one sample: HTML report, JSON, probability with interval, call or no call",
     "score-batch": "score many samples (manifest or folder) in parallel; resumable Parquet/CSV",
     "promote": "point a registry alias (e.g. champion) at a model version",
-    "compare": "leaderboard of training runs (metrics, 95% CIs, p-values) from MLflow",
+    "compare": "leaderboard of training runs (metrics with 95 percent CIs, p-values) from MLflow",
     "schema": "print the versioned feature schema",
     "export-gating": "write the gating strategy bound to a sample as GatingML 2.0",
 }
