@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest_scoring_helpers import scoring_model, write_fcs_like
 
 from blinaprofile.errors import InputError
 from blinaprofile.score import RESULT_COLUMNS, file_checksum
+from conftest_scoring_helpers import scoring_model, write_fcs_like
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +66,19 @@ def test_batch_rows_columns_and_error_rows(batch_run, manifest):
     assert err.loc["GARBAGE", "call"] == "error" and "garbage.fcs" in err.loc["GARBAGE", "error"]
     # a panel mismatch is a QC failure: no call with the reason, not an error
     assert err.loc["NOPANEL", "call"] == "no call" and err.loc["NOPANEL", "error"] == ""
-    assert "panel mismatch" in err.loc["NOPANEL", "reasons"] and "TIM3" in err.loc["NOPANEL", "reasons"]
+    assert (
+        "panel mismatch" in err.loc["NOPANEL", "reasons"]
+        and "TIM3" in err.loc["NOPANEL", "reasons"]
+    )
     good = df[~df["sample_id"].isin(["MISSING", "GARBAGE", "NOPANEL"])]
     assert (good["error"] == "").all() and len(good) == 6
     assert good["probability"].between(0, 1).all()
     assert (good["probability_low"] <= good["probability"]).all()
     assert (good["probability"] <= good["probability_high"]).all()
     assert set(good["call"]) <= {"responder", "nonresponder", "no call"}
-    assert good["model_family"].eq("logreg_l2").all() and good["input_sha256"].str.len().eq(64).all()
+    assert (
+        good["model_family"].eq("logreg_l2").all() and good["input_sha256"].str.len().eq(64).all()
+    )
     # consolidated outputs equal the returned table
     pq = pd.read_parquet(out / "results.parquet")
     pd.testing.assert_frame_equal(pq, df, check_dtype=False)
@@ -95,11 +100,14 @@ def test_rerun_skips_finished_and_retries_errors(sm, batch_run, manifest):
     pd.testing.assert_frame_equal(df2, df)
     ok = df.loc[df["error"] == "", "sample_id"]
     n_same = sum(
-        1 for p in (out / "parts").glob("*.json")
+        1
+        for p in (out / "parts").glob("*.json")
         if p.name in before and before[p.name][0] == p.stat().st_mtime_ns
     )
     assert n_same == len(ok)
-    df3 = score_samples(manifest, model=str(sm.model_dir), out_dir=out, n_jobs=1, retry_errors=False)
+    df3 = score_samples(
+        manifest, model=str(sm.model_dir), out_dir=out, n_jobs=1, retry_errors=False
+    )
     assert df3.attrs["batch"]["n_scored"] == 0
 
 
@@ -107,16 +115,30 @@ def test_other_settings_in_the_same_folder_are_refused(sm, batch_run, manifest):
     from blinaprofile import score_samples
 
     _, out, _ = batch_run
-    with pytest.raises(InputError, match="other settings.*threshold"):
+    with pytest.raises(InputError, match=r"other settings.*threshold"):
         score_samples(manifest, model=str(sm.model_dir), out_dir=out, threshold=0.9)
 
 
 def test_cli_score_batch_writes_the_same_columns(sm, manifest, batch_run, tmp_path):
     df, _, _ = batch_run
     out = subprocess.run(
-        [sys.executable, "-m", "blinaprofile", "score-batch", "--manifest", str(manifest),
-         "--model", str(sm.model_dir), "--out", str(tmp_path / "cli"), "--jobs", "2"],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "blinaprofile",
+            "score-batch",
+            "--manifest",
+            str(manifest),
+            "--model",
+            str(sm.model_dir),
+            "--out",
+            str(tmp_path / "cli"),
+            "--jobs",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert out.returncode == 1, out.stderr  # error rows -> exit 1
     err_lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
@@ -135,7 +157,9 @@ def test_folder_input_uses_checksum_pseudonyms(sm, tmp_path):
     folder.mkdir()
     src = sorted((sm.new_cohort / "fcs").glob("*.fcs"))[:2]
     files = [
-        write_fcs_like(s, folder / f"SMITH_JOHN_{i}.fcs", keywords={"$SRC": "SMITH^JOHN", "$FIL": "x"})
+        write_fcs_like(
+            s, folder / f"SMITH_JOHN_{i}.fcs", keywords={"$SRC": "SMITH^JOHN", "$FIL": "x"}
+        )
         for i, s in enumerate(src)
     ]
     df = score_samples(folder, model=str(sm.model_dir), out_dir=tmp_path / "out", n_jobs=1)
@@ -151,16 +175,24 @@ def test_dask_local_cluster_gives_the_same_results(sm, manifest, batch_run, tmp_
 
     df, _, _ = batch_run
     with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=False, host="127.0.0.1",
-        dashboard_address=None, protocol="tcp",
+        n_workers=2,
+        threads_per_worker=1,
+        processes=False,
+        host="127.0.0.1",
+        dashboard_address=None,
+        protocol="tcp",
     ) as cluster:
         addr = cluster.scheduler_address
         assert addr.startswith("tcp://127.0.0.1:")
         t0 = time.perf_counter()
-        dk = score_samples(manifest, model=str(sm.model_dir), scheduler=addr, out_dir=tmp_path / "dask")
+        dk = score_samples(
+            manifest, model=str(sm.model_dir), scheduler=addr, out_dir=tmp_path / "dask"
+        )
         secs = time.perf_counter() - t0
     pd.testing.assert_frame_equal(dk, df)
-    print(f"\ndask LocalCluster {addr}: {len(dk)} samples in {secs:.1f} s, identical to local processes")
+    print(
+        f"\ndask LocalCluster {addr}: {len(dk)} samples in {secs:.1f} s, identical to local processes"
+    )
 
 
 def test_progress_bar_only_when_asked_or_on_a_terminal(sm, tmp_path, capfd):
@@ -189,15 +221,34 @@ def test_sigkill_mid_run_loses_nothing_and_rerun_has_no_duplicates(sm, tmp_path)
     src = pd.read_csv(sm.new_cohort / "manifest.csv")
     files = [str(sm.new_cohort / f) for f in src["file"]]
     n = 36
-    m = pd.DataFrame({"sample_id": [f"K{i:03d}" for i in range(n)], "file": [files[i % len(files)] for i in range(n)]})
+    m = pd.DataFrame(
+        {
+            "sample_id": [f"K{i:03d}" for i in range(n)],
+            "file": [files[i % len(files)] for i in range(n)],
+        }
+    )
     mf = tmp_path / "manifest.csv"
     m.to_csv(mf, index=False)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "blinaprofile", "score-batch", "--manifest", str(mf),
-           "--model", str(sm.model_dir), "--out", str(out), "--jobs", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "blinaprofile",
+        "score-batch",
+        "--manifest",
+        str(mf),
+        "--model",
+        str(sm.model_dir),
+        "--out",
+        str(out),
+        "--jobs",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
-        k = _wait_parts(out / "parts", 3, proc, timeout=600)
+        _wait_parts(out / "parts", 3, proc, timeout=600)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -210,16 +261,25 @@ def test_sigkill_mid_run_loses_nothing_and_rerun_has_no_duplicates(sm, tmp_path)
     assert not (out / "results.parquet").exists()
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"{n} samples: {n - len(finished)} scored now, {len(finished)} already finished" in rerun.stdout
+    assert (
+        f"{n} samples: {n - len(finished)} scored now, {len(finished)} already finished"
+        in rerun.stdout
+    )
     res = pd.read_parquet(out / "results.parquet")
-    assert len(res) == n and res["sample_id"].is_unique and set(res["sample_id"]) == set(m["sample_id"])
+    assert (
+        len(res) == n
+        and res["sample_id"].is_unique
+        and set(res["sample_id"]) == set(m["sample_id"])
+    )
     assert (res["error"] == "").all()
     for name, text in finished.items():
         assert (out / "parts" / name).read_text() == text  # finished results untouched
     assert len(list((out / "parts").glob("*.json"))) == n
     assert not list((out / "parts").glob(".*.tmp"))
-    print(f"\nSIGKILL after {len(finished)}/{n} samples: all {len(finished)} kept; rerun scored "
-          f"{n - len(finished)}, skipped {len(finished)}; {len(res)} rows, no duplicates")
+    print(
+        f"\nSIGKILL after {len(finished)}/{n} samples: all {len(finished)} kept; rerun scored "
+        f"{n - len(finished)}, skipped {len(finished)}; {len(res)} rows, no duplicates"
+    )
 
 
 def test_import_is_light_and_score_samples_is_lazy():

@@ -25,15 +25,24 @@ from blinaprofile.train import cross_validate, evaluate, load_train_config, prep
 _SUBSETS = ("naive", "cm", "em", "temra")
 
 
-def cohort_features(config, *, n_patients: int, events: int = 20_000, seed: int = 0) -> pd.DataFrame:
+def cohort_features(
+    config, *, n_patients: int, events: int = 20_000, seed: int = 0
+) -> pd.DataFrame:
     """A feature table drawn from the generative model with counting noise (see module doc)."""
     cfg = config.model_copy(update={"n_patients": n_patients})
     truth = draw_cohort(cfg, seed=seed)
     # an independent stream: noise must not share random bits with the labels
     rng = np.random.default_rng([seed, 1])
     comp = cfg.composition
-    p_live = 1 - sum(comp.get(k, d) for k, d in
-                     (("debris", 0.05), ("doublets", 0.04), ("monocytes", 0.1), ("dead_lymphocytes", 0.05)))
+    p_live = 1 - sum(
+        comp.get(k, d)
+        for k, d in (
+            ("debris", 0.05),
+            ("doublets", 0.04),
+            ("monocytes", 0.1),
+            ("dead_lymphocytes", 0.05),
+        )
+    )
     dn = comp.get("dn_of_t", 0.04)
     rows = []
     for r in truth.to_dict("records"):
@@ -68,8 +77,12 @@ def _oracle_auc(config, n_patients: int, *, seed: int) -> float:
     """AUC of the Bayes-optimal score (true log-likelihood ratio) on one drawn cohort."""
     truth = draw_cohort(config.model_copy(update={"n_patients": n_patients}), seed=seed)
     names = list(config.latent)
-    mu1 = np.array([np.log(config.latent[k].responder / (1 - config.latent[k].responder)) for k in names])
-    mu0 = np.array([np.log(config.latent[k].nonresponder / (1 - config.latent[k].nonresponder)) for k in names])
+    mu1 = np.array(
+        [np.log(config.latent[k].responder / (1 - config.latent[k].responder)) for k in names]
+    )
+    mu0 = np.array(
+        [np.log(config.latent[k].nonresponder / (1 - config.latent[k].nonresponder)) for k in names]
+    )
     var = np.array([config.latent[k].sd for k in names]) ** 2 + config.within_patient_sd**2
     z = np.log(truth[names] / (1 - truth[names])).to_numpy()
     llr = np.sum(((z - mu0) ** 2 - (z - mu1) ** 2) / (2 * var), axis=1)
@@ -118,7 +131,9 @@ def test_signal_cohort_approaches_the_bayes_optimal_auc(sim_config):
         f"[{m['roc_auc_ci_low']:.3f}, {m['roc_auc_ci_high']:.3f}] ({ev.chosen}); "
         f"Bayes-optimal AUC {bayes.analytic:.3f} (analytic), {bayes.monte_carlo:.3f} (Monte Carlo)"
     )
-    print(f"  the exact likelihood ratio of the true latent fractions reaches {oracle:.3f} on this cohort")
+    print(
+        f"  the exact likelihood ratio of the true latent fractions reaches {oracle:.3f} on this cohort"
+    )
     for fam, fe in ev.families.items():
         print(f"  {fam:<10} CV AUC {fe.metrics['roc_auc']:.3f}")
     assert abs(m["roc_auc"] - bayes.analytic) < 0.05
@@ -140,14 +155,18 @@ def test_feature_selection_outside_the_folds_leaks_ours_does_not(null_config):
     for seed in range(300, 306):
         table = cohort_features(null_config, n_patients=60, seed=seed)
         rng = np.random.default_rng([seed, 2])  # independent of the labels' random stream
-        noise = pd.DataFrame(rng.normal(size=(len(table), 500)), columns=[f"noise_{j:03d}" for j in range(500)])
+        noise = pd.DataFrame(
+            rng.normal(size=(len(table), 500)), columns=[f"noise_{j:03d}" for j in range(500)]
+        )
         table = pd.concat([table, noise], axis=1)
         features = [*MODEL_FEATURES, *noise.columns]
         X, y, g, _, _ = prepare_training_data(table, features)
         cfg = TrainConfig(models=[spec], features=features, repeats=1, n_bootstrap=1000)
         # the leaky pipeline: selection sees every label first, CV only afterwards
         picked = X.columns[SelectKBest(f_classif, k=10).fit(X, y).get_support()]
-        leaky = cross_validate(X[picked], y, g, ModelSpec(family="logreg_l2", grid=grid), cfg, importance=False)
+        leaky = cross_validate(
+            X[picked], y, g, ModelSpec(family="logreg_l2", grid=grid), cfg, importance=False
+        )
         ours = cross_validate(X, y, g, spec, cfg, importance=False)
         lm, om = leaky.metrics, ours.metrics
         print(
@@ -170,7 +189,9 @@ def fcs_cohort(tmp_path_factory, sim_config, panel):
     from blinaprofile.simulate import simulate_cohort
 
     out = tmp_path_factory.mktemp("honesty_fcs")
-    cohort = simulate_cohort(sim_config, out, panel=panel, n_patients=40, events_per_sample=5_000, seed=404)
+    cohort = simulate_cohort(
+        sim_config, out, panel=panel, n_patients=40, events_per_sample=5_000, seed=404
+    )
     return cohort, featurize_manifest(cohort.manifest, n_jobs=1)
 
 
@@ -183,8 +204,12 @@ def test_fcs_cohort_end_to_end(fcs_cohort, sim_config, mlflow_uri, tmp_path, mon
     monkeypatch.setattr(settings, "n_jobs", 1)
     cohort, table = fcs_cohort
     assert (table["error"] == "").all() and len(table) == 40
-    cfg = _default_config(experiment="honesty-fcs", registered_model="honesty-fcs", n_permutations=9)
-    res = train(table, config=cfg, export_dir=tmp_path / "model", trained_on="simulated FCS, seed 404")
+    cfg = _default_config(
+        experiment="honesty-fcs", registered_model="honesty-fcs", n_permutations=9
+    )
+    res = train(
+        table, config=cfg, export_dir=tmp_path / "model", trained_on="simulated FCS, seed 404"
+    )
     bayes = bayes_optimal_auc(sim_config).analytic
     # the same cohort's features straight from the generative model, for comparison
     direct = cohort_features(sim_config, n_patients=40, events=5_000, seed=404)

@@ -69,7 +69,9 @@ def test_tree_shap_equals_brute_force_shapley_values():
     from sklearn.ensemble import RandomForestClassifier
 
     X, y = _data(n=60, d=5, seed=1)
-    rf = RandomForestClassifier(n_estimators=8, min_samples_leaf=2, random_state=0).fit(X.to_numpy(), y)
+    rf = RandomForestClassifier(n_estimators=8, min_samples_leaf=2, random_state=0).fit(
+        X.to_numpy(), y
+    )
     Z = X.to_numpy()[:4]
     phi, base = tree_shap(list(rf.estimators_), Z)
     brute = np.array([_brute_force_shap(rf.estimators_, z, 5) for z in Z])
@@ -93,11 +95,14 @@ def test_tree_shap_local_accuracy_on_a_deep_forest():
 
 
 @pytest.mark.parametrize(
-    "family", ["logreg_l2", "logreg_l1", "logreg_elasticnet", "xgboost", "random_forest", "linear_svm"]
+    "family",
+    ["logreg_l2", "logreg_l1", "logreg_elasticnet", "xgboost", "random_forest", "linear_svm"],
 )
 def test_contributions_add_up_to_the_log_odds(family):
     X, y = _data()
-    spec = ModelSpec(family=family, params={"n_estimators": 40} if family in ("xgboost", "random_forest") else {})
+    spec = ModelSpec(
+        family=family, params={"n_estimators": 40} if family in ("xgboost", "random_forest") else {}
+    )
     pipe = build_pipeline(spec, seed=0).fit(X, y)
     c = contributions(pipe, X)
     assert list(c.columns) == list(X.columns)
@@ -140,8 +145,13 @@ def test_probability_interval_brackets_the_probability():
 
 def _meta(features: list[str], X: pd.DataFrame) -> dict:
     stats = {
-        f: {"median": float(X[f].median()), "mad": float((X[f] - X[f].median()).abs().median()),
-            "min": float(X[f].min()), "max": float(X[f].max()), "min_scale": 0.1}
+        f: {
+            "median": float(X[f].median()),
+            "mad": float((X[f] - X[f].median()).abs().median()),
+            "min": float(X[f].min()),
+            "max": float(X[f].max()),
+            "min_scale": 0.1,
+        }
         for f in features
     }
     return {
@@ -168,7 +178,11 @@ def test_saved_model_round_trip_with_interval_and_threshold_param(tmp_path):
         refits.append(build_pipeline(spec).fit(X.iloc[idx], y[idx]))
     features = list(X.columns)
     out = save_model(
-        tmp_path / "m", pipe, _meta(features, X), training_table=X.assign(response=y), uncertainty=refits
+        tmp_path / "m",
+        pipe,
+        _meta(features, X),
+        training_table=X.assign(response=y),
+        uncertainty=refits,
     )
     assert (out / "artifacts" / "training_features.csv").is_file()
     assert (out / "artifacts" / "uncertainty.skops").is_file()

@@ -15,14 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_scoring_helpers import scoring_model, write_fcs_like
 
 from blinaprofile.report import write_report
 from blinaprofile.score import NO_CALL, file_checksum, score_sample
+from conftest_scoring_helpers import scoring_model, write_fcs_like
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
-IDENT = {"$SRC": "DOE^JANE", "$OP": "Operator Smith", "$DATE": "02-MAR-2026", "$FIL": "JANE_DOE_01.fcs"}
+IDENT = {
+    "$SRC": "DOE^JANE",
+    "$OP": "Operator Smith",
+    "$DATE": "02-MAR-2026",
+    "$FIL": "JANE_DOE_01.fcs",
+}
 
 
 @pytest.fixture(scope="module")
@@ -99,30 +104,56 @@ def test_report_is_self_contained_and_private(report):
     html = path.read_text(encoding="utf-8")
     c = _parse(html)
     # offline: no external resource of any kind
-    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", re.sub(r"base64,[A-Za-z0-9+/=]+", "", html))
+    assert not re.search(
+        r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", re.sub(r"base64,[A-Za-z0-9+/=]+", "", html)
+    )
     assert "script" not in c.tags and "link" not in c.tags and "iframe" not in c.tags
     assert c.srcs and all(s.startswith("data:image/png;base64,") for s in c.srcs)
     assert not c.hrefs
     # key elements
-    for i in ("sample-id", "call", "probability", "probability-interval", "threshold", "qc-verdict",
-              "qc-table", "top-features", "training-comparison", "gating-plots", "gate-counts",
-              "provenance", "model-name", "model-version", "model-alias", "checksum", "panel",
-              "gating-strategy", "interval-method", "qc-thresholds"):
+    for i in (
+        "sample-id",
+        "call",
+        "probability",
+        "probability-interval",
+        "threshold",
+        "qc-verdict",
+        "qc-table",
+        "top-features",
+        "training-comparison",
+        "gating-plots",
+        "gate-counts",
+        "provenance",
+        "model-name",
+        "model-version",
+        "model-alias",
+        "checksum",
+        "panel",
+        "gating-strategy",
+        "interval-method",
+        "qc-thresholds",
+    ):
         assert i in c.ids, i
     assert c.get("call") == res.call
     assert c.get("probability") == f"{res.probability:.3f}"
-    assert c.get("probability-interval") == f"{res.probability_low:.3f} - {res.probability_high:.3f}"
+    assert (
+        c.get("probability-interval") == f"{res.probability_low:.3f} - {res.probability_high:.3f}"
+    )
     assert c.get("checksum") == file_checksum(f)
     assert c.get("sample-id") == f"S-{file_checksum(f)[:12]}"
     assert c.get("gating-strategy").startswith("default-tcell")
-    assert "ood_max_z = 4.0" in c.get("qc-thresholds") and "min_events = 5000" in c.get("qc-thresholds")
+    assert "ood_max_z = 4.0" in c.get("qc-thresholds") and "min_events = 5000" in c.get(
+        "qc-thresholds"
+    )
     for t in res.top_features:
         assert t["feature"] in c.get("top-features")
     # privacy: no TEXT keyword value and not the file's name
     visible = re.sub(r"base64,[A-Za-z0-9+/=]+", "", html)
     for v in [*IDENT.values(), f.name, f.stem, "JANE", "Smith"]:
         assert v not in visible, v
-    print(f"\nreport {path.stat().st_size / 1e3:.0f} kB, {len(c.srcs)} embedded figures, {len(c.ids)} ids")
+    print(
+        f"\nreport {path.stat().st_size / 1e3:.0f} kB, {len(c.srcs)} embedded figures, {len(c.ids)} ids"
+    )
 
 
 def test_no_call_report_shows_reasons(no_call_report):
@@ -136,31 +167,50 @@ def test_no_call_report_shows_reasons(no_call_report):
 
 
 def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    return (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
 
 
 def _chromium_args(exe: str, profile: Path) -> list[str]:
     return [
-        exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1200,2400",
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1200,2400",
     ]
 
 
 def _render(path: Path, png: Path, tmp: Path) -> str:
     exe = _chromium()
     if exe is None:
-        pytest.skip("chromium not installed (apt-get install -y chromium); the CI script installs it")
+        pytest.skip(
+            "chromium not installed (apt-get install -y chromium); the CI script installs it"
+        )
     png.parent.mkdir(parents=True, exist_ok=True)
     url = path.resolve().as_uri()
     shot = subprocess.run(
         [*_chromium_args(exe, tmp / "profile1"), f"--screenshot={png}", url],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert shot.returncode == 0 and png.is_file(), shot.stderr[-2000:]
     dom = subprocess.run(
         [*_chromium_args(exe, tmp / "profile2"), "--dump-dom", url],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
     return dom.stdout
@@ -193,7 +243,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
 
 def test_no_call_report_renders_in_headless_chromium(no_call_report, tmp_path):
-    res, path = no_call_report
+    _, path = no_call_report
     png = ARTIFACTS / "report_no_call.png"
     c = _parse(_render(path, png, tmp_path))
     assert c.get("call") == NO_CALL and "no-call-reasons" in c.ids

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest_scoring_helpers import scoring_model, set_tracking, write_fcs_like
 
 from blinaprofile.config import QCConfig
 from blinaprofile.score import (
@@ -22,6 +21,7 @@ from blinaprofile.score import (
     score_features,
     score_sample,
 )
+from conftest_scoring_helpers import scoring_model, set_tracking, write_fcs_like
 
 IDENTIFYING = {
     "$SRC": "DOE^JANE",

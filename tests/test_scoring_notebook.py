@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from conftest_scoring_helpers import scoring_model
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "scoring_walkthrough.ipynb"

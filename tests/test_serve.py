@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest_scoring_helpers import scoring_model
 
 from blinaprofile.schema import MODEL_FEATURES
+from conftest_scoring_helpers import scoring_model
 
 START_TIMEOUT = 180.0
 
@@ -35,7 +35,10 @@ def _free_port() -> int:
 
 def _post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
     req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -56,9 +59,25 @@ def server(sm, tmp_path_factory):
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": path}
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
-            [str(mlflow_exe), "models", "serve", "-m", str(sm.model_dir), "--host", "127.0.0.1",
-             "--port", str(port), "--env-manager", "local", "--workers", "1"],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [
+                str(mlflow_exe),
+                "models",
+                "serve",
+                "-m",
+                str(sm.model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--env-manager",
+                "local",
+                "--workers",
+                "1",
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -74,7 +93,9 @@ def server(sm, tmp_path_factory):
                 break
             time.sleep(0.5)
         if not ready:
-            raise AssertionError(f"server not ready in {START_TIMEOUT:.0f} s:\n{log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"server not ready in {START_TIMEOUT:.0f} s:\n{log.read_text()[-3000:]}"
+            )
         yield base
     finally:
         if proc.poll() is None:
@@ -115,7 +136,12 @@ def test_rest_schema_is_enforced(server):
     assert MODEL_FEATURES[-1] in json.dumps(answer)
     status, answer = _post(
         f"{server}/invocations",
-        {"dataframe_split": {"columns": list(MODEL_FEATURES), "data": [["high"] * len(MODEL_FEATURES)]}},
+        {
+            "dataframe_split": {
+                "columns": list(MODEL_FEATURES),
+                "data": [["high"] * len(MODEL_FEATURES)],
+            }
+        },
     )
     assert status == 400, answer
     print("\nschema errors:", answer.get("error_code"), str(answer.get("message"))[:200])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import shutil
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import h5py
@@ -35,9 +36,15 @@ CITE5K = SC / "citeseq_scvi_tests" / "pbmc_5k_protein_v3.h5ad"
 CITE10K = SC / "citeseq_scvi_tests" / "pbmc_10k_protein_v3.h5ad"
 MTX = SC / "citeseq_scvi_tests" / "10x_pbmc10k_protein_v3_mtx"
 
-needs_shared = pytest.mark.skipif(
+_skip_no_shared = pytest.mark.skipif(
     not SC.is_dir(), reason=f"shared single-cell data not found at {SC} (../shared/data)"
 )
+
+
+def needs_shared(func: Any) -> Any:
+    """Mark a test as needing ../shared/data and skip it with the reason when absent."""
+    return pytest.mark.shared(_skip_no_shared(func))
+
 
 COLUMNS = [
     "sample_id",
@@ -544,3 +551,39 @@ def test_copy_of_shared_h5ad_reads(tmp_path: Path) -> None:
     shutil.copy(WU, dst)
     with pytest.raises(SingleCellInputError, match=r"wu_copy\.h5ad: sample key 'nope'"):
         featurize_single_cell(dst, sample_key="nope")
+
+
+def test_object_where_no_cell_passes_qc(sim_path: Path) -> None:
+    a = read_single_cell(sim_path)
+    a = a[(a.obs["truth_state"] == "empty").to_numpy()].copy()  # empty droplets only
+    df = featurize_single_cell(a)
+    assert not df["qc_pass"].any() and (df["n_live"] == 0).all()
+    assert df["qc_reasons"].str.startswith("only 0 QC-passed cells (< 200)").all()
+    assert df[feature_names()].isna().all().all()
+    annotate(a)
+    assert not a.obs["bp_qc_pass"].any() and (a.obs["bp_lineage"] == "NA").all()
+
+
+def test_no_genes_and_cellranger2_h5(tmp_path: Path) -> None:
+    empty = ad.AnnData(
+        X=sp.csr_matrix((5, 0), dtype=np.float32),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(5)]),
+    )
+    p = tmp_path / "nogenes.h5ad"
+    empty.write_h5ad(p)
+    with pytest.raises(SingleCellInputError, match=r"nogenes\.h5ad: the object has no genes"):
+        read_single_cell(p)
+    # Cell Ranger 2 layout: one group per genome with genes / gene_names
+    X = sp.csr_matrix(np.array([[1, 0, 2], [0, 3, 0]], dtype=np.float32))
+    csc = X.T.tocsc()
+    h5 = tmp_path / "cr2.h5"
+    with h5py.File(h5, "w") as f:
+        g = f.create_group("GRCh38")
+        g["data"], g["indices"], g["indptr"] = csc.data, csc.indices, csc.indptr
+        g["shape"] = np.array(csc.shape)
+        g["barcodes"] = np.array([b"AAA-1", b"CCC-1"])
+        g["genes"] = np.array([b"ENSG1", b"ENSG2", b"ENSG3"])
+        g["gene_names"] = np.array([b"CD3E", b"CD8A", b"CD4"])
+    a = read_single_cell(h5)
+    assert list(a.var_names) == ["CD3E", "CD8A", "CD4"] and list(a.obs_names) == ["AAA-1", "CCC-1"]
+    assert (a.X != X).nnz == 0 and "protein" not in a.obsm

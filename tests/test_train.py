@@ -138,8 +138,11 @@ def test_cv_keeps_all_samples_of_a_patient_on_one_side():
     groups = np.repeat([f"P{i}" for i in range(n_pat)], 2)
     rf = {"n_estimators": 50, "min_samples_leaf": 1}
     leaky = cross_val_predict(
-        RandomForestClassifier(**rf, random_state=0), X, y,
-        cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba",
+        RandomForestClassifier(**rf, random_state=0),
+        X,
+        y,
+        cv=StratifiedKFold(5, shuffle=True, random_state=0),
+        method="predict_proba",
     )[:, 1]
     cfg = _cfg(models=[ModelSpec(family="random_forest", params=rf)])
     ours = cross_validate(X, y, groups, cfg.models[0], cfg, importance=False)
@@ -151,11 +154,15 @@ def test_cv_keeps_all_samples_of_a_patient_on_one_side():
 def test_threshold_is_chosen_inside_the_folds(sim_config):
     table = _table(sim_config, 40, seed=1)
     X, y, g, _, _ = prepare_training_data(table, list(MODEL_FEATURES))
-    fixed = cross_validate(X, y, g, _cfg().models[0], _cfg(threshold=ThresholdRule(rule="fixed", value=0.3)))
+    fixed = cross_validate(
+        X, y, g, _cfg().models[0], _cfg(threshold=ThresholdRule(rule="fixed", value=0.3))
+    )
     assert set(fixed.fold_thresholds) == {0.3}
     assert (fixed.calls == (fixed.oof >= 0.3)).all()
     bal = cross_validate(X, y, g, _cfg().models[0], _cfg())
-    sens = cross_validate(X, y, g, _cfg().models[0], _cfg(threshold=ThresholdRule(rule="min_sensitivity", value=0.95)))
+    sens = cross_validate(
+        X, y, g, _cfg().models[0], _cfg(threshold=ThresholdRule(rule="min_sensitivity", value=0.95))
+    )
     # thresholds differ between folds: each comes from its own training split
     assert len(set(np.round(bal.fold_thresholds, 6))) > 1
     # the oof probabilities do not depend on the rule; the calls do
@@ -171,9 +178,14 @@ def test_threshold_is_chosen_inside_the_folds(sim_config):
 def test_config_problems_are_reported(sim_config):
     table = _table(sim_config, 20)
     with pytest.raises(ConfigError, match="select k"):
-        evaluate(table, config=_cfg(models=[ModelSpec(family="logreg_l2", grid={"select__k": [3, 99]})]))
+        evaluate(
+            table, config=_cfg(models=[ModelSpec(family="logreg_l2", grid={"select__k": [3, 99]})])
+        )
     with pytest.raises(ConfigError, match="more than once"):
-        evaluate(table, config=_cfg(models=[ModelSpec(family="logreg_l2"), ModelSpec(family="logreg_l2")]))
+        evaluate(
+            table,
+            config=_cfg(models=[ModelSpec(family="logreg_l2"), ModelSpec(family="logreg_l2")]),
+        )
     tiny = table[table["patient_id"].isin(table.groupby("response")["patient_id"].first())]
     with pytest.raises(ModelError, match="at least 2 patients of each class"):
         evaluate(tiny, config=_cfg())
@@ -192,7 +204,13 @@ def trained(sim_config, mlflow_uri, tmp_path, monkeypatch):
         "n_permutations: 4\nmodels:\n  - family: logreg_l2\n    grid: {clf__C: [0.1, 1.0]}\n"
         "  - family: random_forest\n    params: {n_estimators: 30}\n"
     )
-    res = train(table, config_path=cfg_path, export_dir=tmp_path / "model", trained_on="unit test", run_name="unit-run")
+    res = train(
+        table,
+        config_path=cfg_path,
+        export_dir=tmp_path / "model",
+        trained_on="unit test",
+        run_name="unit-run",
+    )
     return res, mlflow_uri, table
 
 
@@ -211,13 +229,21 @@ def test_training_run_logs_everything_and_registers(trained):
         assert 0 < fm["perm_pvalue"] <= 1 and fm["n_permutations"] == 4
     assert m["roc_auc"] == pytest.approx(res.metrics[res.chosen]["roc_auc"])
     assert 0 < m["selection_pvalue"] <= 1
-    assert p["n_samples"] == "40" and p["n_permutations"] == "4" and p["schema_version"] == SCHEMA_VERSION
+    assert (
+        p["n_samples"] == "40"
+        and p["n_permutations"] == "4"
+        and p["schema_version"] == SCHEMA_VERSION
+    )
     assert tags["chosen_family"] == res.chosen and tags["git_commit"]
     assert tags["version.scikit-learn"] and tags["version.mlflow"] == mlflow.__version__
     arts = {a.path for a in client.list_artifacts(res.run_id)}
     assert {"config", "cv", "plots", "importance", "environment"} <= arts
     assert {a.path for a in client.list_artifacts(res.run_id, "plots")} == {
-        "plots/roc.png", "plots/pr.png", "plots/calibration.png", "plots/importance.png"}
+        "plots/roc.png",
+        "plots/pr.png",
+        "plots/calibration.png",
+        "plots/importance.png",
+    }
     assert "config/train.yaml" in {a.path for a in client.list_artifacts(res.run_id, "config")}
     # the feature table as a dataset with its schema version
     (ds,) = run.inputs.dataset_inputs
@@ -244,15 +270,21 @@ def test_training_run_logs_everything_and_registers(trained):
     assert (res.export_dir / "artifacts" / "training_features.csv").is_file()
     # the exported folder and the registry give the same probabilities
     pf2, _ = load_model(res.export_dir)
-    np.testing.assert_allclose(pf2.predict(table[runtime.features].head(5))["probability"], out["probability"])
+    np.testing.assert_allclose(
+        pf2.predict(table[runtime.features].head(5))["probability"], out["probability"]
+    )
 
 
 def test_promote_moves_the_alias_and_compare_writes_a_leaderboard(trained, tmp_path, capsys):
     from blinaprofile.cli import main
 
-    res, uri, table = trained
-    cfg = _cfg(experiment="unit", registered_model="unit-model", alias="challenger",
-               models=[ModelSpec(family="logreg_l1", grid={"clf__C": [0.3, 1.0]})])
+    _, uri, table = trained
+    cfg = _cfg(
+        experiment="unit",
+        registered_model="unit-model",
+        alias="challenger",
+        models=[ModelSpec(family="logreg_l1", grid={"clf__C": [0.3, 1.0]})],
+    )
     res2 = train(table, config=cfg, tracking_uri=uri, trained_on="unit test 2")
     assert res2.version == "2"
     assert main(["promote", "unit-model", "2", "--alias", "champion"]) == 0
@@ -260,7 +292,14 @@ def test_promote_moves_the_alias_and_compare_writes_a_leaderboard(trained, tmp_p
     assert "unit-model@champion -> version 2 (was version 1)" in out
     import mlflow
 
-    assert str(mlflow.tracking.MlflowClient(uri).get_model_version_by_alias("unit-model", "champion").version) == "2"
+    assert (
+        str(
+            mlflow.tracking.MlflowClient(uri)
+            .get_model_version_by_alias("unit-model", "champion")
+            .version
+        )
+        == "2"
+    )
     assert main(["promote", "unit-model", "9"]) == 2
     assert "cannot promote unit-model version 9" in capsys.readouterr().err
 

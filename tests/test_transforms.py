@@ -550,3 +550,27 @@ def test_fast_paths_are_in_use() -> None:
     table = bt._build_poly_table(bt._hyperlog_constants(262144.0, 0.5, 4.5, 0.0), 262144.0)
     assert table is not None
     assert bt._wsp_biex_tables(0.0, -10.0, 4.41854, 262144.000029)[0].__name__ == "kernel"
+
+
+def test_transform_columns_into_preallocated_buffers() -> None:
+    data = _event_matrix(40_000)
+    transforms: dict[int, bt.Transform] = {
+        1: bt.LogicleTransform(262144.0, 0.5, 4.5, 0.0),
+        4: bt.AsinhTransform(262144.0, 4.5, 0.0),
+    }
+    buffers = {1: np.full(40_000, np.nan), 4: np.full(40_000, np.nan)}
+    result = bt.transform_columns(data, transforms, out=buffers)
+    assert result[1] is buffers[1]
+    assert result[4] is buffers[4]
+    for col, tr in transforms.items():
+        np.testing.assert_array_equal(buffers[col], tr.apply(data[:, col]))
+    strided = np.full((40_000, 2), np.nan)
+    bt.transform_columns(data, {1: transforms[1]}, out={1: strided[:, 1]})
+    np.testing.assert_array_equal(strided[:, 1], buffers[1])
+    assert np.isnan(strided[:, 0]).all()
+    with pytest.raises(ValueError, match="out"):
+        bt.transform_columns(data, transforms, out={1: buffers[1]})  # 4 missing
+    with pytest.raises(ValueError, match="out"):
+        bt.transform_columns(data, {1: transforms[1]}, out={1: np.empty(10)})
+    with pytest.raises(ValueError, match="out"):
+        bt.transform_columns(data, {1: transforms[1]}, out={1: np.empty(40_000, np.float32)})

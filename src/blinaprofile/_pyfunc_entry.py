@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import mlflow
+import mlflow.models
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from blinaprofile.model import ResponderModel, load_pipeline
 
 
-class BlinaprofilePyfunc(mlflow.pyfunc.PythonModel):
+class BlinaprofilePyfunc(PythonModel):
     """pyfunc wrapper: feature table in; probability (with interval), call, contributions out."""
 
     def load_context(self, context: Any) -> None:

@@ -174,7 +174,7 @@ def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
     except BlinaprofileError as err:
         msg = str(err) if err.path else f"{job.path}: {err}"
         return _error_row(job, msg)
-    except Exception as err:  # noqa: BLE001 - one bad sample must not stop the batch
+    except Exception as err:
         return _error_row(job, f"{job.path}: internal error: {type(err).__name__}: {err}")
 
 
@@ -234,9 +234,22 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
     df = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
     text = {
-        "sample_id", "modality", "call", "reasons", "ood_feature", "top_features", "model_name",
-        "model_version", "model_alias", "model_uri", "model_family", "schema_version",
-        "gating_strategy", "input_sha256", "interval_method", "error",
+        "sample_id",
+        "modality",
+        "call",
+        "reasons",
+        "ood_feature",
+        "top_features",
+        "model_name",
+        "model_version",
+        "model_alias",
+        "model_uri",
+        "model_family",
+        "schema_version",
+        "gating_strategy",
+        "input_sha256",
+        "interval_method",
+        "error",
     }
     for c in df.columns:
         if c == "qc_pass":
@@ -314,7 +327,7 @@ def _windowed(
                 row = fut.result()
             except BrokenProcessPool:
                 raise
-            except Exception as err:  # noqa: BLE001 - a failed task is this sample's error
+            except Exception as err:
                 row = _error_row(job, f"{job.path}: worker failed: {type(err).__name__}: {err}")
             nxt = next(it, None)
             if nxt is not None:
@@ -330,13 +343,17 @@ def _run_dask(
     own = not isinstance(scheduler, Client)
     client = Client(scheduler, set_as_default=False) if own else scheduler
     try:
-        n_workers = max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
+        n_workers = max(
+            1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+        )
         window = 2 * n_workers
         futures: dict[Any, BatchJob] = {}
         it = iter(todo)
 
         def submit(job: BatchJob) -> Any:
-            f = client.submit(score_job, job, options, pure=False, key=f"blinaprofile-score-{job.key}")
+            f = client.submit(
+                score_job, job, options, pure=False, key=f"blinaprofile-score-{job.key}"
+            )
             futures[f] = job
             return f
 
@@ -346,7 +363,7 @@ def _run_dask(
             job = futures.pop(fut)
             try:
                 row = fut.result()
-            except Exception as err:  # noqa: BLE001 - a lost worker is this sample's error
+            except Exception as err:
                 row = _error_row(job, f"{job.path}: worker failed: {type(err).__name__}: {err}")
             fut.release()
             nxt = next(it, None)

@@ -356,12 +356,14 @@ class QCConfig(_Strict):
 
 def _format_validation_error(err: ValidationError) -> str:
     parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+    for e in err.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
@@ -390,12 +392,16 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    # keys written in this mapping (not brought in by a ``<<: *anchor`` merge, which they
+    # may override as YAML allows)
+    explicit = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
     loader.flatten_mapping(node)
     out: dict[Any, Any] = {}
+    written: set[Any] = set()
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         try:
-            duplicate = key in out
+            duplicate = key in written and id(key_node) in explicit
         except TypeError:  # an unhashable key (a list or mapping used as a key)
             raise yaml.constructor.ConstructorError(
                 None, None, "a list or mapping cannot be a key", key_node.start_mark
@@ -404,6 +410,8 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
+        if id(key_node) in explicit:
+            written.add(key)
         out[key] = loader.construct_object(value_node, deep=True)
     return out
 
@@ -421,6 +429,11 @@ def parse_yaml(text: str, *, source: str | os.PathLike[str] | None = None) -> An
     """
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(str(err.problem or err.context or "syntax error").split())
+        raise ConfigError(f"not valid YAML{where}: {what}", path=source) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"not valid YAML: {' '.join(str(err).split())}", path=source) from None
     except RecursionError:

@@ -215,6 +215,16 @@ def _featurize_one(args: tuple[str, str, str, str | None, bool, QCConfig]) -> di
         }
 
 
+def _single_threaded() -> bool:
+    """Whether this process has one OS thread (native library pools count too)."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:  # not Linux
+        import threading
+
+        return threading.active_count() == 1
+
+
 def featurize_manifest(
     manifest: str | os.PathLike[str] | pd.DataFrame,
     *,
@@ -251,7 +261,11 @@ def featurize_manifest(
     ]
     n_jobs = settings.n_jobs if n_jobs is None else n_jobs
     if n_jobs > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs))) as pool:
+        import multiprocessing as mp
+
+        # fork only while single-threaded (forking a multi-threaded process may deadlock)
+        ctx = mp.get_context("fork" if _single_threaded() else "forkserver")
+        with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs)), mp_context=ctx) as pool:
             rows = list(pool.map(_featurize_one, jobs, chunksize=max(1, len(jobs) // (4 * n_jobs))))
     else:
         rows = [_featurize_one(j) for j in jobs]

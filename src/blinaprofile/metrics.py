@@ -139,7 +139,9 @@ def calibration_table(y: np.ndarray, prob: np.ndarray, *, n_bins: int = 5) -> pd
                 "observed_fraction": float(y[m].mean()),
             }
         )
-    return pd.DataFrame(rows, columns=["bin_low", "bin_high", "n", "mean_predicted", "observed_fraction"])
+    return pd.DataFrame(
+        rows, columns=["bin_low", "bin_high", "n", "mean_predicted", "observed_fraction"]
+    )
 
 
 # --------------------------------------------------------------------------- threshold

@@ -133,7 +133,11 @@ def _tree_paths(tree: Any) -> tuple[list[float], list[dict[int, tuple[float, flo
         for child, is_left in ((left[node], True), (right[node], False)):
             frac = wn[child] / wn[node]
             new = dict(cond)
-            new[f] = (lo, min(hi, thr[node]), cov * frac) if is_left else (max(lo, thr[node]), hi, cov * frac)
+            new[f] = (
+                (lo, min(hi, thr[node]), cov * frac)
+                if is_left
+                else (max(lo, thr[node]), hi, cov * frac)
+            )
             stack.append((child, new))
     return leaves, paths
 
@@ -182,8 +186,8 @@ def tree_shap(estimators: list[Any], Z: np.ndarray) -> tuple[np.ndarray, float]:
     LO = np.full((L, D), -np.inf)
     HI = np.full((L, D), np.inf)
     ZF = np.ones((L, D))
-    for li, p in enumerate(paths):
-        for k, (f, (lo, hi, cov)) in enumerate(p.items()):
+    for li, path in enumerate(paths):
+        for k, (f, (lo, hi, cov)) in enumerate(path.items()):
             F[li, k], LO[li, k], HI[li, k], ZF[li, k] = f, lo, hi, cov
     V = np.asarray(vals) / len(estimators)
     expected = float(np.sum(V * np.prod(ZF, axis=1)))
@@ -195,20 +199,20 @@ def tree_shap(estimators: list[Any], Z: np.ndarray) -> tuple[np.ndarray, float]:
     for start in range(0, n, chunk):
         Xc = Z[start : start + chunk]
         xv = Xc[:, F]  # c x L x D
-        O = ((xv > LO) & (xv <= HI)).astype(float)
+        ind = ((xv > LO) & (xv <= HI)).astype(float)
         # full polynomial prod_k (z_k + o_k t): coefficients c x L x (D + 1)
-        P = np.zeros((*O.shape[:2], D + 1))
+        P = np.zeros((*ind.shape[:2], D + 1))
         P[..., 0] = 1.0
         for k in range(D):
-            z, o = ZF[None, :, k, None], O[:, :, k, None]
+            z, o = ZF[None, :, k, None], ind[:, :, k, None]
             shifted = np.concatenate([np.zeros_like(P[..., :1]), P[..., :-1]], axis=-1)
             P = P * z + shifted * o
-        contrib = np.zeros(O.shape)
+        contrib = np.zeros(ind.shape)
         for k in range(D):
             z = ZF[None, :, k]
-            o = O[:, :, k]
+            o = ind[:, :, k]
             # divide out (z + o t): o == 1 -> synthetic division from the top; o == 0 -> / z
-            Q1 = np.zeros((*O.shape[:2], D))
+            Q1 = np.zeros((*ind.shape[:2], D))
             Q1[..., D - 1] = P[..., D]
             for s in range(D - 1, 0, -1):
                 Q1[..., s - 1] = P[..., s] - z * Q1[..., s]
@@ -274,11 +278,11 @@ def contributions(pipe: Any, X: pd.DataFrame) -> pd.DataFrame:
         prob = clf.predict_proba(Z)[:, 1]
         out[:, cols] = _to_log_odds(phi, prob, base)
     else:
-        base = _logit(clf.predict_proba(Z)[:, 1])
+        full = _logit(clf.predict_proba(Z)[:, 1])
         for j in range(Z.shape[1]):
             Zj = Z.copy()
             Zj[:, j] = 0.0
-            out[:, cols[j]] = base - _logit(clf.predict_proba(Zj)[:, 1])
+            out[:, cols[j]] = full - _logit(clf.predict_proba(Zj)[:, 1])
     return pd.DataFrame(out, columns=names, index=X.index)
 
 
@@ -398,7 +402,7 @@ def _package(
     """Write the model's files into ``staging``; return MLflow save/log keyword arguments."""
     import skops.io as sio
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     staging.mkdir(parents=True)
     sk = staging / "pipeline.skops"
@@ -423,15 +427,14 @@ def _package(
         training_table.to_csv(tt, index=False)
         artifacts["training_features"] = str(tt)
     features = list(meta["features"])
-    out_cols = [
-        ColSpec("double", "probability"),
-        ColSpec("double", "probability_low"),
-        ColSpec("double", "probability_high"),
-        ColSpec("string", "call"),
-    ] + [ColSpec("double", f"contrib_{f}") for f in features]
+    in_cols: list[ColSpec | TensorSpec] = [ColSpec("double", f) for f in features]
+    out_names = ["probability", "probability_low", "probability_high"]
+    out_cols: list[ColSpec | TensorSpec] = [ColSpec("double", n) for n in out_names]
+    out_cols.append(ColSpec("string", "call"))
+    out_cols.extend(ColSpec("double", f"contrib_{f}") for f in features)
     signature = ModelSignature(
-        inputs=Schema([ColSpec("double", f) for f in features]),  # type: ignore[arg-type]
-        outputs=Schema(out_cols),  # type: ignore[arg-type]
+        inputs=Schema(in_cols),
+        outputs=Schema(out_cols),
         params=ParamSchema([ParamSpec("threshold", "double", float(meta["threshold"]))]),
     )
     return {

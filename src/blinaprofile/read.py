@@ -109,6 +109,51 @@ def _describe_bytes(raw: bytes) -> str:
 _BAD_ID_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
+def _parse_csv(text: str, p: Path) -> pd.DataFrame:
+    """Parse CSV text strictly: no row has more (non-empty) fields than the header.
+
+    The delimiter is ``,`` unless the header has none and uses tabs or ``;``.
+    """
+    import csv
+    import io
+
+    import pandas as pd
+
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    # spreadsheet exports: tab-separated, or ';' where ',' is the decimal separator
+    delimiter = next((d for d in ("\t", ";") if d in first and "," not in first), ",")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[list[str]] = []
+    header: list[str] | None = None
+    try:
+        for row in reader:
+            cells = [c.strip() for c in row]
+            if not any(cells):
+                continue  # blank line
+            if header is None:
+                header = [c.lower() for c in cells]
+                continue
+            if len(cells) > len(header):
+                if any(cells[len(header) :]):
+                    raise ManifestError(
+                        f"not a valid CSV: line {reader.line_num} has {len(cells)} fields but "
+                        f"the header has {len(header)}",
+                        path=p,
+                    )
+                cells = cells[: len(header)]  # trailing empty cells (spreadsheet exports)
+            rows.append(cells + [""] * (len(header) - len(cells)))
+    except csv.Error as err:
+        raise ManifestError(f"not a valid CSV: {err} (line {reader.line_num})", path=p) from None
+    if header is None:
+        raise ManifestError("the manifest is empty", path=p)
+    dup_cols = sorted({c for c in header if header.count(c) > 1 and c})
+    if dup_cols:
+        raise ManifestError(f"column(s) {dup_cols} appear more than once", path=p)
+    if "" in header:
+        raise ManifestError(f"column {header.index('') + 1} of the header has no name", path=p)
+    return pd.DataFrame(rows, columns=header, dtype=str)
+
+
 def read_manifest(
     path: str | os.PathLike[str], *, require_response: bool = False, check_files: bool = True
 ) -> pd.DataFrame:
@@ -135,33 +180,20 @@ def read_manifest(
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
         raise ManifestError(
-            f"not UTF-8 text (byte {err.start}): {_describe_bytes(raw)}", path=p
+            f"not UTF-8 text (line {line}, byte {err.start}): {_describe_bytes(raw)}", path=p
         ) from None
     if "\x00" in text:
         raise ManifestError(
             f"contains NUL characters, so it is not a text CSV: {_describe_bytes(raw)}", path=p
         )
-    import csv
-    import io
-
-    try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error, ValueError) as err:
-        reason = " ".join(str(err).split())
-        raise ManifestError(f"not a valid CSV: {reason}", path=p) from None
-    columns = [str(c).strip().lower() for c in df.columns]
-    dup_cols = sorted({c for c in columns if columns.count(c) > 1})
-    if dup_cols:
-        raise ManifestError(f"column(s) {dup_cols} appear more than once", path=p)
-    df.columns = columns
+    df = _parse_csv(text, p)
     missing = [c for c in ("sample_id", "file") if c not in df.columns]
     if missing:
         raise ManifestError(f"missing column(s) {missing}; found {list(df.columns)[:20]}", path=p)
     if df.empty:
         raise ManifestError("the manifest has a header but no samples", path=p)
-    for col in df.columns:
-        df[col] = df[col].astype(str).str.strip()
     if (df["sample_id"] == "").any():
         rows = (df.index[df["sample_id"] == ""] + 2).tolist()
         raise ManifestError(f"empty sample_id on line(s) {rows[:10]}", path=p)

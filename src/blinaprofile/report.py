@@ -71,9 +71,14 @@ def training_figure(result: ScoreResult, training: pd.DataFrame, features: list[
         for pos, (cls, _lab, color) in enumerate(groups):
             v = vals[(y == cls) & np.isfinite(vals)]
             ax.boxplot(
-                [v], positions=[pos], widths=0.5, showfliers=False,
-                medianprops={"color": color}, boxprops={"color": color},
-                whiskerprops={"color": color}, capprops={"color": color},
+                [v],
+                positions=[pos],
+                widths=0.5,
+                showfliers=False,
+                medianprops={"color": color},
+                boxprops={"color": color},
+                whiskerprops={"color": color},
+                capprops={"color": color},
             )
             ax.scatter(pos + rng.uniform(-0.18, 0.18, v.size), v, s=6, color=color, alpha=0.55)
         sv = result.features.get(f)
@@ -138,7 +143,11 @@ def _own_gating_figure(data: Any, tree: Any, gres: Any) -> Figure:
         xlim = np.quantile(x[ok], [0.001, 0.999])
         ylim = np.quantile(yv[ok], [0.001, 0.999])
         ax.hist2d(
-            x[ok], yv[ok], bins=110, cmap="viridis", norm=LogNorm(),
+            x[ok],
+            yv[ok],
+            bins=110,
+            cmap="viridis",
+            norm=LogNorm(),
             range=[[xlim[0] - 0.05, xlim[1] + 0.05], [ylim[0] - 0.05, ylim[1] + 0.05]],
         )
         if g.kind == "polygon":
@@ -166,28 +175,29 @@ def _own_gating_figure(data: Any, tree: Any, gres: Any) -> Figure:
 
 
 def gating_figure(path: str | os.PathLike[str], tree: Any, gres: Any) -> Figure:
-    """Every gate of ``tree`` drawn on the sample's events.
+    """Every gate of ``tree`` drawn on the sample's events (count and % of parent).
 
-    Uses :func:`blinaprofile.plot.plot_gates` when that module provides it, else a simple
-    density plot per gate made here.
+    Uses :func:`blinaprofile.plot.gating_figure` (titled with the strategy, never the file
+    name); falls back to a simpler density plot per gate if that module is unavailable.
     """
     from .read import read_flow
 
     data = read_flow(path)
-    external = _external_gate_plotter()
-    if external is not None:
-        fig = external(data, tree, gres)
-        if fig is not None:
-            return fig
-    return _own_gating_figure(data, tree, gres)
-
-
-def _external_gate_plotter() -> Any:
     try:
-        from . import plot  # type: ignore[attr-defined]
+        from .gate import fcs_scaling
+        from .plot import gating_figure as plot_gates
     except ImportError:
-        return None
-    return getattr(plot, "plot_gates", None)
+        return _own_gating_figure(data, tree, gres)
+    return plot_gates(
+        tree,
+        gres,
+        data.events,
+        data.channels,
+        markers=data.markers,
+        spillover=data.spillover,
+        scaling=fcs_scaling(data),
+        title=f"Gating strategy '{tree.name}' on this sample",
+    )
 
 
 # --------------------------------------------------------------------------- HTML
@@ -247,12 +257,16 @@ def _gauge(result: ScoreResult) -> str:
     parts = ['<div class="gauge" id="probability-gauge">']
     if result.probability_low is not None and result.probability_high is not None:
         lo, hi = 100 * result.probability_low, 100 * result.probability_high
-        parts.append(f'<div class="iv" style="left:{lo:.2f}%;width:{max(hi - lo, 0.4):.2f}%"></div>')
+        parts.append(
+            f'<div class="iv" style="left:{lo:.2f}%;width:{max(hi - lo, 0.4):.2f}%"></div>'
+        )
     parts.append(f'<div class="pt" style="left:{p:.2f}%"></div>')
     if result.threshold is not None:
         t = 100 * result.threshold
         parts.append(f'<div class="thr" style="left:{t:.2f}%"></div>')
-        parts.append(f'<div class="lab" style="left:{t:.2f}%;top:-24px">threshold {result.threshold:.2f}</div>')
+        parts.append(
+            f'<div class="lab" style="left:{t:.2f}%;top:-24px">threshold {result.threshold:.2f}</div>'
+        )
     parts.append('<div class="lab" style="left:0;top:38px">0 (nonresponder)</div>')
     parts.append('<div class="lab" style="right:0;top:38px">1 (responder)</div>')
     parts.append("</div>")
@@ -311,7 +325,7 @@ def render_report(
                 (
                     "QC verdict",
                     f'<span id="qc-verdict" class="{"pass" if r.qc_pass else "fail"}">'
-                    f'{"PASS" if r.qc_pass else "FAIL"}</span>',
+                    f"{'PASS' if r.qc_pass else 'FAIL'}</span>",
                 ),
             ]
         ),
@@ -349,9 +363,7 @@ def render_report(
             f"<th>result</th></tr>{rows}</table>"
         )
     flags = r.gating.get("flags") or []
-    out.append(
-        "<p>Gate placement flags: " + (_e("; ".join(flags)) if flags else "none") + "</p>"
-    )
+    out.append("<p>Gate placement flags: " + (_e("; ".join(flags)) if flags else "none") + "</p>")
     z = {k: v for k, v in r.ood_z.items() if v is not None and np.isfinite(v)}
     ood_lim = r.qc.get("ood_max_z")
     if z:
@@ -394,16 +406,22 @@ def render_report(
         out.append('<p id="top-features">No contributions: the sample was not scored.</p>')
     out.append("</section>")
 
-    out.append('<h2>This sample against the training cohort</h2><section class="card" id="training-comparison">')
+    out.append(
+        '<h2>This sample against the training cohort</h2><section class="card" id="training-comparison">'
+    )
     if training_png:
-        out.append(f'<img alt="features vs training cohort" src="data:image/png;base64,{training_png}">')
+        out.append(
+            f'<img alt="features vs training cohort" src="data:image/png;base64,{training_png}">'
+        )
     else:
         out.append("<p>The model carries no training table; no comparison shown.</p>")
     out.append("</section>")
 
     out.append('<h2>Gating</h2><section class="card" id="gating">')
     if gating_png:
-        out.append(f'<img id="gating-plots" alt="gating plots" src="data:image/png;base64,{gating_png}">')
+        out.append(
+            f'<img id="gating-plots" alt="gating plots" src="data:image/png;base64,{gating_png}">'
+        )
     elif r.modality == "flow":
         out.append("<p>Gating plots not available for this sample.</p>")
     else:
@@ -444,8 +462,8 @@ def render_report(
                 (
                     "gating strategy",
                     f'<span id="gating-strategy">{_e(inp.get("gating_strategy") or "-")}'
-                    f'{" v" + _e(inp.get("gating_strategy_version")) if inp.get("gating_strategy_version") else ""}'
-                    f'{" (adaptive)" if inp.get("adaptive") else ""}</span>',
+                    f"{' v' + _e(inp.get('gating_strategy_version')) if inp.get('gating_strategy_version') else ''}"
+                    f"{' (adaptive)' if inp.get('adaptive') else ''}</span>",
                 ),
                 (
                     "markers -> channels",
@@ -491,7 +509,9 @@ def write_report(
         from .schema import MODEL_FEATURES
 
         feats = [f for f in MODEL_FEATURES if f in training.columns]
-    training_png = _png(training_figure(result, training, feats)) if training is not None and feats else None
+    training_png = (
+        _png(training_figure(result, training, feats)) if training is not None and feats else None
+    )
     gating_png = None
     ctx = result.context
     if ctx is not None and ctx.tree is not None and ctx.gating is not None:

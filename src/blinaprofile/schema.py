@@ -52,7 +52,7 @@ class Feature:
 FEATURES: tuple[Feature, ...] = (
     Feature(
         "cd3_pct_lymph",
-        "CD3+ T cells as % of live single lymphocytes (single-cell: of all QC-passed cells)",
+        "CD3+ T cells as % of live single lymphocytes (single-cell: of QC-passed non-myeloid cells)",
         "pct_of_parent",
         "live",
     ),

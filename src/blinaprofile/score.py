@@ -192,7 +192,9 @@ class ScoreResult:
             m = self.model
             ver = f" v{m['version']}" if m.get("version") else ""
             alias = f" @{m['alias']}" if m.get("alias") else ""
-            lines.append(f"model         {m.get('name')}{ver}{alias} ({m.get('family')}; {m.get('uri')})")
+            lines.append(
+                f"model         {m.get('name')}{ver}{alias} ({m.get('family')}; {m.get('uri')})"
+            )
         return "\n".join(lines)
 
 
@@ -304,7 +306,10 @@ class ScoringModel:
         fits = []
         for _ in range(n):
             pick = np.concatenate(
-                [rng.choice(pos, size=len(pos), replace=True), rng.choice(neg, size=len(neg), replace=True)]
+                [
+                    rng.choice(pos, size=len(pos), replace=True),
+                    rng.choice(neg, size=len(neg), replace=True),
+                ]
             )
             fits.append(clone(self.runtime.pipeline).fit(X.iloc[pick], y[pick]))
         return fits
@@ -402,7 +407,13 @@ def _qc_table(row: dict[str, Any], qc: QCConfig) -> list[dict[str, Any]]:
         v = row.get(key)
         val = None if v is None or (isinstance(v, float) and not np.isfinite(v)) else int(v)
         out.append(
-            {"metric": key, "what": what, "value": val, "minimum": minimum, "pass": val is None or val >= minimum}
+            {
+                "metric": key,
+                "what": what,
+                "value": val,
+                "minimum": minimum,
+                "pass": val is None or val >= minimum,
+            }
         )
     return out
 
@@ -473,10 +484,7 @@ def score_features(
                 f"{f} (z={v:+.1f})" for f, v in sorted(far.items(), key=lambda kv: -abs(kv[1]))
             )
             reasons.append(f"outside the training cohort (|robust z| > {qc.ood_max_z:g}): {desc}")
-    if prob is None or reasons:
-        call = NO_CALL
-    else:
-        call = "responder" if prob >= t else "nonresponder"
+    call = NO_CALL if prob is None or reasons else ("responder" if prob >= t else "nonresponder")
     top = sorted(contrib.items(), key=lambda kv: -abs(kv[1]))[:n_top]
     features = {
         k: float(v)

@@ -462,7 +462,8 @@ def truth_feature_table(obs: pd.DataFrame) -> pd.DataFrame:
             "n_cd3": float(len(t)),
             "n_cd4": float(len(c4)),
             "n_cd8": float(len(c8)),
-            "cd3_pct_lymph": pct(len(t), len(ok)),
+            # lymphocytes as the flow gates define them: QC-passed cells that are not myeloid
+            "cd3_pct_lymph": pct(len(t), int((ok["truth_cell_type"] != "myeloid").sum())),
             "cd4_pct_cd3": pct(len(c4), len(t)),
             "cd8_pct_cd3": pct(len(c8), len(t)),
             "cd4_cd8_ratio": len(c4) / len(c8) if len(c8) else float("nan"),

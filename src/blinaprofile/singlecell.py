@@ -19,12 +19,12 @@ Protein
     Antibody counts are CLR-normalised per cell (``log(x + 5)`` minus the cell's mean); for
     each marker and sample a two-component Gaussian mixture is fitted to the parent
     population (all cells for CD3; T cells for CD4/CD8/CD45RA/CCR7; each lineage for
-    PD-1/TIM3; CD4 T cells for CD25/CD127). The threshold is where the weighted component
-    densities cross; the per-cell confidence is the mixture posterior. Samples that are too
-    small or whose mixture is not bimodal (Ashman's D < 2) use the mixture pooled over
-    samples; markers with a rare positive (PD-1, TIM3, CD25) or rare negative (CD127)
-    population fall back to ``median +/- 3 MAD``. The weak CCR7 antibody gets RNA evidence
-    added (``protein.fuse_rna``).
+    PD-1/TIM3; CD4 T cells for the Treg gate on CLR CD25 - CLR CD127). The threshold is where
+    the weighted component densities cross; the per-cell confidence is the mixture
+    posterior. Samples that are too small or whose mixture is not bimodal (Ashman's D < 2)
+    use the mixture pooled over samples; markers whose positives are a small minority
+    (PD-1, TIM3, CD25, CD25-CD127) fall back to ``median + 3 MAD``. The weak CCR7 antibody
+    gets RNA evidence added (``protein.fuse_rna``).
 RNA
     Gene-set scores (counts per 10,000 + log1p; mean of the set minus the mean of
     expression-matched control genes) are reported in ``obs['bp_score_*']`` and start a
@@ -251,7 +251,7 @@ class SingleCellConfig(_Strict):
         default_factory=lambda: ["patient_id", "patient", "donor_id", "donor"]
     )
     t_cells_prefiltered: bool = False
-    cd3_denominator: Literal["all_qc_cells", "lymphocytes"] = "all_qc_cells"
+    cd3_denominator: Literal["all_qc_cells", "lymphocytes"] = "lymphocytes"
     fraction_estimator: Literal["posterior_mean", "hard_calls"] = "posterior_mean"
     cell_qc: CellQCSpec = CellQCSpec()
     sample_qc: SampleQCSpec = SampleQCSpec()
@@ -1535,6 +1535,26 @@ class _Annotator:
     def run(self) -> _Labels:
         m, cfg, src = self.m, self.cfg, self.inp.source
         evidence: dict[str, str] = {}
+        if m == 0:  # nothing passed cell QC: every sample fails QC, nothing to annotate
+            empty = np.zeros(0)
+            none = "no QC-passed cells"
+            return _Labels(
+                m=0,
+                t_prob=empty,
+                t_call=np.zeros(0, dtype=bool),
+                cell_type=np.zeros(0, dtype=object),
+                lineage=np.zeros(0, dtype=object),
+                lineage_conf=empty,
+                mem_prob=np.zeros((0, 4)),
+                tim3=empty,
+                pd1=empty,
+                treg=empty,
+                evidence={k: none for k in ("t_cell", "lineage", "memory", "tim3", "pd1", "treg")},
+                kind={},
+                scores={},
+                clr=None,
+                params=self.params,
+            )
         everyone = np.ones(m, dtype=bool)
 
         # T cells --------------------------------------------------------------

