@@ -214,20 +214,19 @@ def test_hyperlog_dense_grid_matches_flowutils(params: tuple[float, float, float
     assert_matches(got, ref, TIGHT)
 
 
-def test_hyperlog_beyond_1e9_t_mostly_matches_flowutils() -> None:
-    """Documented limitation: above ~1e9*T flowutils' hyperlog iteration stalls for some
-    values (returns -1); which ones depends on last-ulp exp/log differences."""
+def test_hyperlog_huge_values_match_flowutils_including_failures() -> None:
+    """Above ~1e9*T flowutils' hyperlog iteration stalls for some values (returns -1);
+    the fallback path reproduces exactly which ones."""
     import flowutils.transforms as fu
 
     t, w, m, a = 262144.0, 0.5, 4.5, 0.0
-    x = np.geomspace(t * 1e9, t * 1e15, 50_000)
+    mags = np.geomspace(t * 1e6, t * 1e15, 50_000)
+    x = np.concatenate([mags, -mags])
     got = bt.HyperlogTransform(t, w, m, a).apply(x)
     ref = fu.hyperlog(x, None, t=t, m=m, w=w, a=a)
-    both = (got != -1) & (ref != -1)
-    assert both.sum() > 0.9 * x.size
-    assert np.max(np.abs(got[both] - ref[both])) <= TIGHT
-    mismatched = ~both & (got != ref)
-    assert mismatched.sum() < 0.005 * x.size
+    assert (ref == -1).sum() > 100  # the failure mode really occurs here
+    np.testing.assert_array_equal(got == -1, ref == -1)
+    assert np.max(np.abs(got - ref)) <= TIGHT
 
 
 @pytest.mark.parametrize("params", LOGICLE[:5])
@@ -240,7 +239,8 @@ def test_logicle_apply_reference_matches_flowutils(
     x = sample_values(t, n=20_000, seed=3)
     got = bt.LogicleTransform(t, w, m, a).apply_reference(x)
     ref = fu.logicle(x, None, t=t, m=m, w=w, a=a)
-    assert_matches(got, ref, TIGHT)
+    np.testing.assert_array_equal(got, ref)  # bit-identical
+    assert np.ptp(got) > 0.5
 
 
 def test_hyperlog_apply_reference_matches_flowutils() -> None:
@@ -250,7 +250,8 @@ def test_hyperlog_apply_reference_matches_flowutils() -> None:
     x = sample_values(t, n=20_000, seed=4)
     got = bt.HyperlogTransform(t, w, m, a).apply_reference(x)
     ref = fu.hyperlog(x, None, t=t, m=m, w=w, a=a)
-    assert_matches(got, ref, TIGHT)
+    np.testing.assert_array_equal(got, ref)  # bit-identical
+    assert np.ptp(got) > 0.5
 
 
 @pytest.mark.parametrize("cls", [bt.LogicleTransform, bt.HyperlogTransform])
