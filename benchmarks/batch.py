@@ -101,6 +101,7 @@ class Sampler(threading.Thread):
         self.pid = pid
         self.interval = interval
         self.samples: list[tuple[float, dict[int, float], dict[int, int]]] = []
+        self.cpu: dict[int, float] = {}  # pid -> last seen user+system CPU seconds
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -119,6 +120,8 @@ class Sampler(threading.Thread):
                 try:
                     rss[p.pid] = p.memory_info().rss / 2**20
                     ppid[p.pid] = p.ppid()
+                    t = p.cpu_times()
+                    self.cpu[p.pid] = t.user + t.system
                 except psutil.NoSuchProcess:
                     continue
             self.samples.append((time.monotonic() - t0, rss, ppid))
@@ -171,6 +174,10 @@ def run_one(manifest: Path, model: str, out: Path, n_workers: int) -> dict[str, 
             second, last = sorted(v[q : 2 * q]), sorted(v[-q:])
             growth.append(float(last[q // 2] - second[q // 2]))
     res["rss_growth_mb_2nd_to_last_quarter"] = [round(g, 1) for g in growth]
+    cpu = sum(sampler.cpu.get(p, 0.0) for p in pids)
+    res["worker_cpu_s"] = round(cpu, 1)
+    # share of the workers' wall time they actually got a CPU (< 1: the machine was busy)
+    res["cpu_busy"] = round(cpu / (res["seconds"] * n_workers), 2)
     return res
 
 
@@ -246,14 +253,16 @@ def main() -> None:
     )
     print(
         f"{'workers':>7} {'samples':>7} {'seconds':>8} {'samples/min':>12} {'speed-up':>9} "
-        f"{'peak RSS/worker (MB)':>22} {'RSS growth 2nd->last quarter (MB)':>34}"
+        f"{'peak RSS/worker (MB)':>22} {'RSS growth 2nd->last quarter (MB)':>34} "
+        f"{'worker CPU s':>12} {'CPU busy':>8}"
     )
     base = rows[0][2]["samples_per_min"]
     for w, n, r in rows:
         print(
             f"{w:>7} {n:>7} {r['seconds']:>8.1f} {r['samples_per_min']:>12.1f} "
             f"{r['samples_per_min'] / base:>8.2f}x {r['peak_rss_mb_per_worker']!s:>22} "
-            f"{r['rss_growth_mb_2nd_to_last_quarter']!s:>34}"
+            f"{r['rss_growth_mb_2nd_to_last_quarter']!s:>34} "
+            f"{r['worker_cpu_s']:>12.1f} {r['cpu_busy']:>8.2f}"
         )
     big = rows[1][2]
     print(
@@ -263,6 +272,11 @@ def main() -> None:
     ratio = max(big["peak_rss_mb_per_worker"]) / max(small["peak_rss_mb_per_worker"])
     print(f"peak ratio (x{big['n'] / small['n']:.0f} samples): {ratio:.2f}")
     print(f"errors: {[r['errors'] for _, _, r in rows]}; calls (2 workers): {big['calls']}")
+    print(
+        f"CPU-bound speed-up (worker CPU s per sample, 1 vs 2 workers): "
+        f"{rows[0][2]['worker_cpu_s'] / rows[0][1]:.2f} vs {rows[1][2]['worker_cpu_s'] / rows[1][1]:.2f}; "
+        f"machine load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
 
 
 if __name__ == "__main__":

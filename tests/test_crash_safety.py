@@ -442,13 +442,14 @@ def test_model_folder_code_is_not_executed(model_dir: Path, tmp_path: Path) -> N
     folder = tmp_path / "model"
     shutil.copytree(model_dir, folder)
     mlmodel = (folder / "MLmodel").read_text()
-    code = re.search(r"python_model:\s*(\S+)", mlmodel)
+    code = re.search(r"model_code_path:\s*(\S+)", mlmodel)
     assert code, mlmodel
-    code_file = next(folder.rglob(Path(code.group(1)).name))
+    code_file = folder / Path(code.group(1)).name
+    assert code_file.is_file(), sorted(p.name for p in folder.iterdir())
     marker = tmp_path / "code_ran.txt"
     code_file.write_text(
-        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
-        + code_file.read_text()
+        code_file.read_text()
+        + f"\nfrom pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
     )
     with contextlib.suppress(BlinaprofileError):
         load_model(folder)

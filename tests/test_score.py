@@ -274,3 +274,34 @@ def test_cli_score_unreadable_file_is_one_line_error(sm, tmp_path):
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "broken.fcs" in lines[0]
+
+
+def test_single_cell_sample_is_scored_with_its_own_qc(sm, tmp_path):
+    import anndata as ad
+
+    from blinaprofile.config import SimulationConfig, load_config
+    from blinaprofile.report import write_report
+    from blinaprofile.simulate_sc import simulate_single_cell_cohort
+
+    sim = load_config(
+        SimulationConfig, Path(__file__).parents[1] / "configs/simulation/default.yaml"
+    )
+    h5 = simulate_single_cell_cohort(
+        sim.model_copy(update={"n_patients": 2}),
+        tmp_path,
+        n_cells_per_sample=3000,
+        n_genes=600,
+        seed=5,
+    )
+    a = ad.read_h5ad(h5)
+    first = a.obs["sample_id"].iloc[0]
+    one = tmp_path / "one.h5ad"
+    a[a.obs["sample_id"] == first].copy().write_h5ad(one)
+    res = score_sample(one, model=str(sm.model_dir), keep_gating=True)
+    assert res.modality == "single_cell" and res.sample_id == f"S-{file_checksum(one)[:12]}"
+    assert res.probability is not None and res.call in {"responder", "nonresponder", NO_CALL}
+    assert all(c["minimum"] is None and c["pass"] is None for c in res.qc["counts"])
+    assert res.qc_pass == (res.qc["verdict"] == "PASS")
+    html = write_report(res, tmp_path / "sc.html").read_text()
+    assert "single-cell QC" in html and "annotated, not gated" in html
+    print(f"\nsingle-cell sample: {res.call}, p={res.probability:.3f}, reasons {res.reasons}")

@@ -192,26 +192,33 @@ def test_config_problems_are_reported(sim_config):
 
 
 # --------------------------------------------------------------------------- MLflow
-@pytest.fixture
-def trained(sim_config, mlflow_uri, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def trained(sim_config, tmp_path_factory):
+    """One training run (two families, 4 permutations) in a fresh SQLite store, shared."""
     from blinaprofile.settings import settings
 
-    monkeypatch.setattr(settings, "n_jobs", 1)
-    table = _table(sim_config, 40, seed=2)
-    cfg_path = tmp_path / "train.yaml"
-    cfg_path.write_text(
-        "experiment: unit\nregistered_model: unit-model\nrepeats: 1\nn_bootstrap: 200\n"
-        "n_permutations: 4\nmodels:\n  - family: logreg_l2\n    grid: {clf__C: [0.1, 1.0]}\n"
-        "  - family: random_forest\n    params: {n_estimators: 30}\n"
-    )
-    res = train(
-        table,
-        config_path=cfg_path,
-        export_dir=tmp_path / "model",
-        trained_on="unit test",
-        run_name="unit-run",
-    )
-    return res, mlflow_uri, table
+    tmp = tmp_path_factory.mktemp("train_mlflow")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setattr(settings, "tracking_uri", uri)
+        mp.setattr(settings, "n_jobs", 1)
+        mp.chdir(tmp)
+        table = _table(sim_config, 40, seed=2)
+        cfg_path = tmp / "train.yaml"
+        cfg_path.write_text(
+            "experiment: unit\nregistered_model: unit-model\nrepeats: 1\nn_bootstrap: 200\n"
+            "n_permutations: 4\nmodels:\n  - family: logreg_l2\n    grid: {clf__C: [0.1, 1.0]}\n"
+            "  - family: random_forest\n    params: {n_estimators: 30}\n"
+        )
+        res = train(
+            table,
+            config_path=cfg_path,
+            export_dir=tmp / "model",
+            trained_on="unit test",
+            run_name="unit-run",
+        )
+        yield res, uri, table
 
 
 def test_training_run_logs_everything_and_registers(trained):

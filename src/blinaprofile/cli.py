@@ -552,9 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 3
         detail = one_line(f"{type(err).__name__}: {err}")
-        print(
-            f"internal error: {detail} (rerun with --debug for a traceback)", file=sys.stderr
-        )
+        print(f"internal error: {detail} (rerun with --debug for a traceback)", file=sys.stderr)
         return 3
 
 

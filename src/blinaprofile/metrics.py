@@ -13,7 +13,6 @@ patient was drawn), and every metric here has a weighted form, so 1,000 resample
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from math import comb
 from typing import Literal
 
@@ -28,6 +27,7 @@ __all__ = [
     "expected_calibration_error",
     "permutation_pvalue",
     "roc_auc",
+    "shapley_weights",
     "summarize",
     "weighted_auc",
 ]
@@ -283,6 +283,3 @@ def permutation_pvalue(observed: float, null: np.ndarray) -> float:
 def shapley_weights(m: int) -> np.ndarray:
     """``s! (m - s - 1)! / m!`` for ``s = 0 .. m-1`` (coalition-size weights of Shapley values)."""
     return np.array([1.0 / (m * comb(m - 1, s)) for s in range(m)])
-
-
-MetricFn = Callable[[np.ndarray, np.ndarray], float]

@@ -256,7 +256,7 @@ def _hdf5_text(path: Path) -> bytes:
     def visit(name: str, obj: Any) -> None:
         parts.append(name)
         parts.extend(f"{k}={v!r}" for k, v in obj.attrs.items())
-        if isinstance(obj, h5py.Dataset):
+        if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "OSU":  # text only
             value = obj[()]
             if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
                 parts.extend(

@@ -354,8 +354,12 @@ def render_report(
     if counts:
         rows = "".join(
             f"<tr><td>{_e(c['what'])}</td><td class='num'>{_fmt(c['value'])}</td>"
-            f"<td class='num'>&ge; {_e(c['minimum'])}</td>"
-            f"<td class='{'pass' if c['pass'] else 'fail'}'>{'pass' if c['pass'] else 'FAIL'}</td></tr>"
+            + (
+                "<td class='num'>-</td><td>single-cell QC</td></tr>"
+                if c["pass"] is None
+                else f"<td class='num'>&ge; {_e(c['minimum'])}</td>"
+                f"<td class='{'pass' if c['pass'] else 'fail'}'>{'pass' if c['pass'] else 'FAIL'}</td></tr>"
+            )
             for c in counts
         )
         out.append(

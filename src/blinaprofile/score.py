@@ -395,6 +395,9 @@ def _alias_version(name: str, alias: str) -> str | None:
 
 # --------------------------------------------------------------------------- scoring
 def _qc_table(row: dict[str, Any], qc: QCConfig) -> list[dict[str, Any]]:
+    """Counts against the flow QC thresholds (single-cell counts are listed without them:
+    the single-cell featurizer applies its own QC, reported through ``qc_reasons``)."""
+    flow = str(row.get("modality", "flow")) == "flow"
     checks = (
         ("n_events", qc.min_events, "events read"),
         ("n_live", qc.min_live, "live single lymphocytes"),
@@ -406,6 +409,9 @@ def _qc_table(row: dict[str, Any], qc: QCConfig) -> list[dict[str, Any]]:
     for key, minimum, what in checks:
         v = row.get(key)
         val = None if v is None or (isinstance(v, float) and not np.isfinite(v)) else int(v)
+        if not flow:
+            out.append({"metric": key, "what": what, "value": val, "minimum": None, "pass": None})
+            continue
         out.append(
             {
                 "metric": key,
