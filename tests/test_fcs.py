@@ -741,11 +741,11 @@ BAD_FILES: list[tuple[str, Callable[[], bytes], str]] = [
         _long_keyword,
         "keyword 'AN_EXTREMELY_LONG_KEYWORD_NAME_THAT_GOES...' has a value of 10001 characters",
     ),
-    ("odd_fields", _odd_fields, "odd number of fields (37): keyword '$ORPHAN' has no value"),
+    ("odd_fields", _odd_fields, "odd number of fields (37): a keyword has no value"),
     (
         "conflicting_par",
         _conflicting_duplicate_keyword,
-        "keyword '$PAR' appears more than once with different values ('3' and '7')",
+        "keyword '$PAR' appears more than once with different values",
     ),
     (
         "spill_count",

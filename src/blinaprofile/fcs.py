@@ -340,10 +340,11 @@ def _parse_text(
         raise ctx.error(f"{segment} segment is {len(raw)} byte(s) long; it holds no keywords")
     fields = _split_text(ctx, raw)
     if len(fields) % 2:
-        last = _decode(ctx, fields[-1]).strip()
+        # never quote the fields: with a value lost, names and values shift and a quoted
+        # "keyword" may be a patient identifier
         raise ctx.error(
-            f"{segment} segment has an odd number of fields ({len(fields)}): "
-            f"keyword {_short(last)!r} has no value"
+            f"{segment} segment has an odd number of fields ({len(fields)}): a keyword has "
+            f"no value (an unescaped delimiter inside a value?)"
         )
     keywords: dict[str, str] = {}
     for k in range(0, len(fields), 2):
@@ -351,7 +352,8 @@ def _parse_text(
         value = _decode(ctx, fields[k + 1]).strip()
         if not name:
             raise ctx.error(
-                f"{segment} segment contains an empty keyword name (before value {_short(value)!r})"
+                f"{segment} segment contains an empty keyword name (field {k + 1} of "
+                f"{len(fields)})"
             )
         if len(name) > max_keyword_length:
             raise ctx.error(
@@ -371,8 +373,7 @@ def _parse_text(
             if keywords[name] != value:
                 if name.startswith("$"):
                     raise ctx.error(
-                        f"keyword {_short(name)!r} appears more than once with different "
-                        f"values ({_short(keywords[name])!r} and {_short(value)!r})"
+                        f"keyword {_short(name)!r} appears more than once with different values"
                     )
                 ctx.warn(
                     f"keyword {_short(name)!r} appears more than once with different values; "
