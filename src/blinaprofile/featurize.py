@@ -131,7 +131,7 @@ def features_from_gating(
 
 
 def _medians(tree: GateTree, result: GatingResult, data: Any) -> dict[str, float]:
-    from .gate import _EventCache
+    from .gate import _EventCache, fcs_scaling
 
     out: dict[str, float] = {}
     cmap = tree.channel_map()
@@ -143,7 +143,14 @@ def _medians(tree: GateTree, result: GatingResult, data: Any) -> dict[str, float
             out[name] = float("nan")
             continue
         if ev is None:
-            ev = _EventCache(tree, data.events, data.channels, data.spillover, data.path)
+            ev = _EventCache(
+                tree,
+                data.events,
+                data.channels,
+                data.spillover,
+                data.path,
+                scaling=fcs_scaling(data),
+            )
         out[name] = float(np.median(ev.transformed(dim, np.flatnonzero(mask))))
     return out
 
