@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("--out", default="models/default")
     a = ap.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from blinaprofile.config import PanelConfig, SimulationConfig, load_config
     from blinaprofile.featurize import featurize_manifest
     from blinaprofile.settings import settings

@@ -881,14 +881,6 @@ def test_corpus_table() -> None:
     assert len(RESULTS) >= len(CASES) - 3  # the single-cell cases may be skipped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "cli.cmd_train (not this issue's code) indexes table['response'] before validating "
-        "the --features table: a table without 'response' gives 'internal error: KeyError' "
-        "instead of a ManifestError naming the file"
-    ),
-)
 def test_train_features_without_response_is_a_user_error(tmp_path: Path) -> None:
     table = tmp_path / "features.csv"
     table.write_text("sample_id,patient_id,cd8_em_pct_cd8\nA,A,10.0\n", encoding="utf-8")

@@ -393,15 +393,6 @@ def test_untrusted_model_refused_by_cli(model_dir: Path, small_cohort: Any, tmp_
     assert not marker.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "model.TRUSTED_PREFIXES trusts every 'builtins.' (and 'numpy.', 'scipy.') name, so a "
-        "model file may reference builtins.eval/exec/open (e.g. as a FunctionTransformer's "
-        "func) and it loads; model.py should trust an explicit list of types instead. "
-        "Reported to the lead (model.py is not this issue's file)."
-    ),
-)
 def test_dangerous_builtin_function_in_model_is_refused(model_dir: Path, tmp_path: Path) -> None:
     import skops.io as sio
     from sklearn.linear_model import LogisticRegression
@@ -425,17 +416,6 @@ def test_dangerous_builtin_function_in_model_is_refused(model_dir: Path, tmp_pat
         load_model(folder)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "MLflow 'models from code' executes the Python file stored in the model folder when "
-        "loading it, so a model folder handed in by a user runs arbitrary code before any "
-        "skops check; model.load_model should verify that file against the installed "
-        "blinaprofile/_pyfunc_entry.py (or build the runtime from meta.json + skops itself) "
-        "and refuse pickle-based flavors. Reported to the lead (model.py is not this "
-        "issue's file)."
-    ),
-)
 def test_model_folder_code_is_not_executed(model_dir: Path, tmp_path: Path) -> None:
     from blinaprofile.model import load_model
 

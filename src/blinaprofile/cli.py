@@ -297,10 +297,8 @@ def _usage(msg: str) -> _UsageError:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    import pandas as pd
-
     from .featurize import featurize_manifest
-    from .read import RESPONSE_CODES, read_manifest
+    from .read import read_feature_table, read_manifest
     from .train import train
 
     if a.manifest:
@@ -308,14 +306,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         table = featurize_manifest(manifest, strategy_path=a.strategy, adaptive=a.adaptive)
         source = a.manifest
     else:
-        from .errors import InputError
-
-        fp = Path(a.features)
-        if not fp.is_file():
-            raise InputError("feature table not found", path=fp)
-        table = pd.read_csv(fp)
-        if table["response"].dtype == object:
-            table["response"] = table["response"].str.lower().map(RESPONSE_CODES)
+        table = read_feature_table(a.features)
         source = a.features
     res = train(
         table,
@@ -379,6 +370,10 @@ def cmd_score(a: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(res.as_dict(), indent=2), encoding="utf-8")
         os.replace(tmp, js)
         written.append(js)
+        ctx = res.context
+        if ctx is not None and ctx.tree is not None:
+            # keep the gating strategy actually used with the sample's results
+            written.append(ctx.tree.export_gatingml(out_dir / f"{stem}.gating.xml"))
     if a.json:
         print(json.dumps(res.as_dict(), indent=2))
     else:

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import FeatureSchemaError, ModelError
+from .errors import FeatureSchemaError, ModelError, one_line
 
 __all__ = [
     "OUTPUT_COLUMNS",
@@ -61,14 +61,43 @@ __all__ = [
     "tree_shap",
 ]
 
-TRUSTED_PREFIXES = ("sklearn.", "xgboost.", "numpy.", "scipy.", "builtins.", "collections.")
+TRUSTED_PREFIXES = ("sklearn.", "xgboost.")
+#: Types outside :data:`TRUSTED_PREFIXES` that a model file may reference (data types only:
+#: no function of numpy/scipy/builtins is ever trusted, so e.g. ``builtins.eval`` is refused).
+TRUSTED_TYPES = frozenset(
+    {
+        "numpy.dtype",
+        "numpy.ndarray",
+        "numpy.float64",
+        "numpy.float32",
+        "numpy.int64",
+        "numpy.int32",
+        "numpy.bool_",
+        "numpy.random.RandomState",
+        "numpy.random.mtrand.RandomState",
+        "numpy.random._generator.Generator",
+        "numpy.random._pcg64.PCG64",
+        "builtins.slice",
+        "builtins.frozenset",
+        "builtins.set",
+        "collections.OrderedDict",
+        "collections.defaultdict",
+    }
+)
+#: Functions that no model file may reference, even under a trusted prefix.
+_FORBIDDEN = ("eval", "exec", "compile", "open", "__import__", "system", "popen")
 #: Columns of a prediction before the per-feature ``contrib_<feature>`` columns.
 OUTPUT_COLUMNS = ("probability", "probability_low", "probability_high", "call")
 _Z95 = 1.959963984540054
 
 
 def _check_trusted(types: list[str]) -> list[str]:
-    bad = [t for t in types if not t.startswith(TRUSTED_PREFIXES)]
+    bad = [
+        t
+        for t in types
+        if not (t.startswith(TRUSTED_PREFIXES) or t in TRUSTED_TYPES)
+        or t.rsplit(".", 1)[-1] in _FORBIDDEN
+    ]
     if bad:
         raise ModelError(f"refusing to load untrusted types from the model file: {bad}")
     return types
@@ -380,14 +409,21 @@ class ResponderModel:
         return out
 
     def ood_scores(self, table: pd.DataFrame) -> pd.DataFrame:
-        """Robust z of each feature against the training cohort (median / scaled MAD)."""
+        """Robust z of each feature against the training cohort (median / scaled MAD).
+
+        Measured on the feature's :func:`~blinaprofile.schema.ood_scale` (logit for
+        percentages, log for ratios) when the model recorded it.
+        """
+        from .schema import to_ood_scale
+
         stats = self.meta["training_stats"]
         X = table[self.features].astype(float)
         z = {}
         for f in self.features:
             med = stats[f]["median"]
             scale = max(stats[f]["mad"] * 1.4826, stats[f].get("min_scale", 1e-6))
-            z[f] = (X[f] - med) / scale
+            x = to_ood_scale(f, X[f]) if stats[f].get("scale", "identity") != "identity" else X[f]
+            z[f] = (np.asarray(x, dtype=float) - med) / scale
         return pd.DataFrame(z, index=table.index)
 
 
@@ -511,11 +547,18 @@ def log_model(
 
 
 def _input_example(meta: dict[str, Any]) -> pd.DataFrame:
-    """One row of training-cohort medians (the model's input example)."""
-    return pd.DataFrame(
-        [[meta["training_stats"][f]["median"] for f in meta["features"]]],
-        columns=meta["features"],
-    )
+    """One row of training-cohort medians on the features' own units (the input example)."""
+    stats = meta["training_stats"]
+    row = []
+    for f in meta["features"]:
+        med = float(stats[f]["median"])
+        scale = stats[f].get("scale", "identity")
+        if scale == "logit":
+            med = 100.0 / (1.0 + float(np.exp(-med)))
+        elif scale == "log":
+            med = float(np.exp(med))
+        row.append(med)
+    return pd.DataFrame([row], columns=meta["features"])
 
 
 def _requirements() -> list[str]:
@@ -539,6 +582,39 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _verify_model_code(folder: Path, *, source: str) -> None:
+    """Refuse a model folder whose code is not this blinaprofile's own pyfunc entry point.
+
+    MLflow executes a "model from code" file when it loads the model; a folder handed in by a
+    user must therefore carry exactly the code this installation ships, and no pickled
+    (cloudpickle) python_model.
+    """
+    import yaml
+
+    mlmodel = folder / "MLmodel"
+    if not mlmodel.is_file():
+        raise ModelError("not an MLflow model folder (no MLmodel file)", path=source)
+    try:
+        spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
+        pyfunc = spec["flavors"]["python_function"]
+    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
+        raise ModelError("MLmodel has no python_function flavor", path=source) from None
+    code_path = pyfunc.get("model_code_path")
+    if not code_path or "python_model" in pyfunc:
+        raise ModelError(
+            "refusing a model that is not a blinaprofile 'model from code' (pickled python_model)",
+            path=source,
+        )
+    code_file = folder / Path(str(code_path)).name
+    ours = Path(__file__).with_name("_pyfunc_entry.py")
+    if not code_file.is_file() or code_file.read_bytes() != ours.read_bytes():
+        raise ModelError(
+            "the model's code differs from this blinaprofile's model code; refusing to execute "
+            "it (re-export the model with this version)",
+            path=source,
+        )
+
+
 def load_model(uri: str | os.PathLike[str] | None = None) -> tuple[Any, ResponderModel]:
     """Load a model by MLflow URI (``models:/NAME@ALIAS``, ``runs:/...``) or directory.
 
@@ -551,12 +627,16 @@ def load_model(uri: str | os.PathLike[str] | None = None) -> tuple[Any, Responde
     target = str(uri) if uri else str(settings.default_model)
     if not target.startswith(("models:/", "runs:/")) and not Path(target).exists():
         raise ModelError("model not found (train one with 'blinaprofile train')", path=target)
-    if target.startswith(("models:/", "runs:/")):
-        mlflow.set_tracking_uri(settings.tracking_uri)
-        mlflow.set_registry_uri(settings.tracking_uri)
     try:
-        pyfunc = mlflow.pyfunc.load_model(target)
+        if target.startswith(("models:/", "runs:/")):
+            mlflow.set_tracking_uri(settings.tracking_uri)
+            mlflow.set_registry_uri(settings.tracking_uri)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=target))
+        else:
+            local = Path(target)
+        _verify_model_code(local, source=target)
+        pyfunc = mlflow.pyfunc.load_model(str(local))
     except mlflow.exceptions.MlflowException as err:
-        raise ModelError(f"cannot load model: {err.message}", path=target) from None
+        raise ModelError(f"cannot load model: {one_line(err.message)}", path=target) from None
     inner = pyfunc.unwrap_python_model()
     return pyfunc, inner.runtime

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .errors import FCSFormatError, InputError, ManifestError
+from .errors import FCSFormatError, InputError, ManifestError, one_line
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -267,3 +267,38 @@ def ensure_file(path: str | os.PathLike[str]) -> Path:
     if not p.exists():
         raise InputError("file not found", path=p)
     return p
+
+
+def read_feature_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a feature table CSV (from ``blinaprofile featurize``) for training.
+
+    ``response`` may be coded as in manifests (``responder``/``nonresponder``, ``R``/``NR``,
+    ``1``/``0``). Raises :class:`ManifestError` naming the file when it is missing, not a CSV,
+    lacks ``response``/``patient_id``, or has unknown response labels.
+    """
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise ManifestError("feature table not found", path=p)
+    try:
+        table = pd.read_csv(p)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ManifestError(f"not a readable CSV feature table: {one_line(str(err))}", path=p) from None
+    missing = [c for c in ("response", "patient_id") if c not in table.columns]
+    if missing:
+        raise ManifestError(
+            f"feature table lacks column(s) {missing}; training needs response labels "
+            "(featurize a manifest with a 'response' column)",
+            path=p,
+        )
+    raw = table["response"]
+    if raw.dtype == object:
+        mapped = raw.astype(str).str.strip().str.lower().map(RESPONSE_CODES)
+        bad = sorted(set(raw[mapped.isna() & raw.notna()].astype(str)))
+        if bad:
+            raise ManifestError(
+                f"unknown response label(s) {bad[:10]}; use responder/nonresponder", path=p
+            )
+        table["response"] = mapped
+    return table

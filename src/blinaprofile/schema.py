@@ -125,3 +125,32 @@ def schema_table():  # -> pandas.DataFrame (pandas imported lazily)
             "schema_version": SCHEMA_VERSION,
         }
     )
+
+
+def ood_scale(name: str) -> Literal["logit", "log", "identity"]:
+    """The scale on which a feature's distance from the training cohort is measured.
+
+    Percentages are skewed near 0 and 100, so they are compared on the logit scale, ratios on
+    the log scale, and everything else as is; on these scales the simulator's (and typical
+    cytometry) features are close to normal, so a robust z has its usual meaning.
+    """
+    unit = next((f.unit for f in FEATURES if f.name == name), None)
+    if unit == "pct_of_parent":
+        return "logit"
+    if unit == "ratio":
+        return "log"
+    return "identity"
+
+
+def to_ood_scale(name: str, values):  # values: array-like -> numpy.ndarray
+    """Map feature values onto :func:`ood_scale` (percent clipped to [0.05, 99.95])."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    scale = ood_scale(name)
+    if scale == "logit":
+        p = np.clip(x / 100.0, 5e-4, 1 - 5e-4)
+        return np.log(p) - np.log1p(-p)
+    if scale == "log":
+        return np.log(np.clip(x, 1e-3, None))
+    return x

@@ -619,19 +619,24 @@ def _bootstrap_refits(
     return models
 
 
-def _training_stats(X: pd.DataFrame) -> dict[str, dict[str, float]]:
-    stats = {}
+def _training_stats(X: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per-feature cohort statistics for out-of-distribution checks (on :func:`ood_scale`)."""
+    from .schema import ood_scale, to_ood_scale
+
+    stats: dict[str, dict[str, Any]] = {}
     for c in X.columns:
-        v = X[c].dropna().to_numpy(dtype=float)
+        raw = X[c].dropna().to_numpy(dtype=float)
+        v = to_ood_scale(c, raw)
         med = float(np.median(v)) if v.size else 0.0
         mad = float(np.median(np.abs(v - med))) if v.size else 1.0
         sd = float(np.std(v)) if v.size else 1.0
         stats[c] = {
             "median": med,
             "mad": mad,
-            "min": float(v.min()) if v.size else 0.0,
-            "max": float(v.max()) if v.size else 0.0,
+            "min": float(raw.min()) if raw.size else 0.0,
+            "max": float(raw.max()) if raw.size else 0.0,
             "min_scale": max(0.1 * sd, 1e-6),
+            "scale": ood_scale(c),
         }
     return stats
 
