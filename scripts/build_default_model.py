@@ -34,7 +34,12 @@ def main() -> None:
     seed = scen.seed + 1000
     with tempfile.TemporaryDirectory() as d:
         cohort = simulate_cohort(
-            scen, Path(d) / "cohort", panel=panel, n_patients=a.patients, events_per_sample=a.events, seed=seed
+            scen,
+            Path(d) / "cohort",
+            panel=panel,
+            n_patients=a.patients,
+            events_per_sample=a.events,
+            seed=seed,
         )
         table = featurize_manifest(cohort.manifest)
         res = train(
@@ -48,7 +53,9 @@ def main() -> None:
             run_name="build-default-model",
         )
     for fam, m in res.metrics.items():
-        print(f"{fam:<12} OOF AUC {m['roc_auc']:.3f} [{m['roc_auc_ci_low']:.2f}, {m['roc_auc_ci_high']:.2f}]")
+        print(
+            f"{fam:<12} OOF AUC {m['roc_auc']:.3f} [{m['roc_auc_ci_low']:.2f}, {m['roc_auc_ci_high']:.2f}]"
+        )
     print(f"chosen {res.chosen}; exported to {res.export_dir}")
 
 

@@ -62,7 +62,7 @@ def test_simulator_is_deterministic(tmp_path, sim_config, panel):
     )
     ec = read_fcs(tmp_path / "c" / "fcs" / "P001_D28.fcs").events
     assert not np.array_equal(ec, read_fcs(tmp_path / "a" / "fcs" / "P001_D28.fcs").events)
-    assert c.n_samples == 2
+    assert a.n_samples == b.n_samples == c.n_samples == 2
 
 
 def test_simulated_files_look_like_a_cytometer(small_cohort, panel):
@@ -183,7 +183,7 @@ def test_train_logs_registers_and_exports(trained):
 def test_score_cli_json_with_registry_alias(trained, small_cohort):
     import os
 
-    res, uri, tmp = trained
+    _res, uri, tmp = trained
     f = small_cohort.out_dir / "fcs" / "P002_D28.fcs"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     out = subprocess.run(

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("simulate", help=COMMANDS["simulate"])
-    p.add_argument("--scenario", default="default", help="name in configs/simulation or a YAML path")
+    p.add_argument(
+        "--scenario", default="default", help="name in configs/simulation or a YAML path"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n-patients", type=int, default=None)
     p.add_argument("--events", type=int, default=None, help="events per sample")
@@ -103,13 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", help="manifest CSV with response labels (files are featurized)")
     src.add_argument("--features", help="feature table CSV (from 'featurize') with response")
-    p.add_argument("--config", default=None, help="training YAML (default: configs/train/default.yaml)")
+    p.add_argument(
+        "--config", default=None, help="training YAML (default: configs/train/default.yaml)"
+    )
     p.add_argument("--export", default=None, help="also save the final model to this folder")
     p.add_argument("--strategy", default=None)
     p.add_argument("--adaptive", action="store_true")
     p.add_argument("--trained-on", default=None, help="free text stored with the model")
     p.add_argument("--run-name", default=None, help="MLflow run name")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
     _add_common(p)
 
     p = sub.add_parser("score", help=COMMANDS["score"])
@@ -118,17 +126,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default=None)
     p.add_argument("--adaptive", action="store_true")
     p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--sample-id", default=None, help="default: S-<first 12 hex of the file's sha256>")
+    p.add_argument(
+        "--sample-id", default=None, help="default: S-<first 12 hex of the file's sha256>"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
-    p.add_argument("--out-dir", default=".", help="where <sample_id>.report.html and .score.json go (default: .)")
-    p.add_argument("--report", default=None, help="HTML report path (default: OUT_DIR/<sample_id>.report.html)")
+    p.add_argument(
+        "--out-dir",
+        default=".",
+        help="where <sample_id>.report.html and .score.json go (default: .)",
+    )
+    p.add_argument(
+        "--report", default=None, help="HTML report path (default: OUT_DIR/<sample_id>.report.html)"
+    )
     p.add_argument("--no-report", action="store_true", help="write no HTML report or JSON file")
     _add_common(p)
 
     p = sub.add_parser("score-batch", help=COMMANDS["score-batch"])
     p.add_argument("inputs", nargs="*", help="FCS/single-cell files or a folder of them")
     p.add_argument("--manifest", default=None, help="manifest CSV (sample_id, file)")
-    p.add_argument("--out", required=True, help="output folder (results.parquet, results.csv, parts/)")
+    p.add_argument(
+        "--out", required=True, help="output folder (results.parquet, results.csv, parts/)"
+    )
     p.add_argument("--model", default=None, help="models:/NAME@ALIAS, runs:/..., or a model folder")
     p.add_argument("--jobs", type=int, default=None, help="local worker processes (default 2)")
     p.add_argument("--scheduler", default=None, help="Dask scheduler address tcp://HOST:PORT")
@@ -143,16 +161,35 @@ def build_parser() -> argparse.ArgumentParser:
     # dest differs from the top-level --version flag, which would otherwise swallow it
     p.add_argument("model_version", metavar="VERSION")
     p.add_argument("--alias", default="champion")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
     _add_common(p)
 
     p = sub.add_parser("compare", help=COMMANDS["compare"])
-    p.add_argument("--experiment", action="append", default=None, help="experiment name (repeatable; default: every experiment)")
-    p.add_argument("--out", default="leaderboard", help="folder for leaderboard.csv/.md/.html (default: leaderboard)")
+    p.add_argument(
+        "--experiment",
+        action="append",
+        default=None,
+        help="experiment name (repeatable; default: every experiment)",
+    )
+    p.add_argument(
+        "--out",
+        default="leaderboard",
+        help="folder for leaderboard.csv/.md/.html (default: leaderboard)",
+    )
     p.add_argument("--sort-by", default="roc_auc", help="column to rank by (default: roc_auc)")
-    p.add_argument("--max-runs", type=int, default=1000, help="read at most this many candidate runs")
+    p.add_argument(
+        "--max-runs", type=int, default=1000, help="read at most this many candidate runs"
+    )
     p.add_argument("--top", type=int, default=None, help="print only the best N rows")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
     _add_common(p)
 
     p = sub.add_parser("schema", help=COMMANDS["schema"])
@@ -239,7 +276,16 @@ def cmd_gate(a: argparse.Namespace) -> int:
         adata.write_h5ad(tmp)
         os.replace(tmp, a.h5ad)
     if a.json:
-        print(json.dumps({k: g[k] for k in ("strategy", "counts", "percent_of_parent", "thresholds", "flags")}, indent=2, default=float))
+        print(
+            json.dumps(
+                {
+                    k: g[k]
+                    for k in ("strategy", "counts", "percent_of_parent", "thresholds", "flags")
+                },
+                indent=2,
+                default=float,
+            )
+        )
         return 0
     print(f"{Path(a.file).name}: {adata.n_obs} events, strategy {g['strategy']}")
     print(f"{'gate':<14}{'count':>9}{'% parent':>10}")
@@ -268,7 +314,9 @@ def cmd_featurize(a: argparse.Namespace) -> int:
     from .featurize import featurize_manifest
 
     if a.manifest:
-        table = featurize_manifest(a.manifest, strategy_path=a.strategy, adaptive=a.adaptive, n_jobs=a.jobs)
+        table = featurize_manifest(
+            a.manifest, strategy_path=a.strategy, adaptive=a.adaptive, n_jobs=a.jobs
+        )
     elif a.files:
         df = pd.DataFrame(
             {
@@ -328,10 +376,14 @@ def _print_train(res: Any) -> None:
         p = m.get("perm_pvalue", float("nan"))
         return "n/a" if p != p else f"{p:.3f}"
 
-    print(f"{'model':<18}{'OOF AUC [95% CI]':<24}{'bal. acc [95% CI]':<24}{'Brier':>7}{'perm. p':>9}")
+    print(
+        f"{'model':<18}{'OOF AUC [95% CI]':<24}{'bal. acc [95% CI]':<24}{'Brier':>7}{'perm. p':>9}"
+    )
     for fam, m in res.metrics.items():
         mark = "  <- chosen" if fam == res.chosen else ""
-        print(f"{fam:<18}{ci(m, 'roc_auc'):<24}{ci(m, 'balanced_accuracy'):<24}{m['brier']:>7.3f}{pval(m):>9}{mark}")
+        print(
+            f"{fam:<18}{ci(m, 'roc_auc'):<24}{ci(m, 'balanced_accuracy'):<24}{m['brier']:>7.3f}{pval(m):>9}{mark}"
+        )
     sel = getattr(res, "selection_pvalue", float("nan"))
     if sel == sel:
         print(f"p-value of the chosen family, adjusted for choosing it: {sel:.3f}")
@@ -433,7 +485,9 @@ def cmd_promote(a: argparse.Namespace) -> int:
             before = None
         client.set_registered_model_alias(a.name, a.alias, str(a.model_version))
     except mlflow.exceptions.MlflowException as err:
-        raise ModelError(f"cannot promote {a.name} version {a.model_version}: {err.message}") from None
+        raise ModelError(
+            f"cannot promote {a.name} version {a.model_version}: {err.message}"
+        ) from None
     moved = f" (was version {before})" if before and str(before) != str(a.model_version) else ""
     print(f"{a.name}@{a.alias} -> version {a.model_version}{moved}")
     print(f"score with     --model models:/{a.name}@{a.alias}")
@@ -443,10 +497,22 @@ def cmd_promote(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import format_leaderboard, leaderboard, write_leaderboard
 
-    df = leaderboard(a.experiment, tracking_uri=a.tracking_uri, max_runs=a.max_runs, sort_by=a.sort_by)
+    df = leaderboard(
+        a.experiment, tracking_uri=a.tracking_uri, max_runs=a.max_runs, sort_by=a.sort_by
+    )
     paths = write_leaderboard(df, a.out)
     shown = format_leaderboard(df if a.top is None else df.head(a.top))
-    cols = ["family", "training run", "n", "ROC AUC [95% CI]", "bal. accuracy [95% CI]", "Brier [95% CI]", "ECE", "perm. p", "registered"]
+    cols = [
+        "family",
+        "training run",
+        "n",
+        "ROC AUC [95% CI]",
+        "bal. accuracy [95% CI]",
+        "Brier [95% CI]",
+        "ECE",
+        "perm. p",
+        "registered",
+    ]
     print(shown[cols].to_string())
     print(f"{len(df)} candidate runs; wrote {paths['csv']}, {paths['md']}, {paths['html']}")
     return 0

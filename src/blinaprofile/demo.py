@@ -40,7 +40,9 @@ def run_demo(
     cohort = simulate_cohort(
         scen, out / "cohort", panel=panel, n_patients=n_patients, events_per_sample=events
     )
-    step(f"  {cohort.n_samples} FCS files in {cohort.out_dir / 'fcs'}; Bayes-optimal AUC {cohort.bayes_auc:.3f}")
+    step(
+        f"  {cohort.n_samples} FCS files in {cohort.out_dir / 'fcs'}; Bayes-optimal AUC {cohort.bayes_auc:.3f}"
+    )
     step("gating and featurizing")
     table = featurize_manifest(cohort.manifest)
     feats = out / "features.csv"
@@ -63,10 +65,17 @@ def run_demo(
             f"  {fam:<10} out-of-fold AUC {m['roc_auc']:.3f} "
             f"[{m['roc_auc_ci_low']:.2f}, {m['roc_auc_ci_high']:.2f}]{mark}"
         )
-    step(f"  registered {res.registered_model} v{res.version} @{res.alias}; exported {res.export_dir}")
+    step(
+        f"  registered {res.registered_model} v{res.version} @{res.alias}; exported {res.export_dir}"
+    )
     step("simulating and scoring a new patient sample")
     new = simulate_cohort(
-        scen, out / "new_sample", panel=panel, n_patients=2, events_per_sample=events, seed=scen.seed + 1
+        scen,
+        out / "new_sample",
+        panel=panel,
+        n_patients=2,
+        events_per_sample=events,
+        seed=scen.seed + 1,
     )
     import pandas as pd
 

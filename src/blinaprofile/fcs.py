@@ -352,8 +352,7 @@ def _parse_text(
         value = _decode(ctx, fields[k + 1]).strip()
         if not name:
             raise ctx.error(
-                f"{segment} segment contains an empty keyword name (field {k + 1} of "
-                f"{len(fields)})"
+                f"{segment} segment contains an empty keyword name (field {k + 1} of {len(fields)})"
             )
         if len(name) > max_keyword_length:
             raise ctx.error(

@@ -284,7 +284,9 @@ def read_feature_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     try:
         table = pd.read_csv(p)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise ManifestError(f"not a readable CSV feature table: {one_line(str(err))}", path=p) from None
+        raise ManifestError(
+            f"not a readable CSV feature table: {one_line(str(err))}", path=p
+        ) from None
     missing = [c for c in ("response", "patient_id") if c not in table.columns]
     if missing:
         raise ManifestError(

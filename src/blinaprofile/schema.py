@@ -48,7 +48,6 @@ class Feature:
     modalities: tuple[Modality, ...] = ("flow", "single_cell")
 
 
-
 FEATURES: tuple[Feature, ...] = (
     Feature(
         "cd3_pct_lymph",
@@ -60,12 +59,20 @@ FEATURES: tuple[Feature, ...] = (
     Feature("cd8_pct_cd3", "CD8+CD4- as % of CD3+ T cells", "pct_of_parent", "cd3"),
     Feature("cd4_cd8_ratio", "CD4+ count divided by CD8+ count", "ratio", "cd3"),
     Feature("cd8_naive_pct_cd8", "CCR7+ CD45RA+ as % of CD8+", "pct_of_parent", "cd8"),
-    Feature("cd8_cm_pct_cd8", "CCR7+ CD45RA- (central memory) as % of CD8+", "pct_of_parent", "cd8"),
-    Feature("cd8_em_pct_cd8", "CCR7- CD45RA- (effector memory) as % of CD8+", "pct_of_parent", "cd8"),
+    Feature(
+        "cd8_cm_pct_cd8", "CCR7+ CD45RA- (central memory) as % of CD8+", "pct_of_parent", "cd8"
+    ),
+    Feature(
+        "cd8_em_pct_cd8", "CCR7- CD45RA- (effector memory) as % of CD8+", "pct_of_parent", "cd8"
+    ),
     Feature("cd8_temra_pct_cd8", "CCR7- CD45RA+ (TEMRA) as % of CD8+", "pct_of_parent", "cd8"),
     Feature("cd4_naive_pct_cd4", "CCR7+ CD45RA+ as % of CD4+", "pct_of_parent", "cd4"),
-    Feature("cd4_cm_pct_cd4", "CCR7+ CD45RA- (central memory) as % of CD4+", "pct_of_parent", "cd4"),
-    Feature("cd4_em_pct_cd4", "CCR7- CD45RA- (effector memory) as % of CD4+", "pct_of_parent", "cd4"),
+    Feature(
+        "cd4_cm_pct_cd4", "CCR7+ CD45RA- (central memory) as % of CD4+", "pct_of_parent", "cd4"
+    ),
+    Feature(
+        "cd4_em_pct_cd4", "CCR7- CD45RA- (effector memory) as % of CD4+", "pct_of_parent", "cd4"
+    ),
     Feature("cd4_temra_pct_cd4", "CCR7- CD45RA+ (TEMRA) as % of CD4+", "pct_of_parent", "cd4"),
     Feature(
         "cd8_tim3_pct_cd8",
@@ -74,7 +81,9 @@ FEATURES: tuple[Feature, ...] = (
         "cd8",
     ),
     Feature("cd8_pd1_pct_cd8", "PD-1+ as % of CD8+", "pct_of_parent", "cd8"),
-    Feature("cd4_treg_pct_cd4", "CD25+ CD127lo regulatory T cells as % of CD4+", "pct_of_parent", "cd4"),
+    Feature(
+        "cd4_treg_pct_cd4", "CD25+ CD127lo regulatory T cells as % of CD4+", "pct_of_parent", "cd4"
+    ),
     Feature(
         "cd8_tim3_median",
         "median transformed TIM3 intensity of CD8+ T cells",

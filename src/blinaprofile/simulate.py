@@ -479,6 +479,13 @@ def gating_accuracy(masks: dict[str, np.ndarray], truth: pd.DataFrame) -> pd.Dat
         rec = tp / max(1, int(t.sum()))
         f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
         rows.append(
-            {"gate": gid, "truth": int(t.sum()), "gated": int(g.sum()), "precision": prec, "recall": rec, "f1": f1}
+            {
+                "gate": gid,
+                "truth": int(t.sum()),
+                "gated": int(g.sum()),
+                "precision": prec,
+                "recall": rec,
+                "f1": f1,
+            }
         )
     return pd.DataFrame(rows)
