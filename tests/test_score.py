@@ -78,7 +78,9 @@ def test_score_result_is_complete_and_pseudonymous(sm, identifying_file):
     assert len(res.top_features) == 5
     contribs = [abs(float(t["contribution"])) for t in res.top_features]
     assert contribs == sorted(contribs, reverse=True)
-    assert res.model["family"] == "logreg_l2" and res.model["version"].startswith("unregistered")
+    # an exported folder remembers its registry entry
+    assert res.model["family"] == "logreg_l2" and res.model["version"].isdigit()
+    assert res.model["name"] == "scoring-test-model" and res.model["alias"] == "champion"
     assert res.gating["counts"]["cd8"] > 0 and "cd8" in res.gating["percent_of_parent"]
     # nothing identifying reaches the result
     text = _strings_in(res.as_dict()) + res.summary() + json.dumps(res.to_row(), default=str)

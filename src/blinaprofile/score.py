@@ -190,7 +190,8 @@ class ScoreResult:
                 )
         if self.model:
             m = self.model
-            ver = f" v{m['version']}" if m.get("version") else ""
+            v = str(m.get("version") or "")
+            ver = f" v{v}" if v.isdigit() else (f" ({v})" if v else "")
             alias = f" @{m['alias']}" if m.get("alias") else ""
             lines.append(
                 f"model         {m.get('name')}{ver}{alias} ({m.get('family')}; {m.get('uri')})"

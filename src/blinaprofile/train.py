@@ -851,7 +851,17 @@ def train(
     )
     out = None
     if export_dir is not None:
-        out = save_model(export_dir, final, meta, training_table=training_table, uncertainty=refits)
+        # the exported copy remembers where it is registered, for reports and scoring
+        exported_meta = {
+            **meta,
+            "registered_model": config.registered_model,
+            "version": str(version),
+            "alias": config.alias,
+            "run_id": run_id,
+        }
+        out = save_model(
+            export_dir, final, exported_meta, training_table=training_table, uncertainty=refits
+        )
     return TrainResult(
         run_id=run_id,
         experiment=config.experiment,
