@@ -690,7 +690,11 @@ def _cli_args(case: Case, path: Path, work: Path, b: Base) -> tuple[list[str], d
     if kind == "h5ad":
         pytest.importorskip("blinaprofile.singlecell")
         return ["score", str(path), "--json", "--out-dir", str(work)], {}
-    pytest.skip("the CLI has no option to name the single-cell sample key of 'score'")
+    if kind == "h5ad-key":
+        pytest.importorskip("blinaprofile.singlecell")
+        args = ["score", str(path), "--sample-key", "sample", "--json", "--out-dir", str(work)]
+        return args, {}
+    raise AssertionError(f"no CLI recipe for case kind {kind!r}")
 
 
 def _tree(folder: Path) -> set[str]:

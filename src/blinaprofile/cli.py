@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sample-id", default=None, help="default: S-<first 12 hex of the file's sha256>"
     )
+    p.add_argument("--sample-key", default=None, help="single-cell: obs column naming the sample")
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     p.add_argument(
         "--out-dir",
@@ -407,6 +408,7 @@ def cmd_score(a: argparse.Namespace) -> int:
         sample_id=a.sample_id,
         threshold=a.threshold,
         keep_gating=not a.no_report,
+        sample_key=a.sample_key,
     )
     written = []
     if not a.no_report:

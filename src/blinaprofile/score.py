@@ -579,6 +579,7 @@ def score_sample(
     keep_gating: bool = False,
     interval: bool = True,
     n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
+    sample_key: str | None = None,
 ) -> ScoreResult:
     """Read, gate/annotate, featurize and score one sample (FCS or single-cell).
 
@@ -586,6 +587,8 @@ def score_sample(
     ----------
     path
         An FCS file, ``.h5ad``, 10x ``.h5`` or 10x folder.
+    sample_key
+        Single-cell only: the ``obs`` column naming samples (the object must then hold one).
     model
         ``models:/NAME@ALIAS``, ``runs:/...`` or a model folder (default: shipped model).
     strategy, adaptive
@@ -655,7 +658,7 @@ def score_sample(
     else:
         from .singlecell import featurize_single_cell
 
-        table = featurize_single_cell(p)
+        table = featurize_single_cell(p, sample_key=sample_key)
         if len(table) != 1:
             raise BlinaprofileError(
                 f"the object holds {len(table)} samples; use 'score-batch' or --sample-key",
