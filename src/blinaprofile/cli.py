@@ -578,6 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not getattr(a, "debug", False):
+        # MLflow's INFO chatter (table migrations, uv.lock copies) buries our own output
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # Errors: one line on stderr and a non-zero exit; the traceback only with --debug.
     # 2 = the user's input/config/model is at fault (the message names the file),
     # 3 = an internal error (a bug: please report it with the --debug traceback).
