@@ -119,6 +119,35 @@ def test_other_settings_in_the_same_folder_are_refused(sm, batch_run, manifest):
         score_samples(manifest, model=str(sm.model_dir), out_dir=out, threshold=0.9)
 
 
+def test_resuming_with_a_changed_model_is_refused(sm, manifest, tmp_path):
+    """Re-exporting the model into the same folder must not mix models in one result table."""
+    import shutil
+
+    from blinaprofile import score_samples
+    from blinaprofile.score import _MODEL_CACHE
+
+    model = tmp_path / "model"
+    shutil.copytree(sm.model_dir, model)
+    small = tmp_path / "two.csv"
+    pd.read_csv(manifest).iloc[:2].to_csv(small, index=False)
+    out = tmp_path / "out"
+    first = score_samples(small, model=str(model), out_dir=out, n_jobs=1)
+    assert first.attrs["batch"]["n_scored"] == 2
+    mlmodel = model / "MLmodel"
+    text = mlmodel.read_text()
+    assert "model_uuid:" in text
+    mlmodel.write_text(
+        "\n".join(
+            "model_uuid: 00000000000000000000000000000000" if ln.startswith("model_uuid:") else ln
+            for ln in text.splitlines()
+        )
+        + "\n"
+    )
+    _MODEL_CACHE.clear()  # a new process would see the re-exported model
+    with pytest.raises(InputError, match=r"other settings.*model_uuid"):
+        score_samples(small, model=str(model), out_dir=out, n_jobs=1)
+
+
 def test_cli_score_batch_writes_the_same_columns(sm, manifest, batch_run, tmp_path):
     df, _, _ = batch_run
     out = subprocess.run(

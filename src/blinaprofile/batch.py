@@ -87,7 +87,8 @@ def _jobs_from_frame(df: pd.DataFrame, *, source: str) -> list[BatchJob]:
     jobs = []
     for sid, f in zip(df["sample_id"].astype(str), df[col].astype(str), strict=True):
         ap = str(Path(f).resolve()) if f.strip() else ""
-        jobs.append(BatchJob(_key("sample:" + sid), sid, ap))
+        # keyed by sample and file: a corrected file for the same sample is scored again
+        jobs.append(BatchJob(_key("sample:" + sid + "\0" + ap), sid, ap))
     return jobs
 
 
@@ -448,8 +449,15 @@ def score_samples(
         "interval": bool(interval),
         "tracking_uri": settings.tracking_uri,
     }
+    from .score import load_scoring_model
+
+    # what the model reference resolves to now (an alias may have moved, a folder re-exported):
+    # resuming with another model would silently mix versions in one result table
+    resolved = load_scoring_model(model_key).info
     record = {
         "model": model_key,
+        "model_version": resolved.get("version"),
+        "model_uuid": resolved.get("model_uuid"),
         "strategy": options["strategy"],
         "adaptive": options["adaptive"],
         "qc": qc.model_dump(),

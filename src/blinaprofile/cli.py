@@ -29,6 +29,17 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def _probability(text: str) -> float:
+    """argparse type: a finite number in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in [0, 1]")
+    return v
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
@@ -125,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="models:/NAME@ALIAS, runs:/..., or a model folder")
     p.add_argument("--strategy", default=None)
     p.add_argument("--adaptive", action="store_true")
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument(
+        "--threshold", type=_probability, default=None, help="decision threshold in [0, 1]"
+    )
     p.add_argument(
         "--sample-id", default=None, help="default: S-<first 12 hex of the file's sha256>"
     )
@@ -153,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None, help="Dask scheduler address tcp://HOST:PORT")
     p.add_argument("--strategy", default=None)
     p.add_argument("--adaptive", action="store_true")
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument(
+        "--threshold", type=_probability, default=None, help="decision threshold in [0, 1]"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     _add_common(p)
 

@@ -457,6 +457,10 @@ def score_features(
 
     from .featurize import load_qc
 
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:  # also rejects nan
+        from .errors import ConfigError
+
+        raise ConfigError(f"threshold must be a probability in [0, 1], got {threshold!r}")
     qc = qc or load_qc()
     sm = load_scoring_model(model)
     runtime = sm.runtime
