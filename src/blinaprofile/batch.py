@@ -231,31 +231,13 @@ def _check_run_file(out: Path, settings_record: dict[str, Any]) -> None:
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
-    from .score import RESULT_COLUMNS
+    from .score import RESULT_COLUMNS, TEXT_RESULT_COLUMNS
 
     df = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
-    text = {
-        "sample_id",
-        "modality",
-        "call",
-        "reasons",
-        "ood_feature",
-        "top_features",
-        "model_name",
-        "model_version",
-        "model_alias",
-        "model_uri",
-        "model_family",
-        "schema_version",
-        "gating_strategy",
-        "input_sha256",
-        "interval_method",
-        "error",
-    }
     for c in df.columns:
         if c == "qc_pass":
             df[c] = df[c].astype("boolean")
-        elif c in text:
+        elif c in TEXT_RESULT_COLUMNS:
             df[c] = df[c].astype("string")
         else:
             df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")

@@ -205,6 +205,29 @@ def _feature_and_qc_columns() -> list[str]:
     return [*feature_names(), *QC_COLUMNS]
 
 
+#: Text columns of a result table; every other column but ``qc_pass`` is numeric.
+TEXT_RESULT_COLUMNS: frozenset[str] = frozenset(
+    {
+        "sample_id",
+        "modality",
+        "call",
+        "reasons",
+        "ood_feature",
+        "top_features",
+        "model_name",
+        "model_version",
+        "model_alias",
+        "model_uri",
+        "model_family",
+        "schema_version",
+        "gating_strategy",
+        "input_sha256",
+        "interval_method",
+        "error",
+    }
+)
+
+
 def _result_columns() -> list[str]:
     base = [
         "sample_id",
