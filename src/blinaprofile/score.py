@@ -205,55 +205,41 @@ def _feature_and_qc_columns() -> list[str]:
     return [*feature_names(), *QC_COLUMNS]
 
 
+#: Leading columns of a result table and their kind; the schema's features and QC counts
+#: (numeric) follow.
+_BASE_RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("sample_id", "text"),
+    ("modality", "text"),
+    ("call", "text"),
+    ("probability", "number"),
+    ("probability_low", "number"),
+    ("probability_high", "number"),
+    ("threshold", "number"),
+    ("qc_pass", "bool"),
+    ("reasons", "text"),
+    ("ood_max_abs_z", "number"),
+    ("ood_feature", "text"),
+    ("top_features", "text"),
+    ("model_name", "text"),
+    ("model_version", "text"),
+    ("model_alias", "text"),
+    ("model_uri", "text"),
+    ("model_family", "text"),
+    ("schema_version", "text"),
+    ("gating_strategy", "text"),
+    ("input_sha256", "text"),
+    ("interval_method", "text"),
+    ("error", "text"),
+)
+
 #: Text columns of a result table; every other column but ``qc_pass`` is numeric.
 TEXT_RESULT_COLUMNS: frozenset[str] = frozenset(
-    {
-        "sample_id",
-        "modality",
-        "call",
-        "reasons",
-        "ood_feature",
-        "top_features",
-        "model_name",
-        "model_version",
-        "model_alias",
-        "model_uri",
-        "model_family",
-        "schema_version",
-        "gating_strategy",
-        "input_sha256",
-        "interval_method",
-        "error",
-    }
+    name for name, kind in _BASE_RESULT_COLUMNS if kind == "text"
 )
 
 
 def _result_columns() -> list[str]:
-    base = [
-        "sample_id",
-        "modality",
-        "call",
-        "probability",
-        "probability_low",
-        "probability_high",
-        "threshold",
-        "qc_pass",
-        "reasons",
-        "ood_max_abs_z",
-        "ood_feature",
-        "top_features",
-        "model_name",
-        "model_version",
-        "model_alias",
-        "model_uri",
-        "model_family",
-        "schema_version",
-        "gating_strategy",
-        "input_sha256",
-        "interval_method",
-        "error",
-    ]
-    return [*base, *_feature_and_qc_columns()]
+    return [*(name for name, _ in _BASE_RESULT_COLUMNS), *_feature_and_qc_columns()]
 
 
 #: Columns of every batch result table (CLI ``score-batch`` and :func:`score_samples`).
