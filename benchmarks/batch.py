@@ -39,10 +39,10 @@ def _train_model(work: Path) -> str:
         TrainConfig,
         load_config,
     )
-    from blinaprofile.featurize import featurize_manifest
+    from blinaprofile.features.flow import featurize_manifest
+    from blinaprofile.models.train import train
     from blinaprofile.settings import settings
-    from blinaprofile.simulate import simulate_cohort
-    from blinaprofile.train import train
+    from blinaprofile.simulate.flow import simulate_cohort
 
     out = work / "model"
     if (out / "MLmodel").is_file():
@@ -69,7 +69,7 @@ def _train_model(work: Path) -> str:
 def _simulate(work: Path, n: int, events: int) -> Path:
     from blinaprofile.config import PanelConfig, SimulationConfig, load_config
     from blinaprofile.settings import settings
-    from blinaprofile.simulate import simulate_cohort
+    from blinaprofile.simulate.flow import simulate_cohort
 
     folder = work / f"cohort_{n}x{events}"
     if (folder / "manifest.csv").is_file():

@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def simulate_sample(n_events: int, seed: int = 7) -> tuple[np.ndarray, list[str], list[str], tuple]:
     """One simulated acquisition: (events float32, channels, markers, spillover)."""
-    from blinaprofile.cohort import draw_cohort
     from blinaprofile.config import PanelConfig, SimulationConfig, load_config
-    from blinaprofile.simulate import _DYES, SPILLOVER, _panel_columns, simulate_events
+    from blinaprofile.simulate.cohort import draw_cohort
+    from blinaprofile.simulate.flow import _DYES, SPILLOVER, _panel_columns, simulate_events
 
     cfg = load_config(SimulationConfig, ROOT / "configs" / "simulation" / "default.yaml")
     panel = load_config(PanelConfig, ROOT / "configs" / "panels" / "post_hct_tcell.yaml")
@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import flowkit as fk
 
-    from blinaprofile.fcs import read_fcs, write_fcs
-    from blinaprofile.gate import fcs_scaling, load_strategy
+    from blinaprofile.gating.events import fcs_scaling
+    from blinaprofile.gating.strategy import load_strategy
+    from blinaprofile.io.fcs import read_fcs, write_fcs
 
     t0 = time.perf_counter()
     events32, channels, markers, spill = simulate_sample(a.events)

@@ -34,7 +34,7 @@ BUDGET_MB = 3072.0
 
 def _generate(data_dir: Path, n_cells: int, n_genes: int, seed: int) -> Path:
     from blinaprofile.config import SimulationConfig, load_config
-    from blinaprofile.simulate_sc import simulate_single_cell_cohort
+    from blinaprofile.simulate.singlecell import simulate_single_cell_cohort
 
     cells_per_sample = 2000
     n_samples = max(2, n_cells // cells_per_sample)
@@ -68,7 +68,9 @@ def _accuracy(obs: Any) -> dict[str, float]:  # obs: pandas.DataFrame
 def _measure(path: Path, mode: str, accuracy: bool) -> dict[str, Any]:
     """Runs in a fresh child process: read + featurize, timed; then accuracy (not timed)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    from blinaprofile.singlecell import annotate, featurize_single_cell, read_single_cell
+    from blinaprofile.annotate.annotator import annotate
+    from blinaprofile.features.singlecell import featurize_single_cell
+    from blinaprofile.io.singlecell import read_single_cell
 
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -96,7 +98,7 @@ def _measure(path: Path, mode: str, accuracy: bool) -> dict[str, Any]:
         "tim3_estimator": str(table["tim3_estimator"].iloc[0]),
     }
     if accuracy:
-        from blinaprofile.simulate_sc import truth_feature_table
+        from blinaprofile.simulate.singlecell import truth_feature_table
 
         annotate(adata)
         result["accuracy"] = _accuracy(adata.obs)

@@ -4,7 +4,7 @@ Run ``python benchmarks/transforms.py`` (``--help`` for options). Transforms 1M 
 11 channels with logicle (T=262144, W=0.5, M=4.5, A=0), timing
 
 * flowutils: ``flowutils.transforms.logicle(data, None, ...)`` (FlowKit's code path),
-* ours: ``blinaprofile.transforms.transform_columns`` (cold = first call, including the
+* ours: ``blinaprofile.gating.transforms.transform_columns`` (cold = first call, including the
   per-parameter-set table build; warm = best of ``--repeats``),
 
 and prints seconds, the speed-up, the max abs difference and the peak traced memory
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from blinaprofile import transforms as bt
+import blinaprofile.gating.transforms as bt
 
 T, W, M, A = 262144.0, 0.5, 4.5, 0.0
 

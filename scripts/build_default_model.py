@@ -24,10 +24,10 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from blinaprofile.config import PanelConfig, SimulationConfig, load_config
-    from blinaprofile.featurize import featurize_manifest
+    from blinaprofile.features.flow import featurize_manifest
+    from blinaprofile.models.train import train
     from blinaprofile.settings import settings
-    from blinaprofile.simulate import simulate_cohort
-    from blinaprofile.train import train
+    from blinaprofile.simulate.flow import simulate_cohort
 
     scen = load_config(SimulationConfig, settings.default_simulation)
     panel = load_config(PanelConfig, settings.default_panel)

@@ -54,7 +54,7 @@ def null_config():
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory, sim_config, panel):
     """8 simulated patients, one FCS file each (20,000 events), with truth and manifest."""
-    from blinaprofile.simulate import simulate_cohort
+    from blinaprofile.simulate.flow import simulate_cohort
 
     out = tmp_path_factory.mktemp("small_cohort")
     return simulate_cohort(sim_config, out, panel=panel, n_patients=8, events_per_sample=20_000)

@@ -1,6 +1,6 @@
 """Helpers that build FCS files byte by byte, including deliberately broken ones.
 
-Independent of ``blinaprofile.fcs`` so that the reader is tested against files it
+Independent of ``blinaprofile.io.fcs`` so that the reader is tested against files it
 did not write itself (other versions, delimiters, data types, byte orders, lies).
 """
 

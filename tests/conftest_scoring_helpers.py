@@ -2,7 +2,7 @@
 
 Every scoring test module calls :func:`scoring_model` from a fixture; the first call
 simulates a 30-patient training cohort (10,000 events per sample), featurizes it, trains
-a logistic-regression model through :func:`blinaprofile.train.train` (MLflow SQLite store,
+a logistic-regression model through :func:`blinaprofile.models.train.train` (MLflow SQLite store,
 registered as ``scoring-test-model@champion``, exported to a folder), and later calls
 reuse it from the session's base temporary folder.
 """
@@ -46,9 +46,9 @@ def _configs():
 
 def _build(root: Path) -> None:
     from blinaprofile.config import ModelSpec, TrainConfig
-    from blinaprofile.featurize import featurize_manifest
-    from blinaprofile.simulate import simulate_cohort
-    from blinaprofile.train import train
+    from blinaprofile.features.flow import featurize_manifest
+    from blinaprofile.models.train import train
+    from blinaprofile.simulate.flow import simulate_cohort
 
     sim, panel = _configs()
     cohort = simulate_cohort(
@@ -107,7 +107,7 @@ def write_fcs_like(
     n_events: int | None = None,
 ) -> Path:
     """Copy an FCS file's events into a new file, with other keywords or fewer channels/events."""
-    from blinaprofile.fcs import read_fcs, write_fcs
+    from blinaprofile.io.fcs import read_fcs, write_fcs
 
     d = read_fcs(src)
     keep = [i for i, m in enumerate(d.markers) if drop_marker is None or drop_marker not in m]

@@ -6,10 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from blinaprofile.adaptive import find_valley
-from blinaprofile.fcs import read_fcs
-from blinaprofile.gate import Dim, Gate, GateTree, gate_events, load_strategy
-from blinaprofile.simulate import simulate_cohort, truth_masks
+from blinaprofile.gating.gates import Dim, Gate
+from blinaprofile.gating.placement import find_valley
+from blinaprofile.gating.sample import gate_events
+from blinaprofile.gating.strategy import load_strategy
+from blinaprofile.gating.tree import GateTree
+from blinaprofile.io.fcs import read_fcs
+from blinaprofile.simulate.flow import simulate_cohort, truth_masks
 
 REQUIRED = ("cd8_naive", "cd8_cm", "cd8_em", "cd8_temra", "cd8_tim3", "cd4_treg")
 
@@ -107,7 +110,7 @@ def test_find_valley_bimodal_unimodal_and_shifted() -> None:
 
 def test_unplaceable_gate_is_a_qc_flag_not_a_silent_guess() -> None:
     from blinaprofile.config import AdaptiveSpec
-    from blinaprofile.transforms import LinearTransform
+    from blinaprofile.gating.transforms import LinearTransform
 
     rng = np.random.default_rng(1)
     # two populations at 0.2 and 0.45 (valley ~0.33) but the limits only allow [0.40, 0.60]

@@ -45,10 +45,10 @@ from blinaprofile.errors import (
     PanelMismatchError,
     SingleCellInputError,
 )
-from blinaprofile.fcs import read_fcs, write_fcs
-from blinaprofile.featurize import featurize_fcs, featurize_manifest, load_qc
-from blinaprofile.gate import load_strategy
-from blinaprofile.read import read_manifest
+from blinaprofile.features.flow import featurize_fcs, featurize_manifest, load_qc
+from blinaprofile.gating.strategy import load_strategy
+from blinaprofile.io.fcs import read_fcs, write_fcs
+from blinaprofile.io.read import read_manifest
 from conftest_fcs_helpers import build_fcs, encode_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -597,8 +597,8 @@ def _python_call(case: Case, path: Path, b: Base) -> Any:
         return load_config(MODELS[case.kind.split(":", 1)[1]], path)
     if case.kind == "qc":
         return load_qc(path)
-    pytest.importorskip("blinaprofile.singlecell")
-    from blinaprofile.singlecell import featurize_single_cell
+    pytest.importorskip("blinaprofile.annotate.annotator")
+    from blinaprofile.features.singlecell import featurize_single_cell
 
     if case.kind == "h5ad-key":
         return featurize_single_cell(path, sample_key="sample")
@@ -688,10 +688,10 @@ def _cli_args(case: Case, path: Path, work: Path, b: Base) -> tuple[list[str], d
             str(work / "m"),
         ], {}
     if kind == "h5ad":
-        pytest.importorskip("blinaprofile.singlecell")
+        pytest.importorskip("blinaprofile.annotate.annotator")
         return ["score", str(path), "--json", "--out-dir", str(work)], {}
     if kind == "h5ad-key":
-        pytest.importorskip("blinaprofile.singlecell")
+        pytest.importorskip("blinaprofile.annotate.annotator")
         args = ["score", str(path), "--sample-key", "sample", "--json", "--out-dir", str(work)]
         return args, {}
     raise AssertionError(f"no CLI recipe for case kind {kind!r}")

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from blinaprofile.errors import InputError
-from blinaprofile.score import RESULT_COLUMNS, file_checksum
+from blinaprofile.scoring.score import RESULT_COLUMNS, file_checksum
 from conftest_scoring_helpers import scoring_model, write_fcs_like
 
 
@@ -124,7 +124,7 @@ def test_resuming_with_a_changed_model_is_refused(sm, manifest, tmp_path):
     import shutil
 
     from blinaprofile import score_samples
-    from blinaprofile.score import _MODEL_CACHE
+    from blinaprofile.scoring.score import _MODEL_CACHE
 
     model = tmp_path / "model"
     shutil.copytree(sm.model_dir, model)
@@ -321,4 +321,4 @@ def test_import_is_light_and_score_samples_is_lazy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = out.stdout.strip().splitlines()
-    assert lines[0] == "HEAVY=" and lines[1] == "blinaprofile.batch"
+    assert lines[0] == "HEAVY=" and lines[1] == "blinaprofile.scoring.batch"

@@ -14,11 +14,11 @@ def test_compare_notebook_executes(sim_config, mlflow_uri, tmp_path, monkeypatch
     import nbformat
     from nbclient import NotebookClient
 
-    from blinaprofile.cohort import draw_cohort
     from blinaprofile.config import ModelSpec, TrainConfig
-    from blinaprofile.schema import MODEL_FEATURES
+    from blinaprofile.features.schema import MODEL_FEATURES
+    from blinaprofile.models.train import train
     from blinaprofile.settings import settings
-    from blinaprofile.train import train
+    from blinaprofile.simulate.cohort import draw_cohort
 
     monkeypatch.setattr(settings, "n_jobs", 1)
     truth = draw_cohort(sim_config.model_copy(update={"n_patients": 30}), seed=5)

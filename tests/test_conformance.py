@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from blinaprofile.errors import GatingError
-from blinaprofile.fcs import read_fcs
-from blinaprofile.gate import gate_events
-from blinaprofile.interop import load_gatingml, load_wsp, wsp_sample_ids
+from blinaprofile.gating.interop import load_gatingml, load_wsp, wsp_sample_ids
+from blinaprofile.gating.sample import gate_events
+from blinaprofile.io.fcs import read_fcs
 
 # the compliance set names one truth file differently from its gate
 _TRUTH_ALIAS = {"ParRectangle1": "ParQuadRect"}

@@ -31,7 +31,7 @@ import pandas as pd
 import pytest
 
 from blinaprofile.errors import BlinaprofileError, ModelError
-from blinaprofile.fcs import read_fcs
+from blinaprofile.io.fcs import read_fcs
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "blinaprofile"
@@ -81,8 +81,8 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
 def model_dir(small_cohort: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small model exported to a folder (trained on the simulated cohort)."""
     from blinaprofile.config import ModelSpec, TrainConfig
-    from blinaprofile.featurize import featurize_manifest
-    from blinaprofile.train import train
+    from blinaprofile.features.flow import featurize_manifest
+    from blinaprofile.models.train import train
 
     root = tmp_path_factory.mktemp("crash_model")
     table = featurize_manifest(small_cohort.manifest, n_jobs=2)
@@ -114,9 +114,9 @@ def model_dir(small_cohort: Any, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def _batch_available() -> str:
     """Empty if ``blinaprofile score-batch`` exists, else why the test is skipped."""
     try:
-        import blinaprofile.batch  # noqa: F401
+        import blinaprofile.scoring.batch  # noqa: F401
     except ImportError as err:
-        return f"blinaprofile.batch has not landed yet ({err})"
+        return f"blinaprofile.scoring.batch has not landed yet ({err})"
     r = subprocess.run(
         [sys.executable, "-m", "blinaprofile", "score-batch", "--help"],
         capture_output=True,
@@ -221,7 +221,7 @@ def test_batch_records_bad_samples_and_goes_on(
     reason = _batch_available()
     if reason:
         pytest.skip(reason)
-    from blinaprofile.batch import score_samples
+    from blinaprofile.scoring.batch import score_samples
 
     good = sorted((small_cohort.out_dir / "fcs").glob("*.fcs"))[:2]
     bad = {
@@ -299,7 +299,7 @@ def test_model_export_is_atomic(
 ) -> None:
     import mlflow
 
-    from blinaprofile.model import load_model, save_model
+    from blinaprofile.models.packaging import load_model, save_model
 
     _pyfunc, runtime = load_model(model_dir)
     target = tmp_path / "exported"
@@ -361,7 +361,7 @@ def test_untrusted_type_in_model_is_refused(
 ) -> None:
     import skops.io as sio
 
-    from blinaprofile.model import load_model
+    from blinaprofile.models.packaging import load_model
 
     folder, skops, meta_file = _copy_model(model_dir, tmp_path / "model")
     marker = tmp_path / "executed.txt"
@@ -399,7 +399,7 @@ def test_dangerous_builtin_function_in_model_is_refused(model_dir: Path, tmp_pat
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer
 
-    from blinaprofile.model import load_model
+    from blinaprofile.models.packaging import load_model
 
     folder, skops, meta_file = _copy_model(model_dir, tmp_path / "model")
     X = np.random.default_rng(0).normal(size=(20, 3))
@@ -417,7 +417,7 @@ def test_dangerous_builtin_function_in_model_is_refused(model_dir: Path, tmp_pat
 
 
 def test_model_folder_code_is_not_executed(model_dir: Path, tmp_path: Path) -> None:
-    from blinaprofile.model import load_model
+    from blinaprofile.models.packaging import load_model
 
     folder = tmp_path / "model"
     shutil.copytree(model_dir, folder)

@@ -1,4 +1,4 @@
-"""Tests of the FCS reader/writer (:mod:`blinaprofile.fcs`)."""
+"""Tests of the FCS reader/writer (:mod:`blinaprofile.io.fcs`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blinaprofile import fcs
+import blinaprofile.io.fcs as fcs
 from blinaprofile.errors import BlinaprofileError, FCSFormatError, InputError, PanelMismatchError
-from blinaprofile.fcs import FCSData, read_fcs, write_fcs
+from blinaprofile.io.fcs import FCSData, read_fcs, write_fcs
 from conftest_fcs_helpers import (
     build_fcs,
     encode_text,

@@ -35,10 +35,10 @@ from blinaprofile.config import (
     load_config,
 )
 from blinaprofile.errors import BlinaprofileError
-from blinaprofile.fcs import read_fcs, write_fcs
-from blinaprofile.featurize import featurize_fcs
-from blinaprofile.gate import load_strategy, strategy_from_config
-from blinaprofile.read import read_manifest
+from blinaprofile.features.flow import featurize_fcs
+from blinaprofile.gating.strategy import load_strategy, strategy_from_config
+from blinaprofile.io.fcs import read_fcs, write_fcs
+from blinaprofile.io.read import read_manifest
 from conftest_fcs_helpers import build_fcs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -440,7 +440,7 @@ def test_fuzz_qc_config(base: dict[str, Any]) -> None:
 
 
 def test_fuzz_simulation_config(base: dict[str, Any]) -> None:
-    from blinaprofile.simulate import simulate_cohort
+    from blinaprofile.simulate.flow import simulate_cohort
 
     out = Outcomes("simulation YAML")
     target = base["root"] / "scenario.yaml"

@@ -8,21 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blinaprofile import transforms as tr
+import blinaprofile.gating.transforms as tr
 from blinaprofile.errors import GatingError, PanelMismatchError
-from blinaprofile.fcs import read_fcs, write_fcs
-from blinaprofile.gate import (
-    FCS_COMP,
-    UNCOMPENSATED,
-    Dim,
-    Gate,
-    GateTree,
-    fcs_scaling,
-    gate_events,
-    load_strategy,
-    points_in_polygon,
-)
-from blinaprofile.interop import gatingml_text, load_gatingml, rename_gates
+from blinaprofile.gating.events import fcs_scaling, points_in_polygon
+from blinaprofile.gating.gates import FCS_COMP, UNCOMPENSATED, Dim, Gate
+from blinaprofile.gating.interop import gatingml_text, load_gatingml, rename_gates
+from blinaprofile.gating.sample import gate_events
+from blinaprofile.gating.strategy import load_strategy
+from blinaprofile.gating.tree import GateTree
+from blinaprofile.io.fcs import read_fcs, write_fcs
 
 
 def _flowkit_sample(path: Path, **kw):

@@ -32,8 +32,12 @@ def _assert_frames_equal(got: pd.DataFrame, want: pd.DataFrame, name: str) -> No
         a, b = got[col], want[col]
         if pd.api.types.is_numeric_dtype(b) and pd.api.types.is_numeric_dtype(a):
             np.testing.assert_allclose(
-                a.to_numpy(float), b.to_numpy(float), rtol=1e-9, atol=1e-12,
-                equal_nan=True, err_msg=f"{name}: column {col}",
+                a.to_numpy(float),
+                b.to_numpy(float),
+                rtol=1e-9,
+                atol=1e-12,
+                equal_nan=True,
+                err_msg=f"{name}: column {col}",
             )
         else:
             assert a.fillna("").astype(str).tolist() == b.fillna("").astype(str).tolist(), (

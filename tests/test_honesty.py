@@ -2,10 +2,10 @@
 selection, and on the default signal cohort it approaches the simulator's Bayes-optimal AUC.
 
 Feature tables for the large cohorts are built directly from the generative model
-(:func:`blinaprofile.cohort.draw_cohort`): each sample's true subset fractions are turned
+(:func:`blinaprofile.simulate.cohort.draw_cohort`): each sample's true subset fractions are turned
 into event counts by binomial/multinomial sampling with the cohort's event number (the
 counting noise a real acquisition of that size has), and features are computed from those
-counts exactly as :mod:`blinaprofile.featurize` defines them. Gating error is not added
+counts exactly as :mod:`blinaprofile.features.flow` defines them. Gating error is not added
 (``test_spine`` bounds it by < 3 percentage points). ``test_fcs_cohort_end_to_end`` goes
 through real simulated FCS files, gating and featurization for a smaller cohort.
 """
@@ -16,11 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from blinaprofile.cohort import bayes_optimal_auc, draw_cohort
 from blinaprofile.config import ModelSpec, TrainConfig
-from blinaprofile.metrics import roc_auc
-from blinaprofile.schema import MODEL_FEATURES, SCHEMA_VERSION
-from blinaprofile.train import cross_validate, evaluate, load_train_config, prepare_training_data
+from blinaprofile.features.schema import MODEL_FEATURES, SCHEMA_VERSION
+from blinaprofile.models.metrics import roc_auc
+from blinaprofile.models.validation import (
+    cross_validate,
+    evaluate,
+    load_train_config,
+    prepare_training_data,
+)
+from blinaprofile.simulate.cohort import bayes_optimal_auc, draw_cohort
 
 _SUBSETS = ("naive", "cm", "em", "temra")
 
@@ -185,8 +190,8 @@ def test_feature_selection_outside_the_folds_leaks_ours_does_not(null_config):
 
 @pytest.fixture(scope="module")
 def fcs_cohort(tmp_path_factory, sim_config, panel):
-    from blinaprofile.featurize import featurize_manifest
-    from blinaprofile.simulate import simulate_cohort
+    from blinaprofile.features.flow import featurize_manifest
+    from blinaprofile.simulate.flow import simulate_cohort
 
     out = tmp_path_factory.mktemp("honesty_fcs")
     cohort = simulate_cohort(
@@ -197,9 +202,9 @@ def fcs_cohort(tmp_path_factory, sim_config, panel):
 
 def test_fcs_cohort_end_to_end(fcs_cohort, sim_config, mlflow_uri, tmp_path, monkeypatch):
     """Simulated FCS files -> gating -> features -> nested CV + MLflow -> scoring an FCS file."""
-    from blinaprofile.score import score_sample
+    from blinaprofile.models.train import train
+    from blinaprofile.scoring.score import score_sample
     from blinaprofile.settings import settings
-    from blinaprofile.train import train
 
     monkeypatch.setattr(settings, "n_jobs", 1)
     cohort, table = fcs_cohort

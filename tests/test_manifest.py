@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from blinaprofile.errors import ManifestError
-from blinaprofile.featurize import feature_columns, featurize_manifest
-from blinaprofile.read import RESPONSE_CODES, read_manifest
+from blinaprofile.features.flow import feature_columns, featurize_manifest
+from blinaprofile.io.read import RESPONSE_CODES, read_manifest
 
 
 @pytest.fixture

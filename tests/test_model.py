@@ -13,7 +13,7 @@ import pytest
 
 from blinaprofile.config import ModelSpec
 from blinaprofile.errors import FeatureSchemaError, ModelError
-from blinaprofile.model import (
+from blinaprofile.models.packaging import (
     ResponderModel,
     _check_trusted,
     contributions,
@@ -22,7 +22,7 @@ from blinaprofile.model import (
     save_model,
     tree_shap,
 )
-from blinaprofile.train import build_pipeline
+from blinaprofile.models.validation import build_pipeline
 
 
 def _data(n: int = 80, d: int = 6, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from blinaprofile.fcs import read_fcs
-from blinaprofile.gate import fcs_scaling, gate_events, load_strategy
-from blinaprofile.plot import gating_figure, plot_sample, save_gating_png
+from blinaprofile.gating.events import fcs_scaling
+from blinaprofile.gating.plot import gating_figure, plot_sample, save_gating_png
+from blinaprofile.gating.sample import gate_events
+from blinaprofile.gating.strategy import load_strategy
+from blinaprofile.io.fcs import read_fcs
 
 
 def test_every_gate_has_a_panel_with_count_and_percent(small_cohort, tmp_path: Path) -> None:
@@ -51,7 +53,7 @@ def test_every_gate_has_a_panel_with_count_and_percent(small_cohort, tmp_path: P
 def test_plot_sample_draws_ellipses_and_polygons_from_gatingml(
     shared_data: Path, tmp_path: Path
 ) -> None:
-    from blinaprofile.interop import load_gatingml
+    from blinaprofile.gating.interop import load_gatingml
 
     gml = shared_data / "gatingml2-compliance"
     data = read_fcs(gml / "data1.fcs")

@@ -28,8 +28,8 @@ import pandas as pd
 import pytest
 
 from blinaprofile.errors import FCSFormatError
-from blinaprofile.fcs import read_fcs, write_fcs
-from blinaprofile.privacy import (
+from blinaprofile.io.fcs import read_fcs, write_fcs
+from blinaprofile.io.privacy import (
     identifying_values,
     is_identifying,
     is_safe_keyword,
@@ -37,7 +37,7 @@ from blinaprofile.privacy import (
     scan_for_strings,
     select_keywords,
 )
-from blinaprofile.read import read_flow
+from blinaprofile.io.read import read_flow
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blinaprofile.report import write_report
-from blinaprofile.score import NO_CALL, file_checksum, score_sample
+from blinaprofile.scoring.report import write_report
+from blinaprofile.scoring.score import NO_CALL, file_checksum, score_sample
 from conftest_scoring_helpers import scoring_model, write_fcs_like
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from blinaprofile.config import QCConfig
-from blinaprofile.score import (
+from blinaprofile.scoring.score import (
     NO_CALL,
     RESULT_COLUMNS,
     file_checksum,
@@ -103,7 +103,7 @@ def test_interval_comes_from_model_refits_and_is_stable(sm, new_files):
 
 def test_fallback_interval_refits_the_pipeline_on_bootstrap_resamples(sm, new_files):
     """Models without their own interval get one from cached refits on training_features.csv."""
-    from blinaprofile.score import _interval
+    from blinaprofile.scoring.score import _interval
 
     a = score_sample(new_files[1], model=str(sm.model_dir), sample_id="X1")
     m = load_scoring_model(str(sm.model_dir))
@@ -282,8 +282,8 @@ def test_single_cell_sample_is_scored_with_its_own_qc(sm, tmp_path):
     import anndata as ad
 
     from blinaprofile.config import SimulationConfig, load_config
-    from blinaprofile.report import write_report
-    from blinaprofile.simulate_sc import simulate_single_cell_cohort
+    from blinaprofile.scoring.report import write_report
+    from blinaprofile.simulate.singlecell import simulate_single_cell_cohort
 
     sim = load_config(
         SimulationConfig, Path(__file__).parents[1] / "configs/simulation/default.yaml"

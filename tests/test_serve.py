@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from blinaprofile.schema import MODEL_FEATURES
+from blinaprofile.features.schema import MODEL_FEATURES
 from conftest_scoring_helpers import scoring_model
 
 START_TIMEOUT = 180.0
@@ -108,7 +108,7 @@ def server(sm, tmp_path_factory):
 
 
 def test_rest_request_and_answer(sm, server):
-    from blinaprofile.score import load_scoring_model
+    from blinaprofile.scoring.score import load_scoring_model
 
     table = pd.read_csv(sm.features_csv)
     row = table.loc[0, list(MODEL_FEATURES)].astype(float).round(3)

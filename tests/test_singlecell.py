@@ -15,18 +15,18 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from blinaprofile.annotate.annotator import annotate
+from blinaprofile.annotate.config import (
+    SingleCellConfig,
+    default_config_path,
+    load_single_cell_config,
+)
 from blinaprofile.config import SimulationConfig, load_config
 from blinaprofile.errors import ConfigError, SingleCellInputError
-from blinaprofile.schema import QC_COLUMNS, SCHEMA_VERSION, feature_names
-from blinaprofile.simulate_sc import simulate_single_cell_cohort, truth_feature_table
-from blinaprofile.singlecell import (
-    SingleCellConfig,
-    annotate,
-    default_config_path,
-    featurize_single_cell,
-    load_single_cell_config,
-    read_single_cell,
-)
+from blinaprofile.features.schema import QC_COLUMNS, SCHEMA_VERSION, feature_names
+from blinaprofile.features.singlecell import featurize_single_cell
+from blinaprofile.io.singlecell import read_single_cell
+from blinaprofile.simulate.singlecell import simulate_single_cell_cohort, truth_feature_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

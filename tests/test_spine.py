@@ -10,13 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from blinaprofile.cohort import bayes_optimal_auc, draw_cohort
-from blinaprofile.fcs import read_fcs
-from blinaprofile.featurize import featurize_manifest
-from blinaprofile.gate import gate_events, load_strategy
-from blinaprofile.read import read_flow
-from blinaprofile.schema import MODEL_FEATURES, feature_names
-from blinaprofile.simulate import gating_accuracy
+from blinaprofile.features.flow import featurize_manifest
+from blinaprofile.features.schema import MODEL_FEATURES, feature_names
+from blinaprofile.gating.sample import gate_events
+from blinaprofile.gating.strategy import load_strategy
+from blinaprofile.io.fcs import read_fcs
+from blinaprofile.io.read import read_flow
+from blinaprofile.simulate.cohort import bayes_optimal_auc, draw_cohort
+from blinaprofile.simulate.flow import gating_accuracy
 
 
 def test_help_is_light():
@@ -35,7 +36,7 @@ def test_help_is_light():
 def test_flow_path_never_imports_scanpy(small_cohort):
     f = small_cohort.out_dir / "fcs" / "P001_D28.fcs"
     code = (
-        "import sys; from blinaprofile.featurize import featurize_fcs\n"
+        "import sys; from blinaprofile.features.flow import featurize_fcs\n"
         f"row = featurize_fcs({str(f)!r}).row\n"
         "assert row['n_cd8'] > 0\n"
         "print('scanpy' in sys.modules)"
@@ -45,7 +46,7 @@ def test_flow_path_never_imports_scanpy(small_cohort):
 
 
 def test_simulator_is_deterministic(tmp_path, sim_config, panel):
-    from blinaprofile.simulate import simulate_cohort
+    from blinaprofile.simulate.flow import simulate_cohort
 
     a = simulate_cohort(
         sim_config, tmp_path / "a", panel=panel, n_patients=2, events_per_sample=3000
@@ -137,7 +138,7 @@ def trained(tmp_path_factory, small_cohort):
     import os
 
     from blinaprofile.config import ModelSpec, TrainConfig
-    from blinaprofile.train import train
+    from blinaprofile.models.train import train
 
     tmp = tmp_path_factory.mktemp("spine_train")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

@@ -100,12 +100,12 @@ def test_train_register_promote_compare_against_the_team_server(
     import psycopg2
 
     from blinaprofile.cli import main
-    from blinaprofile.cohort import draw_cohort
     from blinaprofile.config import ModelSpec, TrainConfig
-    from blinaprofile.model import load_model
-    from blinaprofile.schema import MODEL_FEATURES
+    from blinaprofile.features.schema import MODEL_FEATURES
+    from blinaprofile.models.packaging import load_model
+    from blinaprofile.models.train import train
     from blinaprofile.settings import settings
-    from blinaprofile.train import train
+    from blinaprofile.simulate.cohort import draw_cohort
 
     uri, state, env = server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

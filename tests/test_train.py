@@ -11,7 +11,8 @@ import pytest
 
 from blinaprofile.config import ModelSpec, ThresholdRule, TrainConfig
 from blinaprofile.errors import ConfigError, ModelError
-from blinaprofile.metrics import (
+from blinaprofile.features.schema import MODEL_FEATURES, SCHEMA_VERSION
+from blinaprofile.models.metrics import (
     bootstrap_weights,
     calibration_table,
     choose_threshold,
@@ -21,13 +22,13 @@ from blinaprofile.metrics import (
     summarize,
     weighted_auc,
 )
-from blinaprofile.schema import MODEL_FEATURES, SCHEMA_VERSION
-from blinaprofile.train import cross_validate, evaluate, prepare_training_data, train
+from blinaprofile.models.train import train
+from blinaprofile.models.validation import cross_validate, evaluate, prepare_training_data
 
 
 def _table(sim_config, n_patients: int = 40, seed: int = 0) -> pd.DataFrame:
     """Feature table from the generative model (true fractions x 100, no counting noise)."""
-    from blinaprofile.cohort import draw_cohort
+    from blinaprofile.simulate.cohort import draw_cohort
 
     truth = draw_cohort(sim_config.model_copy(update={"n_patients": n_patients}), seed=seed)
     t = truth[["sample_id", "patient_id", "response"]].copy()
@@ -266,7 +267,7 @@ def test_training_run_logs_everything_and_registers(trained):
     # registered, aliased, scorable by alias
     mv = client.get_model_version_by_alias("unit-model", "champion")
     assert str(mv.version) == res.version and mv.tags["family"] == res.chosen
-    from blinaprofile.model import load_model
+    from blinaprofile.models.packaging import load_model
 
     pyfunc, runtime = load_model("models:/unit-model@champion")
     out = pyfunc.predict(table[runtime.features].head(5))

@@ -1,4 +1,4 @@
-"""Tests of blinaprofile.transforms against FlowKit 1.3 / flowutils.
+"""Tests of blinaprofile.gating.transforms against FlowKit 1.3 / flowutils.
 
 FlowKit objects are built directly from their own constructors (not via ``to_flowkit``)
 so that the parameter mapping itself is under test.
@@ -17,7 +17,7 @@ import numpy.typing as npt
 import pytest
 from flowkit import transforms as fkt
 
-from blinaprofile import transforms as bt
+import blinaprofile.gating.transforms as bt
 from blinaprofile.errors import GatingError
 
 # The brief's acceptance bound (transformed units) and the precision we actually claim
@@ -475,7 +475,7 @@ def test_transforms_are_hashable_and_picklable() -> None:
 
 def test_module_import_does_not_import_flowkit() -> None:
     code = (
-        "import sys, blinaprofile.transforms as t\n"
+        "import sys, blinaprofile.gating.transforms as t\n"
         "assert 'flowkit' not in sys.modules, 'flowkit imported'\n"
         "assert 'flowutils' not in sys.modules, 'flowutils imported'\n"
         "assert 'scipy.interpolate' not in sys.modules\n"

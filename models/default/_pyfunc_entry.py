@@ -1,7 +1,7 @@
 """MLflow "model from code" entry point for blinaprofile responder models.
 
 MLflow executes this file when loading a model; it must define the model and call
-``mlflow.models.set_model``. The heavy lifting lives in :mod:`blinaprofile.model`.
+``mlflow.models.set_model``. The heavy lifting lives in :mod:`blinaprofile.models.packaging`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import mlflow.models
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from blinaprofile.model import ResponderModel, load_pipeline
+from blinaprofile.models.packaging import ResponderModel, load_pipeline
 
 
 class BlinaprofilePyfunc(PythonModel):

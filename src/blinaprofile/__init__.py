@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .batch import score_samples
-    from .report import write_report
-    from .score import score_sample
+    from blinaprofile.scoring.batch import score_samples
+    from blinaprofile.scoring.report import write_report
+    from blinaprofile.scoring.score import score_sample
 
 __all__ = ["__version__", "score_sample", "score_samples", "write_report"]
 

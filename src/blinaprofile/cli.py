@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- commands
 def _scenario_path(name: str) -> Path:
-    from .settings import settings
+    from blinaprofile.settings import settings
 
     p = Path(name)
     if p.suffix in (".yaml", ".yml"):
@@ -231,9 +231,9 @@ def _scenario_path(name: str) -> Path:
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
-    from .config import PanelConfig, SimulationConfig, load_config
-    from .settings import settings
-    from .simulate import simulate_cohort
+    from blinaprofile.config import PanelConfig, SimulationConfig, load_config
+    from blinaprofile.settings import settings
+    from blinaprofile.simulate.flow import simulate_cohort
 
     cfg = load_config(SimulationConfig, _scenario_path(a.scenario))
     panel = load_config(PanelConfig, a.panel or settings.default_panel)
@@ -255,8 +255,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
 def _gating_source(a: argparse.Namespace) -> Any:
     """The strategy named by --strategy / --gatingml / --wsp, with --rename applied."""
-    from .gate import load_strategy
-    from .interop import load_gatingml, load_wsp, rename_gates
+    from blinaprofile.gating.interop import load_gatingml, load_wsp, rename_gates
+    from blinaprofile.gating.strategy import load_strategy
 
     if a.wsp:
         tree = load_wsp(a.wsp, sample_id=a.wsp_sample)
@@ -276,15 +276,15 @@ def _gating_source(a: argparse.Namespace) -> Any:
 
 
 def cmd_gate(a: argparse.Namespace) -> int:
-    from .gate import gate_sample
-    from .read import read_flow
+    from blinaprofile.gating.sample import gate_sample
+    from blinaprofile.io.read import read_flow
 
     data = read_flow(a.file)
     tree = _gating_source(a)
     adata = gate_sample(data, tree, adaptive=a.adaptive)
     g = adata.uns["gating"]
     if a.plot:
-        from .plot import plot_sample, save_gating_png
+        from blinaprofile.gating.plot import plot_sample, save_gating_png
 
         save_gating_png(plot_sample(data, tree, adaptive=a.adaptive), a.plot)
     if a.h5ad:
@@ -327,7 +327,7 @@ def _write_csv_atomic(df: Any, path: str | os.PathLike[str]) -> None:
 def cmd_featurize(a: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .featurize import featurize_manifest
+    from blinaprofile.features.flow import featurize_manifest
 
     if a.manifest:
         table = featurize_manifest(
@@ -361,9 +361,9 @@ def _usage(msg: str) -> _UsageError:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .featurize import featurize_manifest
-    from .read import read_feature_table, read_manifest
-    from .train import train
+    from blinaprofile.features.flow import featurize_manifest
+    from blinaprofile.io.read import read_feature_table, read_manifest
+    from blinaprofile.models.train import train
 
     if a.manifest:
         manifest = read_manifest(a.manifest, require_response=True)
@@ -413,7 +413,7 @@ def _print_train(res: Any) -> None:
 def cmd_score(a: argparse.Namespace) -> int:
     import re
 
-    from .score import score_sample
+    from blinaprofile.scoring.score import score_sample
 
     res = score_sample(
         a.file,
@@ -427,7 +427,7 @@ def cmd_score(a: argparse.Namespace) -> int:
     )
     written = []
     if not a.no_report:
-        from .report import write_report
+        from blinaprofile.scoring.report import write_report
 
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", res.sample_id) or "sample"
         out_dir = Path(a.out_dir)
@@ -453,7 +453,7 @@ def cmd_score(a: argparse.Namespace) -> int:
 
 
 def cmd_score_batch(a: argparse.Namespace) -> int:
-    from .batch import score_samples
+    from blinaprofile.scoring.batch import score_samples
 
     if a.manifest and a.inputs:
         raise _usage("give --manifest or input files/folder, not both")
@@ -488,8 +488,8 @@ def cmd_score_batch(a: argparse.Namespace) -> int:
 def cmd_promote(a: argparse.Namespace) -> int:
     import mlflow
 
-    from .errors import ModelError
-    from .settings import settings
+    from blinaprofile.errors import ModelError
+    from blinaprofile.settings import settings
 
     uri = a.tracking_uri or settings.tracking_uri
     mlflow.set_tracking_uri(uri)
@@ -512,7 +512,7 @@ def cmd_promote(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from .compare import format_leaderboard, leaderboard, write_leaderboard
+    from blinaprofile.models.compare import format_leaderboard, leaderboard, write_leaderboard
 
     df = leaderboard(
         a.experiment, tracking_uri=a.tracking_uri, max_runs=a.max_runs, sort_by=a.sort_by
@@ -536,7 +536,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 
 def cmd_schema(a: argparse.Namespace) -> int:
-    from .schema import SCHEMA_VERSION, schema_table
+    from blinaprofile.features.schema import SCHEMA_VERSION, schema_table
 
     t = schema_table()
     if a.json:
@@ -548,7 +548,7 @@ def cmd_schema(a: argparse.Namespace) -> int:
 
 
 def cmd_export_gating(a: argparse.Namespace) -> int:
-    from .read import read_flow
+    from blinaprofile.io.read import read_flow
 
     data = read_flow(a.file)
     tree = _gating_source(a).bind(data.channels, data.markers, path=data.path)
@@ -558,7 +558,7 @@ def cmd_export_gating(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from blinaprofile.demo import run_demo
 
     run_demo(a.out, n_patients=a.n_patients, events=a.events)
     return 0
@@ -611,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        from .errors import BlinaprofileError, one_line
+        from blinaprofile.errors import BlinaprofileError, one_line
 
         if debug:
             raise

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from blinaprofile.errors import ConfigError
 
 __all__ = [
     "GateSpec",
@@ -226,7 +226,7 @@ class SubsetSplit(_Strict):
         return v
 
 
-#: latent fractions the event simulator needs (also checked by :mod:`blinaprofile.cohort`).
+#: latent fractions the event simulator needs (also checked by :mod:`blinaprofile.simulate.cohort`).
 SIMULATION_LATENT = (
     "cd3_pct_lymph",
     "cd8_pct_cd3",

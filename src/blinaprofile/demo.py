@@ -20,12 +20,12 @@ def run_demo(
     Everything is written below ``out``; MLflow tracking goes to ``MLFLOW_TRACKING_URI`` or
     the local SQLite store ``sqlite:///mlflow.db``. Returns a summary dict.
     """
-    from .config import PanelConfig, SimulationConfig, load_config
-    from .featurize import featurize_manifest
-    from .score import score_sample
-    from .settings import settings
-    from .simulate import simulate_cohort
-    from .train import train
+    from blinaprofile.config import PanelConfig, SimulationConfig, load_config
+    from blinaprofile.features.flow import featurize_manifest
+    from blinaprofile.models.train import train
+    from blinaprofile.scoring.score import score_sample
+    from blinaprofile.settings import settings
+    from blinaprofile.simulate.flow import simulate_cohort
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ __all__ = [
     "ManifestError",
     "ModelError",
     "PanelMismatchError",
-    "QCError",
+    "OutputError",
     "SingleCellInputError",
     "one_line",
 ]
@@ -95,12 +95,12 @@ class SingleCellInputError(InputError):
     """A single-cell object lacks what the single-cell path needs."""
 
 
+class OutputError(BlinaprofileError):
+    """A result could not be written (disk full, permissions...); nothing was left half-written."""
+
+
 class GatingError(BlinaprofileError):
     """A gating strategy cannot be built or applied."""
-
-
-class QCError(BlinaprofileError):
-    """A sample fails quality control and must not be scored."""
 
 
 class ModelError(BlinaprofileError):

@@ -1,37 +1,34 @@
 """Process-wide settings (scanpy-style settings object).
 
-Values come from environment variables where set, else defaults. Nothing here is
-derived from user data locations; ``config_dir`` points at the shipped defaults.
+The shipped configs and the shipped default model are package data: an installed wheel
+carries them under ``blinaprofile/_data`` (``importlib.resources``); a repository checkout
+(editable install) uses the repository's ``configs/`` and ``models/`` beside ``src/``.
+Overrides are explicit only: the ``BLINAPROFILE_CONFIG_DIR`` / ``BLINAPROFILE_MODEL_DIR``
+environment variables or assigning ``settings.config_dir`` / ``settings.model_dir``. Nothing
+is picked up from the current working directory.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["Settings", "settings"]
+__all__ = ["Settings", "settings", "shipped_dir"]
 
 
-def _default_config_dir() -> Path:
-    env = os.environ.get("BLINAPROFILE_CONFIG_DIR")
-    if env:
-        return Path(env)
-    cwd = Path.cwd() / "configs"
-    if (cwd / "gating").is_dir():
-        return cwd
-    # shipped defaults: the repository's configs/ beside src/ (editable or source installs)
-    return Path(__file__).resolve().parents[2] / "configs"
+def shipped_dir(kind: str) -> Path:
+    """The shipped ``configs`` or ``models`` folder (package data, else the checkout's)."""
+    packaged = Path(str(files("blinaprofile"))) / "_data" / kind
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / kind
 
 
-def _default_model_dir() -> Path:
-    env = os.environ.get("BLINAPROFILE_MODEL_DIR")
-    if env:
-        return Path(env)
-    cwd = Path.cwd() / "models"
-    if (cwd / "default").is_dir():
-        return cwd
-    return Path(__file__).resolve().parents[2] / "models"
+def _from_env(var: str, kind: str) -> Path:
+    env = os.environ.get(var)
+    return Path(env) if env else shipped_dir(kind)
 
 
 @dataclass
@@ -41,17 +38,21 @@ class Settings:
     Attributes
     ----------
     config_dir
-        Folder with ``panels/``, ``gating/``, ``simulation/``, ``train/``, ``qc.yaml``.
+        Folder with ``panels/``, ``gating/``, ``simulation/``, ``train/``, ``qc.yaml``
+        (default: the shipped configs; ``BLINAPROFILE_CONFIG_DIR`` overrides).
     model_dir
-        Folder of exported models; ``model_dir / "default"`` is the shipped model.
+        Folder of exported models; ``model_dir / "default"`` is the shipped model
+        (``BLINAPROFILE_MODEL_DIR`` overrides).
     tracking_uri
         MLflow tracking URI; ``MLFLOW_TRACKING_URI`` else a local SQLite store.
     n_jobs
         Local worker processes for batch scoring.
     """
 
-    config_dir: Path = field(default_factory=_default_config_dir)
-    model_dir: Path = field(default_factory=_default_model_dir)
+    config_dir: Path = field(
+        default_factory=lambda: _from_env("BLINAPROFILE_CONFIG_DIR", "configs")
+    )
+    model_dir: Path = field(default_factory=lambda: _from_env("BLINAPROFILE_MODEL_DIR", "models"))
     tracking_uri: str = field(
         default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     )

@@ -49,16 +49,36 @@ def produce(out: Path, *, work: Path, shared: Path = SHARED) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     names: list[str] = []
-    _cli("simulate", "--out", "sim", "--n-patients", "4", "--events", "5000", "--seed", "7",
-         cwd=work)
-    _cli("featurize", "--manifest", "sim/manifest.csv", "--out", "feats.csv", "--jobs", "1",
-         cwd=work)
+    _cli(
+        "simulate", "--out", "sim", "--n-patients", "4", "--events", "5000", "--seed", "7", cwd=work
+    )
+    _cli(
+        "featurize", "--manifest", "sim/manifest.csv", "--out", "feats.csv", "--jobs", "1", cwd=work
+    )
     _csv(work / "feats.csv", out / "sim_features.csv")
-    _cli("featurize", "--manifest", "sim/manifest.csv", "--out", "feats_adaptive.csv",
-         "--jobs", "1", "--adaptive", cwd=work)
+    _cli(
+        "featurize",
+        "--manifest",
+        "sim/manifest.csv",
+        "--out",
+        "feats_adaptive.csv",
+        "--jobs",
+        "1",
+        "--adaptive",
+        cwd=work,
+    )
     _csv(work / "feats_adaptive.csv", out / "sim_features_adaptive.csv")
-    _cli("score-batch", "--manifest", "sim/manifest.csv", "--out", "batch", "--jobs", "1",
-         "--no-progress", cwd=work)
+    _cli(
+        "score-batch",
+        "--manifest",
+        "sim/manifest.csv",
+        "--out",
+        "batch",
+        "--jobs",
+        "1",
+        "--no-progress",
+        cwd=work,
+    )
     _csv(work / "batch" / "results.csv", out / "sim_scores.csv")
     names += ["sim_features.csv", "sim_features_adaptive.csv", "sim_scores.csv"]
 
@@ -69,11 +89,13 @@ def produce(out: Path, *, work: Path, shared: Path = SHARED) -> list[str]:
         "sim_adaptive": [str(sim_file), "--adaptive"],
         "real_100715_cd45ro": [
             str(shared / "real-fcs" / "100715.fcs"),
-            "--strategy", str(ROOT / "configs" / "gating" / "memory_cd45ro.yaml"),
+            "--strategy",
+            str(ROOT / "configs" / "gating" / "memory_cd45ro.yaml"),
         ],
         "real_68983_wsp": [
             str(shared / "flowjo-workspace" / "68983.fcs"),
-            "--wsp", str(shared / "flowjo-workspace" / "gating.wsp"),
+            "--wsp",
+            str(shared / "flowjo-workspace" / "gating.wsp"),
         ],
     }.items():
         if key.startswith("real") and not shared.is_dir():
@@ -84,7 +106,7 @@ def produce(out: Path, *, work: Path, shared: Path = SHARED) -> list[str]:
     names.append("gate_counts.json")
 
     if shared.is_dir():
-        from blinaprofile.singlecell import featurize_single_cell
+        from blinaprofile.features.singlecell import featurize_single_cell
 
         sc = shared / "single-cell"
         frames = []

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from .score import ScoreResult
+    from blinaprofile.scoring.score import ScoreResult
 
 __all__ = ["gating_figure", "render_report", "training_figure", "write_report"]
 
@@ -101,9 +101,9 @@ def _own_gating_figure(data: Any, tree: Any, gres: Any) -> Figure:
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Polygon, Rectangle
 
-    from .gate import _EventCache
+    from blinaprofile.gating.events import EventCache
 
-    ev = _EventCache(tree, data.events, list(data.channels), data.spillover, data.path)
+    ev = EventCache(tree, data.events, list(data.channels), data.spillover, data.path)
     gates = list(tree.gates)
     ncol = 4
     nrow = int(np.ceil(len(gates) / ncol))
@@ -177,15 +177,15 @@ def _own_gating_figure(data: Any, tree: Any, gres: Any) -> Figure:
 def gating_figure(path: str | os.PathLike[str], tree: Any, gres: Any) -> Figure:
     """Every gate of ``tree`` drawn on the sample's events (count and % of parent).
 
-    Uses :func:`blinaprofile.plot.gating_figure` (titled with the strategy, never the file
+    Uses :func:`blinaprofile.gating.plot.gating_figure` (titled with the strategy, never the file
     name); falls back to a simpler density plot per gate if that module is unavailable.
     """
-    from .read import read_flow
+    from blinaprofile.io.read import read_flow
 
     data = read_flow(path)
     try:
-        from .gate import fcs_scaling
-        from .plot import gating_figure as plot_gates
+        from blinaprofile.gating.events import fcs_scaling
+        from blinaprofile.gating.plot import gating_figure as plot_gates
     except ImportError:
         return _own_gating_figure(data, tree, gres)
     return plot_gates(
@@ -287,7 +287,7 @@ def render_report(
     notes: list[str] | None = None,
 ) -> str:
     """The report's HTML (one string) for a scored sample and optional base64 PNG figures."""
-    from . import __version__ as bp_version
+    from blinaprofile import __version__ as bp_version
 
     r = result
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -495,7 +495,7 @@ def write_report(
     Parameters
     ----------
     result
-        From :func:`blinaprofile.score.score_sample` (``keep_gating=True`` for gating
+        From :func:`blinaprofile.scoring.score.score_sample` (``keep_gating=True`` for gating
         plots).
     path
         The HTML file to write.
@@ -503,14 +503,14 @@ def write_report(
         The training cohort's features and response; default: the table stored with the
         model named in ``result.model['uri']``.
     """
-    from .score import load_scoring_model
+    from blinaprofile.scoring.score import load_scoring_model
 
     notes: list[str] = []
     if training is None and result.model.get("uri"):
         training = load_scoring_model(result.model["uri"]).training
     feats = [f for f in (result.ood_z or {}) if training is not None and f in training.columns]
     if not feats and training is not None:
-        from .schema import MODEL_FEATURES
+        from blinaprofile.features.schema import MODEL_FEATURES
 
         feats = [f for f in MODEL_FEATURES if f in training.columns]
     training_png = (

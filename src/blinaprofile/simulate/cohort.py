@@ -26,7 +26,7 @@ from math import erf, sqrt
 import numpy as np
 import pandas as pd
 
-from .config import SimulationConfig
+from blinaprofile.config import SimulationConfig
 
 __all__ = ["BayesAUC", "bayes_optimal_auc", "draw_cohort"]
 
@@ -77,7 +77,7 @@ def draw_cohort(config: SimulationConfig, *, seed: int | None = None) -> pd.Data
     """
     missing = [k for k in REQUIRED_LATENT if k not in config.latent]
     if missing:
-        from .errors import ConfigError
+        from blinaprofile.errors import ConfigError
 
         raise ConfigError(f"latent: missing required fraction(s) {missing}")
     rng = np.random.default_rng(config.seed if seed is None else seed)

@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .gate import Dim, Gate, GateTree, GatingResult, _EventCache
+from blinaprofile.gating.events import EventCache
+from blinaprofile.gating.gates import Dim, Gate, GatingResult
+from blinaprofile.gating.tree import GateTree
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .fcs import FCSData
+    from blinaprofile.io.fcs import FCSData
 
 __all__ = ["gating_figure", "plot_sample", "save_gating_png"]
 
@@ -168,11 +170,11 @@ def gating_figure(
     from matplotlib.figure import Figure
 
     if not tree.bound:
-        from .errors import GatingError
+        from blinaprofile.errors import GatingError
 
         raise GatingError("bind the strategy before plotting it")
     mk = dict(zip(channels, markers, strict=True)) if markers is not None else {}
-    ev = _EventCache(tree, np.asarray(events), list(channels), spillover, None, scaling=scaling)
+    ev = EventCache(tree, np.asarray(events), list(channels), spillover, None, scaling=scaling)
     gates = [g for g in tree.gates if g.kind != "boolean" and g.dims]
     n = max(1, len(gates))
     ncols = max(1, min(ncols, n))
@@ -210,7 +212,9 @@ def plot_sample(
     title: str | None = None,
 ) -> Figure:
     """Gate an FCS sample and draw every gate (see :func:`gating_figure`)."""
-    from .gate import fcs_scaling, gate_events, load_strategy
+    from blinaprofile.gating.events import fcs_scaling
+    from blinaprofile.gating.sample import gate_events
+    from blinaprofile.gating.strategy import load_strategy
 
     strategy = strategy or load_strategy()
     bound, res = gate_events(data, strategy, adaptive=adaptive)

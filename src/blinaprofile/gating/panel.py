@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from .errors import PanelMismatchError
+from blinaprofile.errors import PanelMismatchError
 
 __all__ = ["SYNONYMS", "canonical_marker", "normalize", "resolve_markers"]
 

@@ -9,7 +9,7 @@ that decides what may be kept:
 
 - :func:`select_keywords` keeps only an allow-list of technical keywords (data layout,
   parameters, cytometer, spillover) and drops everything else unless the caller opts in
-  with ``allow_identifying=True``. :func:`blinaprofile.read.read_flow` applies it to every
+  with ``allow_identifying=True``. :func:`blinaprofile.io.read.read_flow` applies it to every
   file it returns, so nothing downstream (features, MLflow runs, reports, batch outputs,
   logs) can see an identifying keyword by accident.
 - :func:`is_identifying` says whether a keyword *name* suggests identity (the fixed list
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .fcs import FCSData
+    from blinaprofile.io.fcs import FCSData
 
 __all__ = [
     "IDENTIFYING_KEYWORDS",

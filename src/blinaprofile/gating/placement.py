@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .gate import Dim, Gate, GatingResult, _EventCache
+    from blinaprofile.gating.events import EventCache
+    from blinaprofile.gating.gates import Dim, Gate, GatingResult
 
 __all__ = ["MIN_EVENTS", "MIN_SIDE_SHARE", "Placement", "find_valley", "place_thresholds"]
 
@@ -225,13 +226,13 @@ def _mixture_boundary(x: np.ndarray, split: float, n_iter: int = 30) -> float | 
 
 def place_thresholds(
     gate: Gate,
-    event_cache: _EventCache,
+    event_cache: EventCache,
     parent_mask: np.ndarray | None,
     result: GatingResult,
 ) -> tuple[Dim, ...]:
     """Adaptive bounds of one rectangle gate for this sample.
 
-    Called by :meth:`GateTree.apply <blinaprofile.gate.GateTree.apply>` with
+    Called by :meth:`GateTree.apply <blinaprofile.gating.tree.GateTree.apply>` with
     ``adaptive=True``. Records every adaptive bound's confidence in
     ``result.confidence`` (``"gate:dim:min|max"``) and appends a QC flag to
     ``result.flags`` for a bound that could not be placed reliably.

@@ -1,6 +1,6 @@
 """Simulated single-cell cohorts (RNA counts and optional CITE-seq protein) with known truth.
 
-The per-sample subset fractions come from :func:`blinaprofile.cohort.draw_cohort`, the same
+The per-sample subset fractions come from :func:`blinaprofile.simulate.cohort.draw_cohort`, the same
 generative model the flow simulator uses, so a simulated single-cell cohort and a simulated
 flow cohort drawn from one :class:`~blinaprofile.config.SimulationConfig` share patients,
 labels and true fractions.
@@ -39,9 +39,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .cohort import draw_cohort
-from .config import SimulationConfig
-from .errors import ConfigError
+from blinaprofile.config import SimulationConfig
+from blinaprofile.errors import ConfigError
+from blinaprofile.simulate.cohort import draw_cohort
 
 __all__ = [
     "ADT_NAMES",
@@ -496,7 +496,7 @@ def simulate_single_cell_cohort(
     Parameters
     ----------
     config
-        The scenario; its latent fractions are drawn with :func:`~blinaprofile.cohort.draw_cohort`.
+        The scenario; its latent fractions are drawn with :func:`~blinaprofile.simulate.cohort.draw_cohort`.
     out_dir
         Folder to write into (created if needed).
     n_cells_per_sample
@@ -640,7 +640,7 @@ def simulate_single_cell_cohort(
         "n_cells_per_sample": int(n_cells_per_sample),
         "n_genes": int(n_genes),
         "with_protein": bool(with_protein),
-        "generator": "blinaprofile.simulate_sc",
+        "generator": "blinaprofile.simulate.singlecell",
     }
     fname = f"{config.name}_single_cell.h5ad"
     path = out / fname
@@ -660,7 +660,7 @@ def simulate_single_cell_cohort(
         "seed": int(seed_eff),
         "file": fname,
         "units": {
-            "latent": "fractions 0-1 from blinaprofile.cohort.draw_cohort (cd3 of live lymphocytes)",
+            "latent": "fractions 0-1 from blinaprofile.simulate.cohort.draw_cohort (cd3 of live lymphocytes)",
             "realised": "schema units from the per-cell truth (percent of parent; cd3 of QC-passing cells)",
         },
         "samples": truth,

@@ -1,8 +1,8 @@
 """Scoring many samples from scripts: local processes or a Dask cluster, resumable.
 
-:func:`score_samples` runs :func:`blinaprofile.score.score_sample` on every sample of a
+:func:`score_samples` runs :func:`blinaprofile.scoring.score.score_sample` on every sample of a
 manifest, a folder or a list of files and returns one row per sample with the columns of
-:data:`blinaprofile.score.RESULT_COLUMNS` (the same table ``blinaprofile score-batch``
+:data:`blinaprofile.scoring.score.RESULT_COLUMNS` (the same table ``blinaprofile score-batch``
 writes).
 
 Output folder layout (``out_dir``)::
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import QCConfig
-from .errors import BlinaprofileError, InputError
+from blinaprofile.config import QCConfig
+from blinaprofile.errors import BlinaprofileError, InputError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -100,7 +100,7 @@ def collect_jobs(paths_or_manifest: Any) -> list[BatchJob]:
     """
     import pandas as pd
 
-    from .read import read_manifest
+    from blinaprofile.io.read import read_manifest
 
     src = paths_or_manifest
     if isinstance(src, pd.DataFrame):
@@ -129,7 +129,7 @@ def _looks_like_10x(p: Path) -> bool:
 
 # --------------------------------------------------------------------------- worker
 def _error_row(job: BatchJob, message: str) -> dict[str, Any]:
-    from .score import RESULT_COLUMNS
+    from blinaprofile.scoring.score import RESULT_COLUMNS
 
     row: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
     row.update(
@@ -143,7 +143,7 @@ def _error_row(job: BatchJob, message: str) -> dict[str, Any]:
 
 
 def _pseudonym_or_blank(path: str) -> str:
-    from .score import file_checksum, pseudonymous_id
+    from blinaprofile.scoring.score import file_checksum, pseudonymous_id
 
     try:
         return pseudonymous_id(file_checksum(path)) if path and Path(path).is_file() else ""
@@ -153,8 +153,8 @@ def _pseudonym_or_blank(path: str) -> str:
 
 def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
     """Score one job; never raises for a bad sample (returns an error row instead)."""
-    from .score import score_sample
-    from .settings import settings
+    from blinaprofile.scoring.score import score_sample
+    from blinaprofile.settings import settings
 
     if options.get("tracking_uri"):
         settings.tracking_uri = options["tracking_uri"]
@@ -181,7 +181,7 @@ def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- parts
 def _write_part(parts: Path, job: BatchJob, row: dict[str, Any]) -> None:
-    from .score import _jsonable
+    from blinaprofile.scoring.score import _jsonable
 
     final = parts / f"{job.key}.json"
     tmp = parts / f".{job.key}.{os.getpid()}.tmp"
@@ -231,7 +231,7 @@ def _check_run_file(out: Path, settings_record: dict[str, Any]) -> None:
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
-    from .score import RESULT_COLUMNS, TEXT_RESULT_COLUMNS
+    from blinaprofile.scoring.score import RESULT_COLUMNS, TEXT_RESULT_COLUMNS
 
     df = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
     for c in df.columns:
@@ -393,7 +393,7 @@ def score_samples(
         Folder for per-sample parts and ``results.parquet``/``results.csv``. Rerunning into
         the same folder skips finished samples. ``None``: nothing is kept on disk.
     strategy, adaptive, qc, threshold, interval
-        As for :func:`blinaprofile.score.score_sample`.
+        As for :func:`blinaprofile.scoring.score.score_sample`.
     retry_errors
         Rerun samples whose stored row is an error.
     progress
@@ -402,7 +402,7 @@ def score_samples(
     Returns
     -------
     DataFrame
-        Columns :data:`blinaprofile.score.RESULT_COLUMNS`; ``call`` is ``responder``,
+        Columns :data:`blinaprofile.scoring.score.RESULT_COLUMNS`; ``call`` is ``responder``,
         ``nonresponder``, ``no call`` or ``error`` (then ``error`` says why and names the
         file). ``df.attrs['batch']`` counts scored, skipped and failed samples.
 
@@ -411,8 +411,8 @@ def score_samples(
     InputError
         The input cannot be read, or ``out_dir`` holds results made with other settings.
     """
-    from .featurize import load_qc
-    from .settings import settings
+    from blinaprofile.features.flow import load_qc
+    from blinaprofile.settings import settings
 
     jobs = collect_jobs(paths_or_manifest)
     keys = [j.key for j in jobs]
@@ -431,7 +431,7 @@ def score_samples(
         "interval": bool(interval),
         "tracking_uri": settings.tracking_uri,
     }
-    from .score import load_scoring_model
+    from blinaprofile.scoring.score import load_scoring_model
 
     # what the model reference resolves to now (an alias may have moved, a folder re-exported):
     # resuming with another model would silently mix versions in one result table

@@ -1,6 +1,6 @@
 """Simulated flow-cytometry cohorts with known truth.
 
-A cohort is drawn from the generative model in :mod:`blinaprofile.cohort`; each sample
+A cohort is drawn from the generative model in :mod:`blinaprofile.simulate.cohort`; each sample
 becomes an FCS 3.1 file for the default post-transplant T-cell panel with the artefacts a
 real acquisition has: a ``$SPILLOVER`` matrix applied to the dyes, debris, doublets, dead
 cells, B and NK cells, monocytes, negative populations spread around zero, and a
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .cohort import bayes_optimal_auc, draw_cohort
-from .config import PanelConfig, SimulationConfig
+from blinaprofile.config import PanelConfig, SimulationConfig
+from blinaprofile.simulate.cohort import bayes_optimal_auc, draw_cohort
 
 __all__ = [
     "POPULATIONS",
@@ -140,7 +140,7 @@ def simulate_events(
     Parameters
     ----------
     fractions
-        One row of :func:`~blinaprofile.cohort.draw_cohort` (0-1 shares).
+        One row of :func:`~blinaprofile.simulate.cohort.draw_cohort` (0-1 shares).
     n_events
         Events to generate.
     rng
@@ -301,7 +301,7 @@ def simulate_events(
 
 def _panel_columns(panel: PanelConfig) -> tuple[list[str], list[str], list[str]]:
     """Channel names, $PnS markers and the simulator key (canonical marker) per column."""
-    from .panel import canonical_marker
+    from blinaprofile.gating.panel import canonical_marker
 
     channels, markers, keys = [], [], []
     for ch in panel.channels:
@@ -312,7 +312,7 @@ def _panel_columns(panel: PanelConfig) -> tuple[list[str], list[str], list[str]]
         else:
             key = canonical_marker(ch.marker or "")
             if key not in _DYES:
-                from .errors import ConfigError
+                from blinaprofile.errors import ConfigError
 
                 raise ConfigError(
                     f"panel channel {ch.channel}: the simulator has no dye for marker {ch.marker!r}"
@@ -348,7 +348,7 @@ def simulate_cohort(
     -------
     SimulatedCohort
     """
-    from .fcs import write_fcs
+    from blinaprofile.io.fcs import write_fcs
 
     updates: dict[str, Any] = {}
     if n_patients is not None:

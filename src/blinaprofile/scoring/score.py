@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import QCConfig
-from .errors import BlinaprofileError, ModelError, PanelMismatchError
+from blinaprofile.config import QCConfig
+from blinaprofile.errors import BlinaprofileError, ModelError, PanelMismatchError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .gate import GateTree, GatingResult
+    from blinaprofile.gating.gates import GatingResult
+    from blinaprofile.gating.tree import GateTree
 
 __all__ = [
     "NO_CALL",
@@ -200,7 +201,7 @@ class ScoreResult:
 
 
 def _feature_and_qc_columns() -> list[str]:
-    from .schema import QC_COLUMNS, feature_names
+    from blinaprofile.features.schema import QC_COLUMNS, feature_names
 
     return [*feature_names(), *QC_COLUMNS]
 
@@ -270,7 +271,7 @@ class ScoringModel:
     uri
         What it was loaded from (``models:/NAME@ALIAS``, ``runs:/...`` or a folder).
     pyfunc, runtime
-        The MLflow pyfunc and its :class:`blinaprofile.model.ResponderModel`.
+        The MLflow pyfunc and its :class:`blinaprofile.models.packaging.ResponderModel`.
     info
         ``name``, ``version``, ``alias``, ``uri``, ``family``, ``schema_version``,
         ``trained_on``, ``threshold_rule``, ``model_uuid``, ``run_id``.
@@ -334,7 +335,7 @@ def load_scoring_model(uri: str | os.PathLike[str] | None = None) -> ScoringMode
 
     ``None`` means the shipped default (:attr:`Settings.default_model`).
     """
-    from .settings import settings
+    from blinaprofile.settings import settings
 
     key = str(uri or settings.default_model)
     with _CACHE_LOCK:
@@ -346,7 +347,7 @@ def load_scoring_model(uri: str | os.PathLike[str] | None = None) -> ScoringMode
 def _load(key: str) -> ScoringModel:
     import pandas as pd
 
-    from .model import load_model
+    from blinaprofile.models.packaging import load_model
 
     pyfunc, runtime = load_model(key)
     training = None
@@ -394,7 +395,7 @@ def _model_info(key: str, pyfunc: Any, runtime: Any) -> dict[str, Any]:
 def _alias_version(name: str, alias: str) -> str | None:
     import mlflow
 
-    from .settings import settings
+    from blinaprofile.settings import settings
 
     try:
         client = mlflow.tracking.MlflowClient(settings.tracking_uri, settings.tracking_uri)
@@ -449,7 +450,7 @@ def score_features(
     Parameters
     ----------
     row
-        A feature-table row (:func:`blinaprofile.featurize.feature_columns`).
+        A feature-table row (:func:`blinaprofile.features.flow.feature_columns`).
     model
         ``models:/NAME@ALIAS``, ``runs:/...`` or a model folder (default: the shipped model).
     qc
@@ -464,10 +465,10 @@ def score_features(
     """
     import pandas as pd
 
-    from .featurize import load_qc
+    from blinaprofile.features.flow import load_qc
 
     if threshold is not None and not 0.0 <= float(threshold) <= 1.0:  # also rejects nan
-        from .errors import ConfigError
+        from blinaprofile.errors import ConfigError
 
         raise ConfigError(f"threshold must be a probability in [0, 1], got {threshold!r}")
     qc = qc or load_qc()
@@ -624,9 +625,9 @@ def score_sample(
         panel that lacks a needed marker, do not raise: they give ``call == "no call"``
         with reasons.
     """
-    from .featurize import featurize_fcs, load_qc
-    from .gate import load_strategy
-    from .read import ensure_file, modality_of
+    from blinaprofile.features.flow import featurize_fcs, load_qc
+    from blinaprofile.gating.strategy import load_strategy
+    from blinaprofile.io.read import ensure_file, modality_of
 
     p = ensure_file(path)
     qc = qc or load_qc()
@@ -669,7 +670,7 @@ def score_sample(
             if keep_gating:
                 ctx.tree, ctx.gating = sf.tree, sf.result
     else:
-        from .singlecell import featurize_single_cell
+        from blinaprofile.features.singlecell import featurize_single_cell
 
         table = featurize_single_cell(p, sample_key=sample_key)
         if len(table) != 1:
@@ -690,9 +691,9 @@ def score_sample(
 
 
 def _panel_name() -> str | None:
-    from .config import PanelConfig, load_config
-    from .errors import ConfigError
-    from .settings import settings
+    from blinaprofile.config import PanelConfig, load_config
+    from blinaprofile.errors import ConfigError
+    from blinaprofile.settings import settings
 
     try:
         return load_config(PanelConfig, settings.default_panel).name

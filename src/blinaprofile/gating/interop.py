@@ -1,10 +1,10 @@
 """Import and export gating strategies: GatingML 2.0 and FlowJo 10 workspaces.
 
-The lab's own gates become :class:`~blinaprofile.gate.GateTree` objects that ``gate``,
+The lab's own gates become :class:`~blinaprofile.gating.tree.GateTree` objects that ``gate``,
 ``train`` and ``score`` use like our YAML strategies (``load_strategy`` dispatches on the
 file suffix: ``.xml`` GatingML, ``.wsp`` FlowJo). Parsing goes through FlowKit's parsers
 (:func:`flowkit.parse_gating_xml`, :class:`flowkit.Workspace`); the result is converted
-with :meth:`GateTree.from_flowkit <blinaprofile.gate.GateTree.from_flowkit>`, so every gate
+with :meth:`GateTree.from_flowkit <blinaprofile.gating.tree.GateTree.from_flowkit>`, so every gate
 FlowKit understands (rectangles and ranges, polygons, ellipsoids, quadrants, boolean gates,
 ratio dimensions, every GatingML/FlowJo transform, GatingML and FlowJo compensation) is
 evaluated by our engine with FlowKit's per-event result.
@@ -23,10 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import GatingError, InputError
+from blinaprofile.errors import GatingError, InputError
 
 if TYPE_CHECKING:
-    from .gate import GateTree
+    from blinaprofile.gating.tree import GateTree
 
 __all__ = [
     "export_gatingml",
@@ -60,7 +60,7 @@ def load_gatingml(path: str | os.PathLike[str], *, name: str | None = None) -> G
     """
     import flowkit as fk
 
-    from .gate import GateTree
+    from blinaprofile.gating.tree import GateTree
 
     p = _check_file(path)
     try:
@@ -138,7 +138,7 @@ def load_wsp(
     GatingError
         Not a FlowJo 10+ workspace, unknown sample, or a gate the engine cannot evaluate.
     """
-    from .gate import GateTree
+    from blinaprofile.gating.tree import GateTree
 
     p = _check_file(path)
     ws = _open_workspace(p)

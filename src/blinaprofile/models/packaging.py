@@ -1,7 +1,7 @@
 """The packaged responder model: an MLflow pyfunc ("model from code") around skops files.
 
 A model directory (``models/default`` or an MLflow artifact) contains the MLflow
-``MLmodel`` file, the model code (:mod:`blinaprofile._pyfunc_entry`), and as artifacts:
+``MLmodel`` file, the model code (``_pyfunc_entry.py``), and as artifacts:
 
 ``pipeline.skops``
     The fitted scikit-learn Pipeline (impute -> scale -> [select] -> classifier).
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import FeatureSchemaError, ModelError, one_line
+from blinaprofile.errors import FeatureSchemaError, ModelError, one_line
 
 __all__ = [
     "OUTPUT_COLUMNS",
@@ -199,7 +199,7 @@ def tree_shap(estimators: list[Any], Z: np.ndarray) -> tuple[np.ndarray, float]:
     one factor out per feature, vectorised over samples and leaves. Paths are padded with
     ``z = o = 1`` factors, which are null players and leave the values unchanged.
     """
-    from .metrics import shapley_weights
+    from blinaprofile.models.metrics import shapley_weights
 
     Z = np.asarray(Z, dtype=np.float32).astype(float)  # trees compare float32 values
     n, d = Z.shape
@@ -411,10 +411,10 @@ class ResponderModel:
     def ood_scores(self, table: pd.DataFrame) -> pd.DataFrame:
         """Robust z of each feature against the training cohort (median / scaled MAD).
 
-        Measured on the feature's :func:`~blinaprofile.schema.ood_scale` (logit for
+        Measured on the feature's :func:`~blinaprofile.features.schema.ood_scale` (logit for
         percentages, log for ratios) when the model recorded it.
         """
-        from .schema import to_ood_scale
+        from blinaprofile.features.schema import to_ood_scale
 
         stats = self.meta["training_stats"]
         X = table[self.features].astype(float)
@@ -622,7 +622,7 @@ def load_model(uri: str | os.PathLike[str] | None = None) -> tuple[Any, Responde
     """
     import mlflow
 
-    from .settings import settings
+    from blinaprofile.settings import settings
 
     target = str(uri) if uri else str(settings.default_model)
     if not target.startswith(("models:/", "runs:/")) and not Path(target).exists():

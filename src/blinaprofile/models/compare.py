@@ -1,6 +1,6 @@
 """Leaderboards of training runs from MLflow (``blinaprofile compare``).
 
-Every :func:`blinaprofile.train.train` run logs one nested *candidate* run per model family
+Every :func:`blinaprofile.models.train.train` run logs one nested *candidate* run per model family
 (tag ``blinaprofile.run_kind = candidate``) holding that family's cross-validated metrics,
 their bootstrap 95% intervals and the permutation p-value. :func:`leaderboard` collects
 those candidate runs through the MLflow API, from any tracking store (local SQLite, the
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import BlinaprofileError
+from blinaprofile.errors import BlinaprofileError
 
 __all__ = ["LEADERBOARD_COLUMNS", "format_leaderboard", "leaderboard", "write_leaderboard"]
 
@@ -99,7 +99,7 @@ def leaderboard(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from .settings import settings
+    from blinaprofile.settings import settings
 
     uri = tracking_uri or settings.tracking_uri
     client = mlflow.tracking.MlflowClient(uri)

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .errors import FCSFormatError, InputError, ManifestError, one_line
+from blinaprofile.errors import FCSFormatError, InputError, ManifestError, one_line
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .fcs import FCSData
+    from blinaprofile.io.fcs import FCSData
 
 __all__ = ["RESPONSE_CODES", "modality_of", "read_flow", "read_manifest"]
 
@@ -66,7 +66,7 @@ def read_flow(
         Accept NaN/inf event values (they are refused by default).
     keep_identifiers
         Keep every TEXT keyword. By default only the technical keywords that
-        :func:`blinaprofile.privacy.select_keywords` allows are kept, so identifying
+        :func:`blinaprofile.io.privacy.select_keywords` allows are kept, so identifying
         ones (``$SRC``, ``$FIL``, ``$SMNO``, ``$PROJ``, ``$OP``, ``$DATE``, ``PATIENT ID``...)
         never reach features, MLflow, reports, batch outputs or logs.
 
@@ -77,8 +77,8 @@ def read_flow(
     FCSFormatError
         Malformed FCS, zero events, or NaN/inf values (unless ``allow_nonfinite``).
     """
-    from .fcs import read_fcs
-    from .privacy import select_keywords
+    from blinaprofile.io.fcs import read_fcs
+    from blinaprofile.io.privacy import select_keywords
 
     data = read_fcs(path)
     data.keywords = select_keywords(data.keywords, allow_identifying=keep_identifiers)

@@ -1,4 +1,4 @@
-"""Per-sample features (the versioned schema in :mod:`blinaprofile.schema`) from gated events.
+"""Per-sample features (the versioned schema in :mod:`blinaprofile.features.schema`) from gated events.
 
 :func:`features_from_gating` turns one sample's gate counts into a feature row;
 :func:`featurize_fcs` reads, gates and featurizes one file; :func:`featurize_manifest`
@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import QCConfig, load_config
-from .errors import BlinaprofileError, one_line
-from .schema import QC_COLUMNS, SCHEMA_VERSION, feature_names
+from blinaprofile.config import QCConfig, load_config
+from blinaprofile.errors import BlinaprofileError, one_line
+from blinaprofile.features.schema import QC_COLUMNS, SCHEMA_VERSION, feature_names
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .gate import GateTree, GatingResult
+    from blinaprofile.gating.gates import GatingResult
+    from blinaprofile.gating.tree import GateTree
 
 __all__ = [
     "FlowFeaturizer",
@@ -73,7 +74,7 @@ def feature_columns() -> list[str]:
 
 def load_qc(path: str | os.PathLike[str] | None = None) -> QCConfig:
     """QC thresholds from YAML (default ``configs/qc.yaml``; built-in defaults if absent)."""
-    from .settings import settings
+    from blinaprofile.settings import settings
 
     p = Path(path) if path else settings.default_qc
     if path is None and not p.exists():
@@ -107,7 +108,7 @@ def features_from_gating(
     """Feature values and QC counts from one sample's gate counts."""
     missing = [g for g in REQUIRED_GATES if g not in result.counts]
     if missing:
-        from .errors import GatingError
+        from blinaprofile.errors import GatingError
 
         raise GatingError(
             f"gating strategy {tree.name!r} lacks gate(s) {missing} needed for features"
@@ -131,7 +132,7 @@ def features_from_gating(
 
 
 def _medians(tree: GateTree, result: GatingResult, data: Any) -> dict[str, float]:
-    from .gate import _EventCache, fcs_scaling
+    from blinaprofile.gating.events import EventCache, fcs_scaling
 
     out: dict[str, float] = {}
     cmap = tree.channel_map()
@@ -143,7 +144,7 @@ def _medians(tree: GateTree, result: GatingResult, data: Any) -> dict[str, float
             out[name] = float("nan")
             continue
         if ev is None:
-            ev = _EventCache(
+            ev = EventCache(
                 tree,
                 data.events,
                 data.channels,
@@ -181,8 +182,9 @@ def featurize_fcs(
     SampleFeatures
         ``row`` has every column of :func:`feature_columns`.
     """
-    from .gate import gate_events, load_strategy
-    from .read import read_flow
+    from blinaprofile.gating.sample import gate_events
+    from blinaprofile.gating.strategy import load_strategy
+    from blinaprofile.io.read import read_flow
 
     data = read_flow(path)
     strategy = strategy or load_strategy()
@@ -204,7 +206,7 @@ def featurize_fcs(
 
 def _featurize_one(args: tuple[str, str, str, str | None, bool, QCConfig]) -> dict[str, Any]:
     path, sid, pid, strategy_path, adaptive, qc = args
-    from .gate import load_strategy
+    from blinaprofile.gating.strategy import load_strategy
 
     try:
         strategy = load_strategy(strategy_path)
@@ -247,14 +249,14 @@ def featurize_manifest(
     """
     import pandas as pd
 
-    from .gate import load_strategy
-    from .read import read_manifest
-    from .settings import settings
+    from blinaprofile.gating.strategy import load_strategy
+    from blinaprofile.io.read import read_manifest
+    from blinaprofile.settings import settings
 
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
     missing = [c for c in ("sample_id", "path") if c not in df.columns]
     if missing:
-        from .errors import ManifestError
+        from blinaprofile.errors import ManifestError
 
         raise ManifestError(f"the sample table lacks column(s) {missing}")
     if "patient_id" not in df.columns:
@@ -309,7 +311,7 @@ class FlowFeaturizer(*_flow_featurizer_base()):  # type: ignore[misc]
         self.adaptive = adaptive
 
     def fit(self, X: Iterable[str], y: Any = None) -> FlowFeaturizer:
-        from .gate import load_strategy
+        from blinaprofile.gating.strategy import load_strategy
 
         self.strategy_ = load_strategy(self.strategy)
         self.schema_version_ = SCHEMA_VERSION

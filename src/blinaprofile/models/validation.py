@@ -1,0 +1,555 @@
+"""Small-cohort-honest validation: pipelines per model family, patient-grouped nested cross-validation, permutation null, per-family evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from blinaprofile.config import ModelSpec, TrainConfig, load_config
+from blinaprofile.errors import ConfigError, ManifestError, ModelError
+from blinaprofile.models.metrics import choose_threshold, permutation_pvalue, roc_auc, summarize
+from blinaprofile.features.schema import MODEL_FEATURES, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+
+#: Bootstrap refits stored with a model for its probability interval (when the
+#: training config has no ``uncertainty_models`` field).
+DEFAULT_UNCERTAINTY_MODELS = 25
+#: Shuffles per feature for out-of-fold permutation importance.
+IMPORTANCE_SHUFFLES = 5
+#: Keys of ``ModelSpec.params`` consumed by the pipeline rather than the classifier.
+RESERVED_PARAMS = ("select_k",)
+
+
+def load_train_config(path: str | os.PathLike[str] | None = None) -> TrainConfig:
+    """The training configuration at ``path`` (default ``configs/train/default.yaml``)."""
+    from blinaprofile.settings import settings
+
+    return load_config(TrainConfig, path or settings.default_train)
+
+
+# --------------------------------------------------------------------------- pipelines
+def _classifier(spec: ModelSpec, params: dict[str, Any], seed: int) -> Any:
+    fam = spec.family
+    if fam.startswith("logreg"):
+        from sklearn.linear_model import LogisticRegression
+
+        base: dict[str, Any] = {"C": 0.3, "max_iter": 5000}
+        if fam == "logreg_l2":
+            base.update(l1_ratio=0.0, solver="lbfgs")
+        elif fam == "logreg_l1":
+            base.update(l1_ratio=1.0, solver="liblinear")
+        else:
+            base.update(l1_ratio=0.5, solver="saga", random_state=seed)
+        base.update(params)
+        return LogisticRegression(**base)
+    if fam == "random_forest":
+        from sklearn.ensemble import RandomForestClassifier
+
+        base = {"n_estimators": 200, "min_samples_leaf": 3, "random_state": seed, "n_jobs": 1}
+        base.update(params)
+        return RandomForestClassifier(**base)
+    if fam == "xgboost":
+        from xgboost import XGBClassifier
+
+        base = {
+            "n_estimators": 100,
+            "max_depth": 2,
+            "learning_rate": 0.1,
+            "subsample": 0.8,
+            "colsample_bytree": 0.8,
+            "random_state": seed,
+            "n_jobs": 1,
+            "eval_metric": "logloss",
+            "verbosity": 0,
+        }
+        base.update(params)
+        return XGBClassifier(**base)
+    if fam == "linear_svm":
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.svm import LinearSVC
+
+        base = {"C": 0.1, "max_iter": 20000}
+        base.update(params)
+        return CalibratedClassifierCV(LinearSVC(**base), method="sigmoid", cv=3)
+    raise ModelError(f"unknown model family {fam!r}")  # pragma: no cover - config forbids it
+
+
+def build_pipeline(spec: ModelSpec, *, seed: int = 0) -> Any:
+    """The Pipeline of a model family: impute (median) -> scale -> [select] -> classifier.
+
+    ``spec.params`` go to the classifier, except ``select_k`` (int or ``"all"``), which adds
+    a univariate ANOVA-F :class:`~sklearn.feature_selection.SelectKBest` step. A grid key
+    ``select__k`` adds the step too (tuned inside CV like any hyper-parameter). Linear SVM
+    hyper-parameters sit under ``clf__estimator__`` (the SVM is wrapped in a sigmoid
+    :class:`~sklearn.calibration.CalibratedClassifierCV`).
+    """
+    from sklearn.feature_selection import SelectKBest, f_classif
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    params = {k: v for k, v in spec.params.items() if k not in RESERVED_PARAMS}
+    select_k = spec.params.get("select_k")
+    wants_select = select_k is not None or any(k.startswith("select__") for k in spec.grid)
+    select: Any = (
+        SelectKBest(f_classif, k=select_k if select_k is not None else "all")
+        if wants_select
+        else "passthrough"
+    )
+    return Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="median")),
+            ("scale", StandardScaler()),
+            ("select", select),
+            ("clf", _classifier(spec, params, seed)),
+        ]
+    )
+
+
+def _check_spec(spec: ModelSpec, n_features: int) -> None:
+    ks = list(spec.grid.get("select__k", []))
+    if "select_k" in spec.params:
+        ks.append(spec.params["select_k"])
+    for k in ks:
+        if k != "all" and not (isinstance(k, int) and 1 <= k <= n_features):
+            raise ConfigError(
+                f"models.{spec.family}: select k must be 'all' or an integer in 1..{n_features} "
+                f"(the number of features), got {k!r}"
+            )
+    try:
+        pipe = build_pipeline(spec)
+        from sklearn.model_selection import ParameterGrid
+
+        for cand in ParameterGrid(spec.grid) if spec.grid else [{}]:
+            pipe.set_params(**cand)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"models.{spec.family}: {err}") from None
+
+
+# --------------------------------------------------------------------------- nested CV
+def _n_splits(y: np.ndarray, groups: np.ndarray, wanted: int) -> int:
+    """Folds for stratified grouped CV: at most the patients of the rarer class."""
+    pat_label: dict[Any, int] = {}
+    for g, lab in zip(groups, y, strict=True):
+        pat_label.setdefault(g, int(lab))
+    counts = Counter(pat_label.values())
+    return min(wanted, counts.get(0, 0), counts.get(1, 0))
+
+
+def fit_with_params(pipe: Any, params: dict[str, Any], X: np.ndarray, y: np.ndarray) -> Any:
+    from sklearn.base import clone
+
+    return clone(pipe).set_params(**params).fit(X, y)
+
+
+def tune(
+    spec: ModelSpec,
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    inner_folds: int,
+    seed: int,
+    need_oof: bool,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Pick hyper-parameters by inner grouped CV (pooled OOF AUC); return them and their OOF."""
+    from sklearn.model_selection import ParameterGrid, StratifiedGroupKFold
+
+    candidates: list[dict[str, Any]] = list(ParameterGrid(spec.grid)) if spec.grid else [{}]
+    k = _n_splits(y, groups, inner_folds)
+    if k < 2 or (len(candidates) == 1 and not need_oof):
+        return candidates[0], None
+    pipe = build_pipeline(spec, seed=seed)
+    splits = list(
+        StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(X, y, groups)
+    )
+    best: tuple[float, dict[str, Any], np.ndarray | None] = (-np.inf, candidates[0], None)
+    for cand in candidates:
+        oof = np.full(len(y), np.nan)
+        for tr, te in splits:
+            oof[te] = fit_with_params(pipe, cand, X[tr], y[tr]).predict_proba(X[te])[:, 1]
+        score = roc_auc(y, oof)
+        if np.isfinite(score) and score > best[0] + 1e-12:
+            best = (score, cand, oof)
+    return best[1], best[2]
+
+
+@dataclass
+class _CVRun:
+    oof: np.ndarray  # repeats x samples
+    calls: np.ndarray  # repeats x samples (bool)
+    thresholds: list[float]
+    params: list[dict[str, Any]]
+    perm_oof: np.ndarray | None  # repeats x features x shuffles x samples
+
+
+def _run_cv(
+    spec: ModelSpec,
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    config: TrainConfig,
+    *,
+    importance: bool,
+) -> _CVRun:
+    from sklearn.model_selection import StratifiedGroupKFold
+    from threadpoolctl import threadpool_limits
+
+    n, d = X.shape
+    k = _n_splits(y, groups, config.outer_folds)
+    if k < 2:
+        raise ModelError(
+            "cross-validation needs at least 2 patients of each class; "
+            f"got {_n_splits(y, groups, 10**6)} in the rarer class"
+        )
+    need_oof = config.threshold.rule != "fixed"
+    R = config.repeats
+    oof = np.full((R, n), np.nan)
+    calls = np.zeros((R, n), dtype=bool)
+    thresholds: list[float] = []
+    params: list[dict[str, Any]] = []
+    perm_oof = np.full((R, d, IMPORTANCE_SHUFFLES, n), np.nan) if importance else None
+    rng = np.random.default_rng(config.seed + 7919)
+    with threadpool_limits(limits=1):
+        for r in range(R):
+            outer = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=config.seed + r)
+            for tr, te in outer.split(X, y, groups):
+                cand, inner_oof = tune(
+                    spec,
+                    X[tr],
+                    y[tr],
+                    groups[tr],
+                    inner_folds=config.inner_folds,
+                    seed=config.seed + r,
+                    need_oof=need_oof,
+                )
+                model = fit_with_params(build_pipeline(spec, seed=config.seed + r), cand, X[tr], y[tr])
+                oof[r, te] = model.predict_proba(X[te])[:, 1]
+                if inner_oof is not None:
+                    t = choose_threshold(
+                        y[tr], inner_oof, rule=config.threshold.rule, value=config.threshold.value
+                    )
+                else:
+                    t = config.threshold.value if not need_oof else 0.5
+                calls[r, te] = oof[r, te] >= t
+                thresholds.append(float(t))
+                params.append(cand)
+                if perm_oof is not None:
+                    Xte = X[te]
+                    stack = np.repeat(Xte[None, None], d * IMPORTANCE_SHUFFLES, axis=0).reshape(
+                        d, IMPORTANCE_SHUFFLES, len(te), d
+                    )
+                    for j in range(d):
+                        for s in range(IMPORTANCE_SHUFFLES):
+                            stack[j, s, :, j] = Xte[rng.permutation(len(te)), j]
+                    p = model.predict_proba(stack.reshape(-1, d))[:, 1]
+                    perm_oof[r][:, :, te] = p.reshape(d, IMPORTANCE_SHUFFLES, len(te))
+    return _CVRun(oof, calls, thresholds, params, perm_oof)
+
+
+def _permuted_labels(y: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Permute labels between *patients* (all samples of a patient keep one label)."""
+    uniq, first, inv = np.unique(groups, return_index=True, return_inverse=True)
+    lab = y[first]
+    return lab[rng.permutation(len(uniq))][inv]
+
+
+def _null_auc(
+    spec: ModelSpec,
+    X: np.ndarray,
+    y_perm: np.ndarray,
+    groups: np.ndarray,
+    config: TrainConfig,
+) -> float:
+    run = _run_cv(spec, X, y_perm, groups, config, importance=False)
+    return float(np.nanmean([roc_auc(y_perm, o) for o in run.oof]))
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class FamilyEvaluation:
+    """Validation of one model family.
+
+    Attributes
+    ----------
+    oof, calls
+        Out-of-fold probabilities and calls (``repeats x samples``).
+    fold_thresholds, fold_params
+        Threshold and hyper-parameters chosen inside each outer training split.
+    metrics
+        :data:`~blinaprofile.models.metrics.METRIC_NAMES` with ``_ci_low``/``_ci_high``, plus
+        ``threshold`` (median of the fold thresholds), ``auc_sd_repeats``, ``perm_pvalue``
+        and ``n_permutations``.
+    importance
+        Out-of-fold permutation importance: per feature, mean AUC drop and its SD over repeats.
+    null_auc
+        AUCs of the procedure on permuted labels.
+    """
+
+    family: str
+    spec: ModelSpec
+    oof: np.ndarray
+    calls: np.ndarray
+    fold_thresholds: list[float]
+    fold_params: list[dict[str, Any]]
+    metrics: dict[str, float]
+    importance: pd.DataFrame
+    null_auc: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def oof_mean(self) -> np.ndarray:
+        """Out-of-fold probability per sample, averaged over repeats."""
+        return np.nanmean(self.oof, axis=0)
+
+    @property
+    def auc(self) -> float:
+        return self.metrics["roc_auc"]
+
+    def common_params(self) -> dict[str, Any]:
+        """The hyper-parameter values chosen most often across outer folds."""
+        out: dict[str, Any] = {}
+        keys = {k for p in self.fold_params for k in p}
+        for k in sorted(keys):
+            vals = Counter(json.dumps(p.get(k), default=str) for p in self.fold_params)
+            out[k] = json.loads(vals.most_common(1)[0][0])
+        return out
+
+
+@dataclass
+class Evaluation:
+    """Nested-CV validation of every configured family on one feature table."""
+
+    features: list[str]
+    X: pd.DataFrame
+    y: np.ndarray
+    groups: np.ndarray
+    sample_ids: np.ndarray
+    families: dict[str, FamilyEvaluation]
+    chosen: str
+    selection_pvalue: float
+    config: TrainConfig
+    n_dropped: int = 0
+
+    @property
+    def metrics(self) -> dict[str, dict[str, float]]:
+        return {f: e.metrics for f, e in self.families.items()}
+
+    def leaderboard(self) -> pd.DataFrame:
+        """One row per family, best first: metrics, CIs, permutation p-value."""
+        import pandas as pd
+
+        rows = []
+        for fam, ev in self.families.items():
+            row: dict[str, Any] = {"family": fam, "chosen": fam == self.chosen}
+            row.update(ev.metrics)
+            rows.append(row)
+        df = pd.DataFrame(rows)
+        asc = self.config.select_by == "brier"
+        return df.sort_values(self.config.select_by, ascending=asc).reset_index(drop=True)
+
+
+def prepare_training_data(
+    table: pd.DataFrame, features: list[str]
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, pd.DataFrame, int]:
+    """Usable rows of a feature table: ``X, y, groups, usable_rows, n_dropped``.
+
+    Rows with an ``error``, failing ``qc_pass`` or without a ``response`` are dropped.
+    """
+    missing = [f for f in [*features, "response", "patient_id"] if f not in table.columns]
+    if missing:
+        raise ManifestError(f"feature table lacks column(s) {missing}")
+    usable = table.copy()
+    n_in = len(usable)
+    if "error" in usable.columns:
+        usable = usable[usable["error"].fillna("").astype(str) == ""]
+    if "qc_pass" in usable.columns:
+        usable = usable[usable["qc_pass"].fillna(False).astype(bool)]
+    usable = usable[usable["response"].notna()].reset_index(drop=True)
+    if usable["response"].nunique() < 2:
+        raise ModelError("training needs both responders and nonresponders among usable samples")
+    X = usable[features].astype(float)
+    if X.isna().all().any():
+        empty = [c for c in features if X[c].isna().all()]
+        raise ModelError(f"feature(s) {empty} are missing in every usable sample")
+    y = usable["response"].astype(int).to_numpy()
+    groups = usable["patient_id"].astype(str).to_numpy()
+    return X, y, groups, usable, n_in - len(usable)
+
+
+def cross_validate(
+    X: pd.DataFrame | np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    spec: ModelSpec,
+    config: TrainConfig,
+    *,
+    importance: bool = True,
+    features: list[str] | None = None,
+) -> FamilyEvaluation:
+    """Nested, repeated, patient-grouped, stratified CV of one family (no permutation test).
+
+    Returns out-of-fold probabilities and calls, fold thresholds and parameters, metrics
+    with bootstrap CIs and out-of-fold permutation importance.
+    """
+    import pandas as pd
+
+    names = list(X.columns) if isinstance(X, pd.DataFrame) else list(features or [])
+    Xa = np.asarray(X, dtype=float)
+    if not names:
+        names = [f"x{j}" for j in range(Xa.shape[1])]
+    y = np.asarray(y).astype(int)
+    groups = np.asarray(groups).astype(str)
+    run = _run_cv(spec, Xa, y, groups, config, importance=importance)
+    return _family_result(spec, run, y, groups, config, names)
+
+
+def _family_result(
+    spec: ModelSpec,
+    run: _CVRun,
+    y: np.ndarray,
+    groups: np.ndarray,
+    config: TrainConfig,
+    names: list[str],
+) -> FamilyEvaluation:
+    import pandas as pd
+
+    metrics = summarize(
+        y, run.oof, run.calls, groups, n_bootstrap=config.n_bootstrap, seed=config.seed
+    )
+    aucs = [roc_auc(y, o) for o in run.oof]
+    metrics["auc_sd_repeats"] = float(np.std(aucs))
+    metrics["threshold"] = float(np.median(run.thresholds))
+    if run.perm_oof is not None:
+        drops = np.array(
+            [
+                [
+                    aucs[r]
+                    - np.mean(
+                        [roc_auc(y, run.perm_oof[r, j, s]) for s in range(run.perm_oof.shape[2])]
+                    )
+                    for j in range(len(names))
+                ]
+                for r in range(run.oof.shape[0])
+            ]
+        )
+        imp = pd.DataFrame(
+            {"feature": names, "auc_drop": drops.mean(axis=0), "auc_drop_sd": drops.std(axis=0)}
+        ).sort_values("auc_drop", ascending=False, ignore_index=True)
+    else:
+        imp = pd.DataFrame(columns=["feature", "auc_drop", "auc_drop_sd"])
+    return FamilyEvaluation(
+        family=spec.family,
+        spec=spec,
+        oof=run.oof,
+        calls=run.calls,
+        fold_thresholds=run.thresholds,
+        fold_params=run.params,
+        metrics=metrics,
+        importance=imp,
+    )
+
+
+def _n_jobs() -> int:
+    from blinaprofile.settings import settings
+
+    return max(1, int(settings.n_jobs))
+
+
+def evaluate(
+    table: pd.DataFrame,
+    *,
+    config: TrainConfig | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+    n_jobs: int | None = None,
+) -> Evaluation:
+    """Validate every configured family by nested CV, with CIs and permutation p-values.
+
+    Parameters
+    ----------
+    table
+        Feature table with ``response`` (1/0), ``patient_id`` and the feature columns.
+    config, config_path
+        Training configuration (default ``configs/train/default.yaml``).
+    n_jobs
+        Worker processes for families and permutations (default ``settings.n_jobs``).
+
+    Notes
+    -----
+    The permutation test permutes labels between patients ``config.n_permutations`` times
+    and re-runs the complete nested procedure (tuning, threshold) for every family on each
+    permutation; the same permutations serve all families, so the p-value of the chosen
+    family can be adjusted for the choice (``selection_pvalue``: the null distribution is
+    the best family's AUC on each permutation).
+    """
+    from joblib import Parallel, delayed
+
+    if config is None:
+        config = load_train_config(config_path)
+    features = list(config.features or MODEL_FEATURES)
+    fams = [s.family for s in config.models]
+    dup = sorted({f for f in fams if fams.count(f) > 1})
+    if dup:
+        raise ConfigError(f"models: family listed more than once: {dup}")
+    for spec in config.models:
+        _check_spec(spec, len(features))
+    X, y, groups, usable, n_dropped = prepare_training_data(table, features)
+    Xa = X.to_numpy(dtype=float)
+    rng = np.random.default_rng(config.seed + 104729)
+    perms = [_permuted_labels(y, groups, rng) for _ in range(config.n_permutations)]
+    jobs = n_jobs or _n_jobs()
+    tasks = [delayed(_run_cv)(s, Xa, y, groups, config, importance=True) for s in config.models]
+    tasks += [delayed(_null_auc)(s, Xa, yp, groups, config) for yp in perms for s in config.models]
+    # worker processes pay off only for permutation tests (each worker re-imports the stack)
+    if jobs > 1 and perms:
+        out = Parallel(n_jobs=min(jobs, len(tasks)))(tasks)
+    else:
+        out = [fn(*args, **kwargs) for fn, args, kwargs in tasks]
+    runs: list[_CVRun] = out[: len(config.models)]
+    null = np.array(out[len(config.models) :], dtype=float).reshape(len(perms), len(fams))
+    families: dict[str, FamilyEvaluation] = {}
+    for i, (spec, run) in enumerate(zip(config.models, runs, strict=True)):
+        ev = _family_result(spec, run, y, groups, config, features)
+        ev.null_auc = null[:, i]
+        ev.metrics["n_permutations"] = float(len(perms))
+        ev.metrics["perm_pvalue"] = (
+            permutation_pvalue(ev.metrics["roc_auc"], null[:, i]) if perms else float("nan")
+        )
+        families[spec.family] = ev
+    if config.select_by == "roc_auc":
+        chosen = max(families, key=lambda f: families[f].metrics["roc_auc"])
+    else:
+        chosen = min(families, key=lambda f: families[f].metrics["brier"])
+    sel_p = (
+        permutation_pvalue(families[chosen].metrics["roc_auc"], np.nanmax(null, axis=1))
+        if perms
+        else float("nan")
+    )
+    sample_ids = (
+        usable["sample_id"].astype(str).to_numpy()
+        if "sample_id" in usable.columns
+        else np.array([f"row{i}" for i in range(len(y))])
+    )
+    return Evaluation(
+        features=features,
+        X=X,
+        y=y,
+        groups=groups,
+        sample_ids=sample_ids,
+        families=families,
+        chosen=chosen,
+        selection_pvalue=sel_p,
+        config=config,
+        n_dropped=n_dropped,
+    )
