@@ -107,7 +107,8 @@ def write_fcs_like(
     n_events: int | None = None,
 ) -> Path:
     """Copy an FCS file's events into a new file, with other keywords or fewer channels/events."""
-    from blinaprofile.io.fcs import read_fcs, write_fcs
+    from blinaprofile.io.fcs import read_fcs
+    from blinaprofile.io.fcs_write import write_fcs
 
     d = read_fcs(src)
     keep = [i for i, m in enumerate(d.markers) if drop_marker is None or drop_marker not in m]

@@ -7,8 +7,9 @@ Each case is written to a temporary folder by the test itself and checked twice:
 - through the CLI (a subprocess): a non-zero exit, exactly one line on stderr that names
   the file, no traceback (a traceback only with ``--debug``), and no output file left behind.
 
-``test_corpus_table`` prints the table (case -> error type -> message) that
-``docs/reliability.md`` lists. A cohort goes on past bad samples: see
+``test_corpus_table`` builds the table (case -> error type -> message) on its own, checks
+that ``docs/reliability.md`` lists every case with the same error type, and prints it (run
+with ``-s`` to see it). A cohort goes on past bad samples: see
 ``test_featurize_manifest_goes_on_past_bad_samples``.
 """
 
@@ -25,9 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from blinaprofile.config import (
     GatingConfig,
@@ -46,17 +49,17 @@ from blinaprofile.errors import (
     SingleCellInputError,
 )
 from blinaprofile.features.flow import featurize_fcs, featurize_manifest, load_qc
+from blinaprofile.features.singlecell import featurize_single_cell
 from blinaprofile.gating.strategy import load_strategy
-from blinaprofile.io.fcs import read_fcs, write_fcs
+from blinaprofile.io.fcs import read_fcs
+from blinaprofile.io.fcs_write import write_fcs
 from blinaprofile.io.read import read_manifest
 from conftest_fcs_helpers import build_fcs, encode_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+RELIABILITY_DOC = ROOT / "docs" / "reliability.md"
 N_EVENTS = 3000
-
-#: case name -> (error type, message) filled in by the Python-side test, printed at the end
-RESULTS: dict[str, tuple[str, str]] = {}
 
 
 # --------------------------------------------------------------------------- the good input
@@ -469,9 +472,6 @@ def cfg_not_found(b: Base, d: Path) -> Path:
 
 # --------------------------------------------------------------------------- single cell
 def _h5ad(d: Path, name: str, *, genes: list[str], obs: dict[str, list[str]]) -> Path:
-    ad = pytest.importorskip("anndata")
-    import scipy.sparse as sp
-
     rng = np.random.default_rng(0)
     n = len(next(iter(obs.values())))
     adata = ad.AnnData(
@@ -597,9 +597,6 @@ def _python_call(case: Case, path: Path, b: Base) -> Any:
         return load_config(MODELS[case.kind.split(":", 1)[1]], path)
     if case.kind == "qc":
         return load_qc(path)
-    pytest.importorskip("blinaprofile.annotate.annotator")
-    from blinaprofile.features.singlecell import featurize_single_cell
-
     if case.kind == "h5ad-key":
         return featurize_single_cell(path, sample_key="sample")
     return featurize_single_cell(path)
@@ -612,14 +609,14 @@ def _case_dir(tmp_path: Path, b: Base) -> Path:
     return d
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_api_raises_own_error_naming_file(case: Case, base: Base, tmp_path: Path) -> None:
-    d = _case_dir(tmp_path, base)
-    path = case.make(base, d)
+def _check_api_error(case: Case, b: Base, tmp_path: Path) -> str:
+    """Feed the case to the Python API, check the error; return its message with ``<file>``."""
+    d = _case_dir(tmp_path, b)
+    path = case.make(b, d)
     with pytest.raises(BlinaprofileError) as info:
-        _python_call(case, path, base)
+        _python_call(case, path, b)
     err = info.value
-    assert type(err) is case.error, f"{type(err).__name__}: {err}"
+    assert type(err) is case.error, f"{case.name}: {type(err).__name__}: {err}"
     msg = str(err)
     assert case.phrase in msg, msg
     assert str(path) in msg, msg
@@ -627,7 +624,12 @@ def test_api_raises_own_error_naming_file(case: Case, base: Base, tmp_path: Path
     assert err.path == str(path)
     if case.name == "config: Python tag in YAML":
         assert not (d / "pwned").exists(), "the YAML tag was executed"
-    RESULTS[case.name] = (type(err).__name__, msg.replace(str(path), "<file>"))
+    return msg.replace(str(path), "<file>")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_api_raises_own_error_naming_file(case: Case, base: Base, tmp_path: Path) -> None:
+    _check_api_error(case, base, tmp_path)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -688,10 +690,8 @@ def _cli_args(case: Case, path: Path, work: Path, b: Base) -> tuple[list[str], d
             str(work / "m"),
         ], {}
     if kind == "h5ad":
-        pytest.importorskip("blinaprofile.annotate.annotator")
         return ["score", str(path), "--json", "--out-dir", str(work)], {}
     if kind == "h5ad-key":
-        pytest.importorskip("blinaprofile.annotate.annotator")
         args = ["score", str(path), "--sample-key", "sample", "--json", "--out-dir", str(work)]
         return args, {}
     raise AssertionError(f"no CLI recipe for case kind {kind!r}")
@@ -718,7 +718,6 @@ class CliRun:
     args: list[str]
     env: dict[str, str]
     result: subprocess.CompletedProcess[str] | None = None
-    skip: str = ""
 
 
 @pytest.fixture(scope="module")
@@ -728,14 +727,10 @@ def cli_runs(base: Base, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
         root = tmp_path_factory.mktemp("cli_case")
         work = root / "work"
         work.mkdir()
-        try:
-            path = case.make(base, _case_dir(root, base))
-            args, env = _cli_args(case, path, work, base)
-        except pytest.skip.Exception as exc:
-            runs[case.name] = CliRun(case, root, work, set(), [], {}, skip=str(exc))
-            continue
+        path = case.make(base, _case_dir(root, base))
+        args, env = _cli_args(case, path, work, base)
         runs[case.name] = CliRun(case, path, work, _tree(work), args, env)
-    todo = [r for r in runs.values() if not r.skip]
+    todo = list(runs.values())
     workers = max(2, os.cpu_count() or 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         done = pool.map(lambda r: run_cli(r.args, cwd=r.work, env=r.env), todo)
@@ -747,8 +742,6 @@ def cli_runs(base: Base, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cli_one_line_error_no_output(case: Case, cli_runs: dict[str, CliRun]) -> None:
     run = cli_runs[case.name]
-    if run.skip:
-        pytest.skip(run.skip)
     r = run.result
     assert r is not None
     lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -871,18 +864,35 @@ def test_featurize_cli_writes_error_rows_and_exits_1(base: Base, tmp_path: Path)
     assert (table.set_index("sample_id").loc[list(bad), "error"] != "").all()
 
 
-def test_corpus_table() -> None:
-    """Print the corpus table (run the whole module with ``-s`` to see every row)."""
-    if not RESULTS:
-        pytest.skip("run together with test_api_raises_own_error_naming_file")
-    width = max(len(k) for k in RESULTS)
+def _doc_corpus_rows() -> list[tuple[str, str]]:
+    """(case, error type) of each row of the corpus table in ``docs/reliability.md``."""
+    text = RELIABILITY_DOC.read_text(encoding="utf-8")
+    section = text.split("## The bad-input corpus", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if line.startswith("| ") and len(cells) >= 3 and cells[0] != "case":
+            rows.append((cells[0], cells[1]))
+    return rows
+
+
+def test_corpus_table(base: Base, tmp_path: Path) -> None:
+    """Every case raises its error; the documented table lists each case with that error."""
+    table = []
+    for i, case in enumerate(CASES):
+        case_root = tmp_path / f"case{i:02d}"
+        case_root.mkdir()
+        table.append((case.name, case.error.__name__, _check_api_error(case, base, case_root)))
+    assert len({name for name, _, _ in table}) == len(CASES), "case names must be unique"
+    documented = _doc_corpus_rows()
+    assert [err for _, err in documented] == [err for _, err, _ in table], (
+        f"{RELIABILITY_DOC} lists {len(documented)} cases; the corpus has {len(CASES)}: "
+        "keep its table in the order and with the error types of CASES"
+    )
+    width = max(len(name) for name, _, _ in table)
     print(f"\n{'case':<{width}}  {'error':<20}  message")
-    for case in CASES:
-        if case.name in RESULTS:
-            err, msg = RESULTS[case.name]
-            print(f"{case.name:<{width}}  {err:<20}  {msg}")
-    print(f"{len(RESULTS)} of {len(CASES)} cases raised the expected error")
-    assert len(RESULTS) >= len(CASES) - 3  # the single-cell cases may be skipped
+    for name, err, msg in table:
+        print(f"{name:<{width}}  {err:<20}  {msg}")
 
 
 def test_train_features_without_response_is_a_user_error(tmp_path: Path) -> None:

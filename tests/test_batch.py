@@ -199,7 +199,8 @@ def test_folder_input_uses_checksum_pseudonyms(sm, tmp_path):
 
 
 def test_dask_local_cluster_gives_the_same_results(sm, manifest, batch_run, tmp_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed
+
     from blinaprofile import score_samples
 
     df, _, _ = batch_run

@@ -30,8 +30,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from blinaprofile.errors import BlinaprofileError, ModelError
+from blinaprofile.errors import BlinaprofileError, ModelError, OutputError
 from blinaprofile.io.fcs import read_fcs
+from blinaprofile.scoring.batch import score_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "blinaprofile"
@@ -111,23 +112,6 @@ def model_dir(small_cohort: Any, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return Path(res.export_dir)
 
 
-def _batch_available() -> str:
-    """Empty if ``blinaprofile score-batch`` exists, else why the test is skipped."""
-    try:
-        import blinaprofile.scoring.batch  # noqa: F401
-    except ImportError as err:
-        return f"blinaprofile.scoring.batch has not landed yet ({err})"
-    r = subprocess.run(
-        [sys.executable, "-m", "blinaprofile", "score-batch", "--help"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode != 0 or "--out" not in r.stdout:
-        return "the 'score-batch' command (with --out) is not in the CLI yet"
-    return ""
-
-
 # --------------------------------------------------------------------------- kill and resume
 N_BATCH = 24
 
@@ -154,9 +138,6 @@ def _finished(parts: Path) -> dict[str, dict[str, Any]]:
 def test_batch_killed_mid_run_resumes_without_loss_or_duplicates(
     small_cohort: Any, model_dir: Path, tmp_path: Path
 ) -> None:
-    reason = _batch_available()
-    if reason:
-        pytest.skip(reason)
     manifest = _batch_manifest(small_cohort, tmp_path, N_BATCH)
     out = tmp_path / "batch"
     args = [
@@ -178,8 +159,10 @@ def test_batch_killed_mid_run_resumes_without_loss_or_duplicates(
         if parts.is_dir() and len(list(parts.glob("*.json"))) >= 3:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, (
-        "the batch finished before it could be killed: " + (proc.communicate()[1][-2000:])
+    rc = proc.poll()
+    assert rc is None, (
+        f"score-batch exited with code {rc} before it could be killed: "
+        + proc.communicate()[1][-2000:]
     )
     _kill_group(proc)
     before = _finished(parts)
@@ -218,11 +201,6 @@ def test_batch_killed_mid_run_resumes_without_loss_or_duplicates(
 def test_batch_records_bad_samples_and_goes_on(
     small_cohort: Any, model_dir: Path, tmp_path: Path
 ) -> None:
-    reason = _batch_available()
-    if reason:
-        pytest.skip(reason)
-    from blinaprofile.scoring.batch import score_samples
-
     good = sorted((small_cohort.out_dir / "fcs").glob("*.fcs"))[:2]
     bad = {
         "B_text": (tmp_path / "export.fcs", b"event,FSC-A\n1,2\n", "not an FCS file"),
@@ -289,9 +267,12 @@ def test_csv_output_is_atomic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
         raise OSError(28, "No space left on device")  # ... then the disk fills up
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", crash)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputError, match="No space left") as err:
         _write_csv_atomic(pd.DataFrame({"a": [3, 4, 5]}), target)
+    assert str(target) in str(err.value)  # the message names the file
+    assert err.value.exit_code == 2
     assert target.read_bytes() == original  # the previous output is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.csv"]  # no temp file left
 
 
 def test_model_export_is_atomic(

@@ -16,7 +16,8 @@ from blinaprofile.gating.interop import gatingml_text, load_gatingml, rename_gat
 from blinaprofile.gating.sample import gate_events
 from blinaprofile.gating.strategy import load_strategy
 from blinaprofile.gating.tree import GateTree
-from blinaprofile.io.fcs import read_fcs, write_fcs
+from blinaprofile.io.fcs import read_fcs
+from blinaprofile.io.fcs_write import write_fcs
 
 
 def _flowkit_sample(path: Path, **kw):

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from blinaprofile.errors import ManifestError
-from blinaprofile.features.flow import feature_columns, featurize_manifest
+from blinaprofile.features.flow import featurize_manifest
+from blinaprofile.features.schema import feature_columns
 from blinaprofile.io.read import RESPONSE_CODES, read_manifest
 
 

@@ -1,12 +1,15 @@
 """The single-sample HTML report: self-contained, offline, and it shows the key elements.
 
-The Chromium test renders the report headless, keeps a screenshot in
-``test-artifacts/report.png`` (and the no-call one in ``test-artifacts/report_no_call.png``)
-and checks the rendered DOM.
+The Chromium test renders the report headless, keeps a screenshot ``report.png`` (and the
+no-call one ``report_no_call.png``) and checks the rendered DOM. Every output goes to pytest's
+``tmp_path``; set ``BLINAPROFILE_TEST_ARTIFACTS=/some/folder`` to keep the screenshots there
+for a human to look at.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import shutil
 import subprocess
@@ -20,8 +23,6 @@ from blinaprofile.scoring.report import write_report
 from blinaprofile.scoring.score import NO_CALL, file_checksum, score_sample
 from conftest_scoring_helpers import scoring_model, write_fcs_like
 
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
 IDENT = {
     "$SRC": "DOE^JANE",
     "$OP": "Operator Smith",
@@ -43,6 +44,13 @@ def report(sm, tmp_path_factory):
     res = score_sample(f, model=str(sm.model_dir), keep_gating=True)
     path = write_report(res, d / "report.html")
     return res, path, f
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> Path:
+    """Where screenshots go: ``$BLINAPROFILE_TEST_ARTIFACTS`` if set, else ``tmp_path``."""
+    override = os.environ.get("BLINAPROFILE_TEST_ARTIFACTS")
+    return Path(override) if override else tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +174,23 @@ def test_no_call_report_shows_reasons(no_call_report):
     assert c.get("qc-verdict") == "FAIL"
 
 
+def test_report_escapes_markup_in_values(report, tmp_path):
+    res, _, _ = report
+    evil = '<script>alert("x")</script>'
+    bad = dataclasses.replace(
+        res, sample_id=f"LAB-{evil}", reasons=[f"reason {evil}"], context=None
+    )
+    html = write_report(bad, tmp_path / "evil.html").read_text(encoding="utf-8")
+    assert "<script>" not in html and "</script>" not in html
+    assert "LAB-&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
+    c = _parse(html)
+    assert "script" not in c.tags
+    assert c.get("sample-id") == f"LAB-{evil}"
+    assert f"reason {evil}" in c.get("no-call-reasons")
+    assert "<title>blinaprofile report - LAB-&lt;script&gt;" in html
+    assert c.get("probability") == f"{res.probability:.3f}"
+
+
 def _chromium() -> str | None:
     return (
         shutil.which("chromium")
@@ -225,9 +250,9 @@ def _png_stats(png: Path) -> tuple[tuple[int, int], int]:
     return img.shape[:2], colors
 
 
-def test_report_renders_in_headless_chromium(report, tmp_path):
+def test_report_renders_in_headless_chromium(report, tmp_path, artifacts):
     res, path, _ = report
-    png = ARTIFACTS / "report.png"
+    png = artifacts / "report.png"
     dom = _render(path, png, tmp_path)
     c = _parse(dom)
     assert c.get("call") == res.call
@@ -242,9 +267,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     print(f"\nscreenshot {png} ({w}x{h}, {colors} distinct colours)")
 
 
-def test_no_call_report_renders_in_headless_chromium(no_call_report, tmp_path):
+def test_no_call_report_renders_in_headless_chromium(no_call_report, tmp_path, artifacts):
     _, path = no_call_report
-    png = ARTIFACTS / "report_no_call.png"
+    png = artifacts / "report_no_call.png"
     c = _parse(_render(path, png, tmp_path))
     assert c.get("call") == NO_CALL and "no-call-reasons" in c.ids
     print(f"\nscreenshot {png}")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -17,7 +16,6 @@ from blinaprofile.scoring.score import (
     NO_CALL,
     RESULT_COLUMNS,
     file_checksum,
-    load_scoring_model,
     score_features,
     score_sample,
 )
@@ -92,35 +90,12 @@ def test_score_result_is_complete_and_pseudonymous(sm, identifying_file):
 def test_interval_comes_from_model_refits_and_is_stable(sm, new_files):
     a = score_sample(new_files[1], model=str(sm.model_dir), sample_id="X1")
     b = score_sample(new_files[1], model=str(sm.model_dir), sample_id="X1")
-    assert a.interval["method"] in {"model", "bootstrap_refit"}
+    assert a.interval["method"] == "model"
     assert (a.probability_low, a.probability_high) == (b.probability_low, b.probability_high)
     assert a.probability_high - a.probability_low > 0.0
     assert a.interval["description"]
     print(
         f"\ninterval ({a.interval['method']}): p={a.probability:.3f} [{a.probability_low:.3f}, {a.probability_high:.3f}]"
-    )
-
-
-def test_fallback_interval_refits_the_pipeline_on_bootstrap_resamples(sm, new_files):
-    """Models without their own interval get one from cached refits on training_features.csv."""
-    from blinaprofile.scoring.score import _interval
-
-    a = score_sample(new_files[1], model=str(sm.model_dir), sample_id="X1")
-    m = load_scoring_model(str(sm.model_dir))
-    X = pd.DataFrame([a.features])[m.runtime.features]
-    out = pd.DataFrame({"probability": [a.probability]})  # a model that gives no interval
-    lo, hi, info = _interval(m, out, X, 50)
-    fits = m.bootstrap_models()
-    assert all(x is y for x, y in zip(fits, m.bootstrap_models(), strict=True))  # cached
-    assert info["method"] == "bootstrap_refit" and info["n_refits"] == 50 == len(fits)
-    assert info["n_training_samples"] == len(m.training) == 30
-    p = np.array([f.predict_proba(X)[0, 1] for f in fits])
-    assert p.std() > 0.0  # real refits on different resamples
-    assert (lo, hi) == pytest.approx(tuple(np.quantile(p, [0.025, 0.975])))
-    assert lo < a.probability < hi
-    print(
-        f"\nfallback interval: p={a.probability:.3f} [{lo:.3f}, {hi:.3f}]; "
-        f"model's own: [{a.probability_low:.3f}, {a.probability_high:.3f}] ({a.interval['method']})"
     )
 
 

@@ -50,8 +50,7 @@ def _post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def server(sm, tmp_path_factory):
     mlflow_exe = Path(sys.executable).with_name("mlflow")
-    if not mlflow_exe.is_file():
-        pytest.skip(f"mlflow command not found beside {sys.executable}")
+    assert mlflow_exe.is_file(), f"mlflow command not found beside {sys.executable}"
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     # mlflow starts `uvicorn` by name: the environment's bin folder must be on PATH

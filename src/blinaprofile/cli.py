@@ -288,9 +288,10 @@ def cmd_gate(a: argparse.Namespace) -> int:
 
         save_gating_png(plot_sample(data, tree, adaptive=a.adaptive), a.plot)
     if a.h5ad:
-        tmp = Path(a.h5ad).with_suffix(".h5ad.tmp")
-        adata.write_h5ad(tmp)
-        os.replace(tmp, a.h5ad)
+        from blinaprofile.io.atomic import atomic_path
+
+        with atomic_path(a.h5ad) as tmp:
+            adata.write_h5ad(tmp)
     if a.json:
         print(
             json.dumps(
@@ -317,11 +318,9 @@ def cmd_gate(a: argparse.Namespace) -> int:
 
 
 def _write_csv_atomic(df: Any, path: str | os.PathLike[str]) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, p)
+    from blinaprofile.io.atomic import write_csv
+
+    write_csv(df, path)
 
 
 def cmd_featurize(a: argparse.Namespace) -> int:
@@ -427,6 +426,7 @@ def cmd_score(a: argparse.Namespace) -> int:
     )
     written = []
     if not a.no_report:
+        from blinaprofile.io.atomic import write_text
         from blinaprofile.scoring.report import write_report
 
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", res.sample_id) or "sample"
@@ -434,10 +434,7 @@ def cmd_score(a: argparse.Namespace) -> int:
         report = Path(a.report) if a.report else out_dir / f"{stem}.report.html"
         written.append(write_report(res, report))
         js = out_dir / f"{stem}.score.json"
-        js.parent.mkdir(parents=True, exist_ok=True)
-        tmp = js.with_name(f".{js.name}.tmp")
-        tmp.write_text(json.dumps(res.as_dict(), indent=2), encoding="utf-8")
-        os.replace(tmp, js)
+        write_text(js, json.dumps(res.as_dict(), indent=2))
         written.append(js)
         ctx = res.context
         if ctx is not None and ctx.tree is not None:

@@ -34,7 +34,9 @@ Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 Positive = Annotated[float, Field(gt=0.0)]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys and non-finite numbers are errors."""
+
     # NaN/inf are refused in every float field: no threshold or rate can be infinite.
     # Schemas are built on first use (defer_build) so that the CLI starts quickly.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
@@ -64,7 +66,7 @@ FileSafeName = Annotated[
 
 
 # --------------------------------------------------------------------------- panel
-class PanelChannel(_Strict):
+class PanelChannel(StrictModel):
     """One detector of a panel: the channel name the instrument writes and its marker."""
 
     channel: ChannelName
@@ -72,7 +74,7 @@ class PanelChannel(_Strict):
     kind: Literal["scatter", "time", "fluorescence", "viability", "mass"] = "fluorescence"
 
 
-class PanelConfig(_Strict):
+class PanelConfig(StrictModel):
     """A staining panel (``configs/panels/*.yaml``)."""
 
     name: str
@@ -91,7 +93,7 @@ class PanelConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- gating
-class TransformSpec(_Strict):
+class TransformSpec(StrictModel):
     """A GatingML-2.0 style transform (parameters as FlowKit names them)."""
 
     type: Literal["linear", "log", "logicle", "asinh", "hyperlog"]
@@ -116,7 +118,7 @@ class TransformSpec(_Strict):
         return self
 
 
-class AdaptiveSpec(_Strict):
+class AdaptiveSpec(StrictModel):
     """Limits within which an adaptive gate may move a threshold (transformed units)."""
 
     low: float
@@ -130,7 +132,7 @@ class AdaptiveSpec(_Strict):
         return self
 
 
-class RangeSpec(_Strict):
+class RangeSpec(StrictModel):
     """A rectangle gate's range on one dimension; ``None`` means unbounded."""
 
     min: float | None = None
@@ -146,7 +148,7 @@ class RangeSpec(_Strict):
         return self
 
 
-class GateSpec(_Strict):
+class GateSpec(StrictModel):
     """One gate. ``dims`` are markers (resolved through the panel) or channel names."""
 
     id: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", max_length=64)]
@@ -172,7 +174,7 @@ class GateSpec(_Strict):
         return self
 
 
-class GatingConfig(_Strict):
+class GatingConfig(StrictModel):
     """A gating strategy (``configs/gating/*.yaml``)."""
 
     name: str
@@ -203,7 +205,7 @@ class GatingConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- simulation
-class LatentSpec(_Strict):
+class LatentSpec(StrictModel):
     """A per-patient fraction drawn as logit-normal; class means differ for signal."""
 
     responder: Fraction
@@ -211,7 +213,7 @@ class LatentSpec(_Strict):
     sd: Positive = Field(description="between-patient SD on the logit scale")
 
 
-class SubsetSplit(_Strict):
+class SubsetSplit(StrictModel):
     """Dirichlet split of a parent into subsets (class-independent)."""
 
     mean: dict[str, Fraction]
@@ -249,7 +251,7 @@ SIMULATION_COMPOSITION = (
 )
 
 
-class SimulationConfig(_Strict):
+class SimulationConfig(StrictModel):
     """A simulated cohort scenario (``configs/simulation/*.yaml``)."""
 
     name: str
@@ -300,7 +302,7 @@ class SimulationConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- train / QC
-class ModelSpec(_Strict):
+class ModelSpec(StrictModel):
     """One candidate model family with its hyper-parameter grid."""
 
     family: Literal[
@@ -318,14 +320,14 @@ class ModelSpec(_Strict):
         return v
 
 
-class ThresholdRule(_Strict):
+class ThresholdRule(StrictModel):
     """How the decision threshold is chosen inside cross-validation."""
 
     rule: Literal["max_balanced_accuracy", "min_sensitivity", "fixed"] = "max_balanced_accuracy"
     value: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """Training configuration (``configs/train/*.yaml``)."""
 
     experiment: str = "blinaprofile"
@@ -343,7 +345,7 @@ class TrainConfig(_Strict):
     seed: int = 0
 
 
-class QCConfig(_Strict):
+class QCConfig(StrictModel):
     """QC and abstention thresholds."""
 
     min_events: Annotated[int, Field(ge=0)] = 5_000

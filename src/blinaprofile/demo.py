@@ -22,6 +22,7 @@ def run_demo(
     """
     from blinaprofile.config import PanelConfig, SimulationConfig, load_config
     from blinaprofile.features.flow import featurize_manifest
+    from blinaprofile.io.atomic import write_csv
     from blinaprofile.models.train import train
     from blinaprofile.scoring.score import score_sample
     from blinaprofile.settings import settings
@@ -46,9 +47,7 @@ def run_demo(
     step("gating and featurizing")
     table = featurize_manifest(cohort.manifest)
     feats = out / "features.csv"
-    tmp = feats.with_name(feats.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, feats)
+    write_csv(table, feats)
     n_err = int((table["error"] != "").sum())
     n_qc = int((~table["qc_pass"].fillna(False).astype(bool)).sum())
     step(f"  feature table {feats} ({len(table)} samples, {n_err} errors, {n_qc} failing QC)")

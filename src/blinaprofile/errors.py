@@ -18,8 +18,8 @@ __all__ = [
     "InputError",
     "ManifestError",
     "ModelError",
-    "PanelMismatchError",
     "OutputError",
+    "PanelMismatchError",
     "SingleCellInputError",
     "one_line",
 ]

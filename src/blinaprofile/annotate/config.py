@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from blinaprofile.config import _Strict, load_config, validate_config
+from blinaprofile.config import StrictModel, load_config, validate_config
 from blinaprofile.errors import ConfigError
 
 PathLike = str | os.PathLike[str]
@@ -23,7 +23,7 @@ EVIDENCE_LABELS: tuple[str, ...] = ("protein", "RNA", "protein+RNA", "prefiltere
 
 
 # =========================================================================== config
-class SignatureSpec(_Strict):
+class SignatureSpec(StrictModel):
     """A gene set: ``up`` genes mark the positive state, ``down`` genes the negative one.
 
     ``secondary`` genes are not used to find the states; their rates are learned from the
@@ -106,7 +106,7 @@ def _default_signatures() -> dict[str, SignatureSpec]:
 REQUIRED_SIGNATURES: tuple[str, ...] = tuple(_default_signatures())
 
 
-class CellQCSpec(_Strict):
+class CellQCSpec(StrictModel):
     """Per-cell QC (a cell failing any rule is not annotated and not counted in ``n_live``).
 
     Gene- and count-based rules apply only when the RNA matrix has at least
@@ -120,7 +120,7 @@ class CellQCSpec(_Strict):
     min_panel_genes: Count = 1000
 
 
-class SampleQCSpec(_Strict):
+class SampleQCSpec(StrictModel):
     """Per-sample QC: below any of these the sample fails and unstable features are NaN."""
 
     min_cells: Count = 200
@@ -129,7 +129,7 @@ class SampleQCSpec(_Strict):
     min_cd8: Count = 50
 
 
-class ProteinSpec(_Strict):
+class ProteinSpec(StrictModel):
     """CITE-seq protein normalisation and per-sample thresholds."""
 
     obsm_keys: list[str] = Field(
@@ -158,7 +158,7 @@ class ProteinSpec(_Strict):
     max_iter: Annotated[int, Field(ge=10)] = 300
 
 
-class RNASpec(_Strict):
+class RNASpec(StrictModel):
     """RNA gene-set scores and the count mixtures built on them."""
 
     target_sum: Annotated[float, Field(gt=0.0)] = 1e4
@@ -185,7 +185,7 @@ class RNASpec(_Strict):
         return self
 
 
-class SingleCellConfig(_Strict):
+class SingleCellConfig(StrictModel):
     """Configuration of the single-cell path (``configs/single_cell.yaml``)."""
 
     name: str = "default"

@@ -2,15 +2,13 @@
 
 :func:`features_from_gating` turns one sample's gate counts into a feature row;
 :func:`featurize_fcs` reads, gates and featurizes one file; :func:`featurize_manifest`
-does a cohort (in parallel processes); :class:`FlowFeaturizer` wraps the same as a
-scikit-learn transformer (paths in, feature table out).
+does a cohort (in parallel processes, :func:`blinaprofile.parallel.run_parallel`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +17,8 @@ import numpy as np
 
 from blinaprofile.config import QCConfig, load_config
 from blinaprofile.errors import BlinaprofileError, one_line
-from blinaprofile.features.schema import QC_COLUMNS, SCHEMA_VERSION, feature_names
+from blinaprofile.features.schema import SCHEMA_VERSION, feature_columns
+from blinaprofile.parallel import run_parallel
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
     from blinaprofile.gating.tree import GateTree
 
 __all__ = [
-    "FlowFeaturizer",
     "feature_columns",
     "features_from_gating",
     "featurize_fcs",
@@ -56,20 +54,6 @@ _PCT = {
 }
 _MEDIANS = {"cd8_tim3_median": ("TIM3", "cd8"), "cd8_pd1_median": ("PD1", "cd8")}
 REQUIRED_GATES = ("live", "cd3", "cd4", "cd8")
-
-
-def feature_columns() -> list[str]:
-    """Column order of every feature table (flow and single-cell)."""
-    return [
-        "sample_id",
-        "patient_id",
-        "modality",
-        "schema_version",
-        *feature_names(),
-        *QC_COLUMNS,
-        "qc_pass",
-        "qc_reasons",
-    ]
 
 
 def load_qc(path: str | os.PathLike[str] | None = None) -> QCConfig:
@@ -224,14 +208,10 @@ def _featurize_one(args: tuple[str, str, str, str | None, bool, QCConfig]) -> di
         }
 
 
-def _single_threaded() -> bool:
-    """Whether this process has one OS thread (native library pools count too)."""
-    try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:  # not Linux
-        import threading
-
-        return threading.active_count() == 1
+def _worker_failed(args: tuple[Any, ...], err: Exception) -> dict[str, Any]:
+    path, sid, pid = args[0], args[1], args[2]
+    msg = one_line(f"{path}: worker failed: {type(err).__name__}: {err}")
+    return {"sample_id": sid, "patient_id": pid, "error": msg}
 
 
 def featurize_manifest(
@@ -269,15 +249,8 @@ def featurize_manifest(
         for r in df.itertuples(index=False)
     ]
     n_jobs = settings.n_jobs if n_jobs is None else n_jobs
-    if n_jobs > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-
-        # fork only while single-threaded (forking a multi-threaded process may deadlock)
-        ctx = mp.get_context("fork" if _single_threaded() else "forkserver")
-        with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs)), mp_context=ctx) as pool:
-            rows = list(pool.map(_featurize_one, jobs, chunksize=max(1, len(jobs) // (4 * n_jobs))))
-    else:
-        rows = [_featurize_one(j) for j in jobs]
+    done = dict(run_parallel(_featurize_one, jobs, n_jobs=n_jobs, on_error=_worker_failed))
+    rows = [done[j] for j in jobs]
     # every column is present even when every sample failed
     feats = pd.DataFrame(rows).reindex(columns=[*feature_columns(), "error"])
     feats["error"] = feats["error"].fillna("").astype(str)
@@ -287,44 +260,3 @@ def featurize_manifest(
     cols = [c for c in feature_columns() if c in out.columns]
     rest = [c for c in out.columns if c not in cols]
     return out[cols + rest]
-
-
-def _flow_featurizer_base() -> tuple[type, ...]:
-    from sklearn.base import BaseEstimator, TransformerMixin
-
-    return (TransformerMixin, BaseEstimator)
-
-
-class FlowFeaturizer(*_flow_featurizer_base()):  # type: ignore[misc]
-    """scikit-learn transformer: FCS paths in, the schema's feature table out.
-
-    Parameters
-    ----------
-    strategy
-        Path of a gating YAML (``None``: the shipped default).
-    adaptive
-        Use adaptive gate placement.
-    """
-
-    def __init__(self, strategy: str | None = None, adaptive: bool = False) -> None:
-        self.strategy = strategy
-        self.adaptive = adaptive
-
-    def fit(self, X: Iterable[str], y: Any = None) -> FlowFeaturizer:
-        from blinaprofile.gating.strategy import load_strategy
-
-        self.strategy_ = load_strategy(self.strategy)
-        self.schema_version_ = SCHEMA_VERSION
-        self.n_features_out_ = len(feature_names())
-        return self
-
-    def transform(self, X: Iterable[str]) -> pd.DataFrame:
-        import pandas as pd
-        from sklearn.utils.validation import check_is_fitted
-
-        check_is_fitted(self, "strategy_")
-        rows = [featurize_fcs(p, strategy=self.strategy_, adaptive=self.adaptive).row for p in X]
-        return pd.DataFrame(rows, columns=feature_columns())
-
-    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
-        return np.array(feature_columns(), dtype=object)

@@ -27,6 +27,7 @@ __all__ = [
     "QC_COLUMNS",
     "SCHEMA_VERSION",
     "Feature",
+    "feature_columns",
     "feature_names",
     "schema_table",
 ]
@@ -118,6 +119,23 @@ QC_COLUMNS: tuple[str, ...] = (
 def feature_names(*, modality: Modality | None = None) -> list[str]:
     """Names of the schema's features, optionally only those a modality provides."""
     return [f.name for f in FEATURES if modality is None or modality in f.modalities]
+
+
+def feature_columns() -> list[str]:
+    """Column order of every feature table, flow and single-cell alike (the one list).
+
+    Single-cell tables add ``tim3_estimator``; a featurizer adds ``error`` for failed samples.
+    """
+    return [
+        "sample_id",
+        "patient_id",
+        "modality",
+        "schema_version",
+        *feature_names(),
+        *QC_COLUMNS,
+        "qc_pass",
+        "qc_reasons",
+    ]
 
 
 def schema_table():  # -> pandas.DataFrame (pandas imported lazily)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from blinaprofile.annotate.annotator import Labels, cell_qc, prepare, run_annotator, tim3_estimator
 from blinaprofile.annotate.config import MEMORY_LABELS, PathLike, SingleCellConfig, resolve_config
-from blinaprofile.features.schema import QC_COLUMNS, SCHEMA_VERSION, feature_names
+from blinaprofile.features.schema import QC_COLUMNS, SCHEMA_VERSION, feature_columns, feature_names
 from blinaprofile.io.singlecell import read_single_cell
 
 
@@ -166,17 +166,7 @@ def featurize_single_cell(
         row["qc_reasons"] = "; ".join(reasons)
         row["tim3_estimator"] = estimator
         rows.append(row)
-    cols = [
-        "sample_id",
-        "patient_id",
-        "modality",
-        "schema_version",
-        *feature_names(),
-        *QC_COLUMNS,
-        "qc_pass",
-        "qc_reasons",
-        "tim3_estimator",
-    ]
+    cols = [*feature_columns(), "tim3_estimator"]
     df = pd.DataFrame(rows, columns=cols)
     df["qc_pass"] = df["qc_pass"].astype(bool)
     df.attrs["blinaprofile"] = {

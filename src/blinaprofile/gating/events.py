@@ -39,10 +39,17 @@ _BAND = 1e-9
 _ABS_BAND = 1e-6
 
 
-class TransformSource(Protocol):
-    """What :class:`EventCache` needs of a gating strategy: its transforms by id."""
+class StrategyView(Protocol):
+    """What :class:`EventCache` needs of a bound strategy (a :class:`GateTree`)."""
 
-    transforms: Mapping[str, Any]
+    @property
+    def transforms(self) -> Mapping[str, Any]: ...
+
+    @property
+    def matrices(self) -> Mapping[str, tuple[Sequence[str], np.ndarray]]: ...
+
+    @property
+    def gates(self) -> Sequence[Gate]: ...
 
 
 # ---------------------------------------------------------------------- FCS scaling
@@ -164,7 +171,7 @@ class EventCache:
 
     def __init__(
         self,
-        tree: TransformSource,
+        tree: StrategyView,
         events: np.ndarray,
         channels: list[str],
         spillover: tuple[Sequence[str], np.ndarray] | None,
@@ -397,7 +404,7 @@ class EventCache:
         """Values of a dimension at ``rows`` computed with FlowKit's own arithmetic.
 
         Compensation by ``numpy.linalg.solve`` on the transposed spillover matrix (as
-        flowutils does), logicle/hyperlog by the reference iteration.
+        flowutils does), logicle/hyperlog by flowutils (as FlowKit).
         """
         rows = np.asarray(rows, dtype=np.intp)
         if dim.ratio is not None:

@@ -9,16 +9,19 @@ between the negative and the positive population moves with them.
 Decision per bound (dimension values in transformed units, parent events only):
 
 1. Fewer than :data:`MIN_EVENTS` parent events: the configured bound is kept
-   (confidence 0; the sample's QC counts report the sparse parent).
-2. The events on one side of the search window are fewer than :data:`MIN_SIDE_SHARE`
-   of the parent (one population absent, e.g. almost no TIM3+ cells): there is nothing
-   to separate and the configured bound is kept (confidence 0, no flag).
+   (reason ``"few events"``, confidence 0; the sample's QC counts report the sparse parent).
+2. The smoothed density (bandwidth ``(high - low) / 10``) has no two modes separated by a
+   valley at least 20% deep with :data:`MIN_SIDE_SHARE` of the events on each side: there
+   is nothing to separate and the configured bound is kept (``"one population"``,
+   confidence 0, no flag).
 3. Otherwise the valley is the lowest point of the density inside ``[low, high]``; its
-   confidence is its depth, ``1 - f(valley) / min(peak left, peak right)``. A valley
-   at least ``min_confidence`` deep that is not on the edge of the window moves the
-   bound to the middle of the valley floor. If not, both populations are there but
-   cannot be separated within the limits: the configured bound is kept and a QC flag
-   names the gate, the dimension and the confidence.
+   confidence is its depth, ``1 - f(valley) / min(peak left, peak right)``. When the
+   valley is at least ``min_confidence`` deep and the density does not keep falling
+   beyond a limit, the bound moves: to the equal-likelihood point of a two-Gaussian
+   mixture fitted around the valley when that lies within the limits (``"mixture"``),
+   else to the middle of the valley floor (``"valley"``). If not (``"no valley"``), both
+   populations are there but cannot be separated within the limits: the configured
+   bound is kept and a QC flag names the gate, the dimension and why.
 
 Bounds shared by several gates (the same dimension, parent and limits: CCR7 of the four
 CD8 memory subsets, CD8 of the CD4 and CD8 gates) are placed once, so subsets still
@@ -273,10 +276,14 @@ def place_thresholds(
             result.confidence[f"{gate.id}:{d.name}:{side}"] = p.confidence
             if p.reason == "no valley" and key not in flagged:
                 flagged.add(key)
+                why = (
+                    f"valley depth {p.confidence:.2f} < {spec.min_confidence}"
+                    if p.confidence < spec.min_confidence
+                    else "the populations lie beyond the limits"
+                )
                 result.flags.append(
                     f"adaptive gate {gate.id}: no reliable {d.name} valley within "
-                    f"[{spec.low}, {spec.high}] (confidence {p.confidence:.2f} < "
-                    f"{spec.min_confidence}); configured threshold {bound} kept"
+                    f"[{spec.low}, {spec.high}] ({why}); configured threshold {bound} kept"
                 )
             new = replace(new, min=p.threshold) if side == "min" else replace(new, max=p.threshold)
         out.append(new)

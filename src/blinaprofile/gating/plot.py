@@ -22,6 +22,7 @@ import numpy as np
 from blinaprofile.gating.events import EventCache
 from blinaprofile.gating.gates import Dim, Gate, GatingResult
 from blinaprofile.gating.tree import GateTree
+from blinaprofile.io.atomic import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -231,10 +232,7 @@ def plot_sample(
 
 
 def save_gating_png(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 90) -> Path:
-    """Write a figure as PNG atomically (temporary name, then ``os.replace``)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, dpi=dpi, format="png")
-    os.replace(tmp, out)
-    return out
+    """Write a figure as PNG atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return Path(path)

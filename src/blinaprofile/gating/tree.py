@@ -32,6 +32,7 @@ from blinaprofile.gating.gates import (
 )
 from blinaprofile.gating.panel import resolve_markers
 from blinaprofile.gating.placement import place_thresholds
+from blinaprofile.io.atomic import atomic_path
 
 __all__ = ["GateTree"]
 
@@ -524,12 +525,9 @@ class GateTree:
         """Write the bound strategy as GatingML 2.0 (atomically)."""
         import flowkit as fk
 
-        out = Path(path)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "wb") as fh:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             fk.export_gatingml(self.to_flowkit(), fh)
-        os.replace(tmp, out)
-        return out
+        return Path(path)
 
 
 def _topological(gates: list[Gate]) -> list[Gate]:

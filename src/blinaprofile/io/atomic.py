@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +38,7 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike, *, mkdir: bool = True) -> Iterator[Path]:
+def atomic_path(path: PathLike, *, mkdir: bool = True, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place when the block succeeds.
 
     Parameters
@@ -47,6 +47,8 @@ def atomic_path(path: PathLike, *, mkdir: bool = True) -> Iterator[Path]:
         The destination file.
     mkdir
         Create the destination folder if missing.
+    fsync
+        Flush the file to disk before it is moved into place (resumable batch parts).
 
     Raises
     ------
@@ -59,10 +61,12 @@ def atomic_path(path: PathLike, *, mkdir: bool = True) -> Iterator[Path]:
     try:
         if mkdir:
             dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        os.close(fd)
-        tmp = Path(name)
+        # a fresh hidden name the writer creates itself (so the umask applies, unlike mkstemp)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         yield tmp
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, dest)
         tmp = None
     except OSError as err:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from blinaprofile.errors import BlinaprofileError
+from blinaprofile.io.atomic import write_csv, write_text
 
 __all__ = ["LEADERBOARD_COLUMNS", "format_leaderboard", "leaderboard", "write_leaderboard"]
 
@@ -241,12 +242,6 @@ _NOTE = (
 )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_leaderboard(
     df: pd.DataFrame, out_dir: str | os.PathLike[str], *, stem: str = "leaderboard"
 ) -> dict[str, Path]:
@@ -255,10 +250,8 @@ def write_leaderboard(
     out.mkdir(parents=True, exist_ok=True)
     pretty = format_leaderboard(df)
     paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "html": out / f"{stem}.html"}
-    tmp = paths["csv"].with_name(paths["csv"].name + ".tmp")
-    df.to_csv(tmp, index=True)
-    os.replace(tmp, paths["csv"])
-    _atomic_write(paths["md"], f"# blinaprofile leaderboard\n\n{_markdown(pretty)}\n{_NOTE}\n")
+    write_csv(df, paths["csv"], index=True)
+    write_text(paths["md"], f"# blinaprofile leaderboard\n\n{_markdown(pretty)}\n{_NOTE}\n")
     table = pretty.to_html(index=True, escape=True, border=0, classes="leaderboard")
     page = (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>blinaprofile leaderboard"
@@ -269,5 +262,5 @@ def write_leaderboard(
         "<h1>blinaprofile leaderboard</h1>\n"
         f"{table}\n<p>{html.escape(_NOTE)}</p>\n</body></html>\n"
     )
-    _atomic_write(paths["html"], page)
+    write_text(paths["html"], page)
     return paths

@@ -23,19 +23,21 @@ sample at a time, so memory does not grow with the number of samples.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blinaprofile.config import QCConfig
 from blinaprofile.errors import BlinaprofileError, InputError
+from blinaprofile.io.atomic import atomic_path, write_csv, write_text
+from blinaprofile.parallel import run_parallel
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -181,16 +183,11 @@ def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- parts
 def _write_part(parts: Path, job: BatchJob, row: dict[str, Any]) -> None:
-    from blinaprofile.scoring.score import _jsonable
+    from blinaprofile.scoring.score import jsonable
 
-    final = parts / f"{job.key}.json"
-    tmp = parts / f".{job.key}.{os.getpid()}.tmp"
-    payload = json.dumps({"key": job.key, "row": _jsonable(row)}, allow_nan=False)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    payload = json.dumps({"key": job.key, "row": jsonable(row)}, allow_nan=False)
+    with atomic_path(parts / f"{job.key}.json", fsync=True) as tmp:
+        tmp.write_text(payload, encoding="utf-8")
 
 
 def _read_part(parts: Path, key: str) -> dict[str, Any] | None:
@@ -223,9 +220,7 @@ def _check_run_file(out: Path, settings_record: dict[str, Any]) -> None:
                 path=out,
             )
         return
-    tmp = out / f".{_RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(settings_record, indent=2), encoding="utf-8")
-    os.replace(tmp, f)
+    write_text(f, json.dumps(settings_record, indent=2))
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -246,76 +241,21 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _write_results(df: pd.DataFrame, out: Path) -> None:
-    pq = out / "results.parquet"
-    tmp = out / ".results.parquet.tmp"
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, pq)
-    csv = out / "results.csv"
-    tmp = out / ".results.csv.tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, csv)
+    with atomic_path(out / "results.parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+    write_csv(df, out / "results.csv")
 
 
 # --------------------------------------------------------------------------- runners
 def _run_local(
     todo: list[BatchJob], options: dict[str, Any], n_jobs: int
 ) -> Iterator[tuple[BatchJob, dict[str, Any]]]:
-    if n_jobs <= 1 or len(todo) <= 1:
-        for job in todo:
-            yield job, score_job(job, options)
-        return
-    import multiprocessing as mp
-    from concurrent.futures.process import BrokenProcessPool
+    def failed(job: BatchJob, err: Exception) -> dict[str, Any]:
+        return _error_row(job, f"{job.path}: worker failed: {type(err).__name__}: {err}")
 
-    # a fork server: safe whatever threads this process runs (BLAS, Jupyter, MLflow); like
-    # any spawning start method it re-imports a script's __main__ in the workers, so
-    # scripts call score_samples() under ``if __name__ == "__main__":``.
-    ctx = mp.get_context("forkserver")
-    got_any = False
-    try:
-        with ProcessPoolExecutor(max_workers=min(n_jobs, len(todo)), mp_context=ctx) as pool:
-            for job, row in _windowed(
-                todo, lambda j: pool.submit(score_job, j, options), 2 * n_jobs
-            ):
-                got_any = True
-                yield job, row
-    except BrokenProcessPool as err:
-        if not got_any:
-            raise BlinaprofileError(
-                "the worker processes could not start; in a script, call score_samples() "
-                'under `if __name__ == "__main__":` (or use n_jobs=1)'
-            ) from err
-        raise BlinaprofileError(
-            "a worker process died (out of memory?); the finished samples are saved: rerun "
-            "with the same output folder to continue"
-        ) from err
-
-
-def _windowed(
-    todo: list[BatchJob], submit: Any, window: int
-) -> Iterator[tuple[BatchJob, dict[str, Any]]]:
-    from concurrent.futures.process import BrokenProcessPool
-
-    pending: dict[Future[Any], BatchJob] = {}
-    it = iter(todo)
-    for job in it:
-        pending[submit(job)] = job
-        if len(pending) >= window:
-            break
-    while pending:
-        done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-        for fut in done:
-            job = pending.pop(fut)
-            try:
-                row = fut.result()
-            except BrokenProcessPool:
-                raise
-            except Exception as err:
-                row = _error_row(job, f"{job.path}: worker failed: {type(err).__name__}: {err}")
-            nxt = next(it, None)
-            if nxt is not None:
-                pending[submit(nxt)] = nxt
-            yield job, row
+    yield from run_parallel(
+        functools.partial(score_job, options=options), todo, n_jobs=n_jobs, on_error=failed
+    )
 
 
 def _run_dask(

@@ -52,7 +52,6 @@ __all__ = [
 
 NO_CALL = "no call"
 #: bootstrap refits behind the probability interval (when the model gives none itself)
-DEFAULT_N_BOOTSTRAP = 50
 INTERVAL_LEVEL = 0.95
 
 
@@ -130,7 +129,7 @@ class ScoreResult:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field but :attr:`context` (non-finite numbers -> None)."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "context"}
-        return _jsonable(d)
+        return jsonable(d)
 
     def to_row(self) -> dict[str, Any]:
         """One flat row with the columns of :data:`RESULT_COLUMNS` (batch outputs)."""
@@ -247,11 +246,12 @@ def _result_columns() -> list[str]:
 RESULT_COLUMNS: tuple[str, ...] = tuple(_result_columns())
 
 
-def _jsonable(o: Any) -> Any:
+def jsonable(o: Any) -> Any:
+    """``o`` with numpy scalars, arrays and NaN turned into plain JSON values."""
     if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
+        return {str(k): jsonable(v) for k, v in o.items()}
     if isinstance(o, list | tuple):
-        return [_jsonable(v) for v in o]
+        return [jsonable(v) for v in o]
     if isinstance(o, np.generic):
         o = o.item()
     if isinstance(o, Path):
@@ -285,45 +285,6 @@ class ScoringModel:
     runtime: Any
     info: dict[str, Any]
     training: pd.DataFrame | None = None
-    _boot: list[Any] | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def bootstrap_models(self, n: int = DEFAULT_N_BOOTSTRAP, *, seed: int = 0) -> list[Any]:
-        """Refits of the model's pipeline on stratified bootstrap resamples (cached).
-
-        Raises
-        ------
-        ModelError
-            The model has no training table, or fewer than two samples of a class.
-        """
-        with self._lock:
-            if self._boot is not None and len(self._boot) >= n:
-                return self._boot[:n]
-            self._boot = self._fit_bootstrap(n, seed=seed)
-            return self._boot
-
-    def _fit_bootstrap(self, n: int, *, seed: int) -> list[Any]:
-        from sklearn.base import clone
-
-        if self.training is None or "response" not in self.training.columns:
-            raise ModelError("the model has no training table to derive an interval from")
-        feats = list(self.runtime.features)
-        X = self.training[feats].astype(float)
-        y = self.training["response"].astype(int).to_numpy()
-        pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-        if len(pos) < 2 or len(neg) < 2:
-            raise ModelError("the training table has fewer than two samples of a class")
-        rng = np.random.default_rng(seed)
-        fits = []
-        for _ in range(n):
-            pick = np.concatenate(
-                [
-                    rng.choice(pos, size=len(pos), replace=True),
-                    rng.choice(neg, size=len(neg), replace=True),
-                ]
-            )
-            fits.append(clone(self.runtime.pipeline).fit(X.iloc[pick], y[pick]))
-        return fits
 
 
 _MODEL_CACHE: dict[str, ScoringModel] = {}
@@ -443,14 +404,13 @@ def score_features(
     threshold: float | None = None,
     n_top: int = 5,
     interval: bool = True,
-    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
 ) -> ScoreResult:
     """Score one feature row (from either modality).
 
     Parameters
     ----------
     row
-        A feature-table row (:func:`blinaprofile.features.flow.feature_columns`).
+        A feature-table row (:func:`blinaprofile.features.schema.feature_columns`).
     model
         ``models:/NAME@ALIAS``, ``runs:/...`` or a model folder (default: the shipped model).
     qc
@@ -459,9 +419,8 @@ def score_features(
         Decision threshold overriding the model's.
     n_top
         How many top contributing features to report.
-    interval, n_bootstrap
-        Compute the probability interval (from ``n_bootstrap`` refits when the model gives
-        none itself).
+    interval
+        Report the model's probability interval (from the bootstrap refits stored with it).
     """
     import pandas as pd
 
@@ -496,7 +455,7 @@ def score_features(
         prob = float(out["probability"].iloc[0])
         contrib = {f: float(out[f"contrib_{f}"].iloc[0]) for f in feats}
         if interval:
-            low, high, iv = _interval(sm, out, X, n_bootstrap)
+            low, high, iv = _interval(out)
         z = runtime.ood_scores(table).iloc[0]
         ood = {f: float(z[f]) for f in feats}
         far = {f: v for f, v in ood.items() if abs(v) > qc.ood_max_z}
@@ -538,44 +497,20 @@ def score_features(
     )
 
 
-def _interval(
-    sm: ScoringModel, out: pd.DataFrame, X: pd.DataFrame, n_bootstrap: int
-) -> tuple[float | None, float | None, dict[str, Any]]:
-    if {"probability_low", "probability_high"} <= set(out.columns):
-        lo_m, hi_m = float(out["probability_low"].iloc[0]), float(out["probability_high"].iloc[0])
-        if np.isfinite(lo_m) and np.isfinite(hi_m):
-            return (
-                lo_m,
-                hi_m,
-                {
-                    "method": "model",
-                    "level": INTERVAL_LEVEL,
-                    "description": (
-                        "95% interval computed by the model from its bootstrap refits "
-                        "(stored with the model)"
-                    ),
-                },
-            )
-    try:
-        fits = sm.bootstrap_models(n_bootstrap)
-    except ModelError as err:
-        return None, None, {"method": "none", "note": err.message}
-    p = np.array([m.predict_proba(X)[0, 1] for m in fits], dtype=float)
-    a = (1.0 - INTERVAL_LEVEL) / 2.0
-    lo, hi = np.quantile(p, [a, 1.0 - a])
-    n_train = 0 if sm.training is None else len(sm.training)
+def _interval(out: pd.DataFrame) -> tuple[float | None, float | None, dict[str, Any]]:
+    """The model's own probability interval (from its stored patient-bootstrap refits)."""
+    lo, hi = float(out["probability_low"].iloc[0]), float(out["probability_high"].iloc[0])
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return None, None, {"method": "none", "note": "the model stores no bootstrap refits"}
     return (
-        float(lo),
-        float(hi),
+        lo,
+        hi,
         {
-            "method": "bootstrap_refit",
+            "method": "model",
             "level": INTERVAL_LEVEL,
-            "n_refits": len(fits),
-            "n_training_samples": n_train,
             "description": (
-                f"{INTERVAL_LEVEL:.0%} percentile interval of the probabilities from {len(fits)} "
-                f"refits of the model's pipeline on stratified bootstrap resamples of its "
-                f"{n_train} training samples"
+                f"{INTERVAL_LEVEL:.0%} interval computed by the model from its bootstrap refits "
+                "(patients resampled at training time; stored with the model)"
             ),
         },
     )
@@ -592,7 +527,6 @@ def score_sample(
     threshold: float | None = None,
     keep_gating: bool = False,
     interval: bool = True,
-    n_bootstrap: int = DEFAULT_N_BOOTSTRAP,
     sample_key: str | None = None,
 ) -> ScoreResult:
     """Read, gate/annotate, featurize and score one sample (FCS or single-cell).
@@ -615,7 +549,7 @@ def score_sample(
         Decision threshold overriding the model's.
     keep_gating
         Keep the gating behind the result in :attr:`ScoreResult.context` (for reports).
-    interval, n_bootstrap
+    interval
         See :func:`score_features`.
 
     Raises
@@ -681,9 +615,7 @@ def score_sample(
         row = table.iloc[0].to_dict()
         row["sample_id"] = sid
         row["patient_id"] = sid
-    res = score_features(
-        row, model=model, qc=qc, threshold=threshold, interval=interval, n_bootstrap=n_bootstrap
-    )
+    res = score_features(row, model=model, qc=qc, threshold=threshold, interval=interval)
     res.input = info
     res.gating = gating
     res.context = ctx if keep_gating else None

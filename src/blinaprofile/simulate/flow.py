@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from blinaprofile.config import PanelConfig, SimulationConfig
+from blinaprofile.io.atomic import atomic_path, write_csv, write_text
 from blinaprofile.simulate.cohort import bayes_optimal_auc, draw_cohort
 
 __all__ = [
@@ -348,7 +349,7 @@ def simulate_cohort(
     -------
     SimulatedCohort
     """
-    from blinaprofile.io.fcs import write_fcs
+    from blinaprofile.io.fcs_write import write_fcs
 
     updates: dict[str, Any] = {}
     if n_patients is not None:
@@ -397,9 +398,8 @@ def simulate_cohort(
             },
         )
         truth_path = out / "truth" / f"{sid}.parquet"
-        tmp = truth_path.with_suffix(".parquet.tmp")
-        truth.to_parquet(tmp, index=False)
-        os.replace(tmp, truth_path)
+        with atomic_path(truth_path) as tmp:
+            truth.to_parquet(tmp, index=False)
         manifest_rows.append(
             {
                 "sample_id": sid,
@@ -416,9 +416,7 @@ def simulate_cohort(
             }
         )
     manifest = out / "manifest.csv"
-    tmp_m = manifest.with_suffix(".csv.tmp")
-    pd.DataFrame(manifest_rows).to_csv(tmp_m, index=False)
-    os.replace(tmp_m, manifest)
+    write_csv(pd.DataFrame(manifest_rows), manifest)
     bayes = bayes_optimal_auc(config)
     info = {
         "scenario": config.model_dump(),
@@ -427,9 +425,7 @@ def simulate_cohort(
         "spillover": {"channels": spill_channels, "matrix": spill.tolist()},
     }
     cj = out / "cohort.json"
-    tmp_j = cj.with_suffix(".json.tmp")
-    tmp_j.write_text(json.dumps(info, indent=2, default=float), encoding="utf-8")
-    os.replace(tmp_j, cj)
+    write_text(cj, json.dumps(info, indent=2, default=float))
     return SimulatedCohort(
         out_dir=out,
         manifest=manifest,
