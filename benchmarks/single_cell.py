@@ -3,15 +3,19 @@
 Budget (issue): <= 20 s and <= 3 GB peak on a 2-core machine, reading the ``.h5ad`` included.
 A simulated cohort (50 samples x 2,000 cells, RNA + CITE-seq protein) is generated once in a
 child process; each measured run is a fresh child process doing ``read_single_cell`` +
-``featurize_single_cell`` and reporting wall time, CPU time and peak resident memory
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which includes the interpreter and imports).
-After the timed section the child annotates the same cells and reports the agreement with the
-simulated per-cell truth per subset (not timed).
+``featurize_cells`` (the annotator fitted on the object: the timed budget) and reporting wall
+time, CPU time and peak resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which
+includes the interpreter and imports). Then, not in the budget: the same cohort labelled with
+the fitted annotator (timed separately: what scoring does), the alone-vs-cohort identity (each
+of up to ``--alone`` samples featurized alone with the fitted annotator against its row in the
+cohort: the max absolute difference per feature is printed), and the agreement of the calls
+with the simulated per-cell truth.
 
 Usage::
 
     python benchmarks/single_cell.py                 # protein + RNA, then RNA only
     python benchmarks/single_cell.py --n-cells 20000 --keep --data-dir /tmp/bp_sc_bench
+    python benchmarks/single_cell.py --alone 50      # every sample alone vs in the cohort
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_SECONDS = 20.0
@@ -46,9 +52,10 @@ def _generate(data_dir: Path, n_cells: int, n_genes: int, seed: int) -> Path:
 
 
 def _accuracy(obs: Any) -> dict[str, float]:  # obs: pandas.DataFrame
-    ok = obs["bp_qc_pass"] & obs["truth_qc_ok"]
-    out = {"T cells": float((obs["bp_t_cell"][ok] == obs["truth_t_cell"][ok]).mean())}
-    t = ok & obs["truth_t_cell"] & obs["bp_t_cell"] & obs["truth_lineage"].isin(["CD4", "CD8"])
+    ok = obs["bp_qc_pass"].eq(True) & obs["truth_qc_ok"]
+    t_call = obs["bp_t_cell"].eq(True)
+    out = {"T cells": float((t_call[ok] == obs["truth_t_cell"][ok]).mean())}
+    t = ok & obs["truth_t_cell"] & t_call & obs["truth_lineage"].isin(["CD4", "CD8"])
     out["CD4/CD8"] = float(
         (obs["bp_lineage"][t].astype(str) == obs["truth_lineage"][t].astype(str)).mean()
     )
@@ -59,17 +66,41 @@ def _accuracy(obs: Any) -> dict[str, float]:  # obs: pandas.DataFrame
         )
     for state, lin in (("tim3", "CD8"), ("pd1", "CD8"), ("treg", "CD4")):
         s = t & (obs["truth_lineage"] == lin) & (obs["bp_lineage"] == lin)
-        call = obs[f"bp_{state}"][s].fillna(False).astype(bool)
+        call = obs[f"bp_{state}"][s].eq(True)
         truth = obs[f"truth_{state}"][s].astype(bool)
         out[f"{state} (CD8)" if lin == "CD8" else f"{state} (CD4)"] = float((call == truth).mean())
     return out
 
 
-def _measure(path: Path, mode: str, accuracy: bool) -> dict[str, Any]:
-    """Runs in a fresh child process: read + featurize, timed; then accuracy (not timed)."""
+def _alone_vs_cohort(adata: Any, ann: Any, n_alone: int) -> tuple[dict[str, float], float]:
+    """Max |alone - in cohort| per feature over the first ``n_alone`` samples (fitted
+    annotator both ways), and the seconds per sample alone."""
+    from blinaprofile.features.schema import feature_names
+    from blinaprofile.features.singlecell import featurize_single_cell
+
+    coh = featurize_single_cell(adata, annotator=ann).set_index("sample_id")
+    key = str(coh.attrs["blinaprofile"]["sample_key"])
+    diffs = dict.fromkeys(feature_names(), 0.0)
+    t0 = time.perf_counter()
+    samples = list(coh.index[:n_alone])
+    for s in samples:
+        sub = adata[(adata.obs[key].astype(str) == s).to_numpy()].copy()
+        alone = featurize_single_cell(sub, annotator=ann).set_index("sample_id")
+        for f in feature_names():
+            a, c = float(alone.loc[s, f]), float(coh.loc[s, f])
+            if np.isnan(a) != np.isnan(c):
+                diffs[f] = float("inf")
+            elif not np.isnan(a):
+                diffs[f] = max(diffs[f], abs(a - c))
+    return diffs, (time.perf_counter() - t0) / max(len(samples), 1)
+
+
+def _measure(path: Path, mode: str, accuracy: bool, n_alone: int) -> dict[str, Any]:
+    """Runs in a fresh child process: read + featurize, timed; then the fitted annotator, the
+    alone-vs-cohort identity and accuracy (not in the budget)."""
     t0, c0 = time.perf_counter(), time.process_time()
     from blinaprofile.annotate.annotator import annotate
-    from blinaprofile.features.singlecell import featurize_single_cell
+    from blinaprofile.features.singlecell import featurize_cells
     from blinaprofile.io.singlecell import read_single_cell
 
     t_import = time.perf_counter() - t0
@@ -79,7 +110,8 @@ def _measure(path: Path, mode: str, accuracy: bool) -> dict[str, Any]:
         del adata.obsm["protein"]
     t_read = time.perf_counter() - t1
     t2 = time.perf_counter()
-    table = featurize_single_cell(adata)
+    res = featurize_cells(adata)
+    table = res.table
     t_feat = time.perf_counter() - t2
     cpu = time.process_time() - c0
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
@@ -97,6 +129,19 @@ def _measure(path: Path, mode: str, accuracy: bool) -> dict[str, Any]:
         "qc_pass": int(table["qc_pass"].sum()),
         "tim3_estimator": str(table["tim3_estimator"].iloc[0]),
     }
+    t3 = time.perf_counter()
+    fitted = featurize_cells(adata, annotator=res.annotator).table
+    result["transform_s"] = time.perf_counter() - t3
+    feats = [c for c in fitted.columns if c.endswith(("_pct_lymph", "_pct_cd3", "_ratio"))]
+    feats += [c for c in fitted.columns if c.endswith(("_pct_cd8", "_pct_cd4"))]
+    result["fitted_vs_model_free"] = float(
+        (fitted[feats] - table[feats]).abs().max().fillna(0.0).max()
+    )
+    if n_alone > 0:
+        diffs, per_sample = _alone_vs_cohort(adata, res.annotator, n_alone)
+        result["alone_vs_cohort"] = diffs
+        result["alone_s_per_sample"] = per_sample
+        result["n_alone"] = min(n_alone, len(table))
     if accuracy:
         from blinaprofile.simulate.singlecell import truth_feature_table
 
@@ -131,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="do not delete a temporary data dir")
     ap.add_argument("--modes", default="protein,rna", help="comma list of protein, rna")
     ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument(
+        "--alone", type=int, default=10, help="samples featurized alone vs in the cohort (0: skip)"
+    )
     ap.add_argument("--_generate", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
@@ -141,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns._measure:
         res = _measure(
-            Path(ns._measure.split("::")[1]), ns._measure.split("::")[0], not ns.no_accuracy
+            Path(ns._measure.split("::")[1]),
+            ns._measure.split("::")[0],
+            not ns.no_accuracy,
+            ns.alone,
         )
         print(json.dumps(res))
         return 0
@@ -175,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for mode in [m.strip() for m in ns.modes.split(",") if m.strip()]:
         extra = ["--no-accuracy"] if ns.no_accuracy else []
+        extra += ["--alone", str(ns.alone)]
         res = _child(["--_measure", f"{mode}::{path}", *extra])
         results.append(res)
         within = res["total_s"] <= BUDGET_SECONDS and res["peak_rss_mb"] <= BUDGET_MB
@@ -188,6 +240,21 @@ def main(argv: list[str] | None = None) -> int:
             f"  peak RSS {res['peak_rss_mb']:.0f} MB (budget {BUDGET_MB:.0f} MB) -> "
             f"{'within budget' if within else 'OVER BUDGET'}"
         )
+        print(
+            f"  with the fitted annotator (what scoring does): {res['transform_s']:.2f} s; "
+            f"max |fitted - model-free| feature difference {res['fitted_vs_model_free']:.2e}"
+        )
+        if "alone_vs_cohort" in res:
+            d = res["alone_vs_cohort"]
+            worst = max(d.values())
+            print(
+                f"  alone vs in cohort ({res['n_alone']} samples, "
+                f"{res['alone_s_per_sample']:.2f} s per sample alone): max |difference| "
+                f"{worst:.2e} points"
+                + "".join(
+                    f"\n    {k:20s} {v:.2e}" for k, v in d.items() if not k.endswith("median")
+                )
+            )
         if "accuracy" in res:
             acc = res["accuracy"]
             print(

@@ -61,9 +61,12 @@ def test_batch_rows_columns_and_error_rows(batch_run, manifest):
     assert list(df.columns) == list(RESULT_COLUMNS)
     assert list(df["sample_id"]) == list(m["sample_id"])  # input order
     err = df.set_index("sample_id")
-    assert err.loc["MISSING", "call"] == "error" and "absent.fcs" in err.loc["MISSING", "error"]
-    assert "file not found" in err.loc["MISSING", "error"]
-    assert err.loc["GARBAGE", "call"] == "error" and "garbage.fcs" in err.loc["GARBAGE", "error"]
+    # error rows name the sample, not the file (keep_file_names=False by default)
+    assert err.loc["MISSING", "call"] == "error"
+    assert err.loc["MISSING", "error"] == "MISSING: file not found"
+    assert err.loc["GARBAGE", "call"] == "error"
+    assert err.loc["GARBAGE", "error"].startswith("GARBAGE: ")
+    assert "garbage.fcs" not in err.loc["GARBAGE", "error"]
     # a panel mismatch is a QC failure: no call with the reason, not an error
     assert err.loc["NOPANEL", "call"] == "no call" and err.loc["NOPANEL", "error"] == ""
     assert (
@@ -171,7 +174,8 @@ def test_cli_score_batch_writes_the_same_columns(sm, manifest, batch_run, tmp_pa
     )
     assert out.returncode == 1, out.stderr  # error rows -> exit 1
     err_lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(err_lines) == 2 and any("absent.fcs" in ln for ln in err_lines)
+    assert len(err_lines) == 2 and "error: MISSING: file not found" in err_lines
+    assert not any("absent.fcs" in ln or "garbage.fcs" in ln for ln in err_lines)
     assert "9 samples: 9 scored now, 0 already finished" in out.stdout
     cli = pd.read_parquet(tmp_path / "cli" / "results.parquet")
     assert list(cli.columns) == list(df.columns)

@@ -165,25 +165,89 @@ def test_file_path_too_long_is_reported_not_crashing(folder: Path) -> None:
     assert "file(s) not found" in msg or "cannot be used" in msg
 
 
-def test_extra_columns_are_kept_through_featurize(small_cohort, tmp_path: Path) -> None:
-    """Manifest columns (timepoint, response, site...) survive featurization, one row each."""
-    src = pd.read_csv(small_cohort.manifest)
-    src["site"] = [f"site{i % 2}" for i in range(len(src))]
+def _cohort_manifest(small_cohort, tmp_path: Path, n: int = 3, **extra: list[str]) -> Path:
+    """The first ``n`` samples of the small cohort, with extra manifest columns."""
+    src = pd.read_csv(small_cohort.manifest).iloc[:n].copy()
     src["file"] = [str(small_cohort.out_dir / f) for f in src["file"]]
+    for name, values in extra.items():
+        src[name] = values
     m = tmp_path / "m.csv"
-    src.iloc[:3].to_csv(m, index=False)
+    src.to_csv(m, index=False)
+    return m
+
+
+def test_only_declared_manifest_columns_reach_the_feature_table(
+    small_cohort, tmp_path: Path
+) -> None:
+    """An mrn or patient_name column is dropped (and reported); declared ones are kept."""
+    m = _cohort_manifest(
+        small_cohort,
+        tmp_path,
+        mrn=["MRN0001", "MRN0002", "MRN0003"],
+        patient_name=["Jane Roe", "John Doe", "Ann Poe"],
+        batch=["b1", "b1", "b2"],
+    )
     table = featurize_manifest(m, n_jobs=1)
-    assert list(table["sample_id"]) == list(src["sample_id"].iloc[:3])
-    assert list(table["site"]) == ["site0", "site1", "site0"]
+    assert list(table["sample_id"]) == list(pd.read_csv(m)["sample_id"])
+    assert {"mrn", "patient_name", "file", "path"}.isdisjoint(table.columns)
+    assert list(table["batch"]) == ["b1", "b1", "b2"]
+    assert {"patient_id", "response", "timepoint"} <= set(table.columns)
+    assert table.attrs["dropped_columns"] == ["mrn", "patient_name"]
     assert set(feature_columns()) <= set(table.columns)
     assert (table["error"] == "").all()
+    text = table.to_csv()
+    assert "MRN0001" not in text and "Jane Roe" not in text
+
+
+def test_keep_columns_and_file_names_are_explicit_opt_ins(small_cohort, tmp_path: Path) -> None:
+    m = _cohort_manifest(small_cohort, tmp_path, site=["site0", "site1", "site0"], mrn=["1"] * 3)
+    table = featurize_manifest(m, n_jobs=1, keep_columns=["SITE "], keep_file_names=True)
+    assert list(table["site"]) == ["site0", "site1", "site0"]
+    assert list(table["file"]) == list(pd.read_csv(m)["file"])
+    assert table.attrs["dropped_columns"] == ["mrn"]
+    # a column that is not in the manifest, or that would replace a computed one, is refused
+    with pytest.raises(ManifestError, match=r"\['nope'\] to keep are not in the manifest"):
+        featurize_manifest(m, n_jobs=1, keep_columns=["nope"])
+    clash = _cohort_manifest(small_cohort, tmp_path, n_events=["1", "2", "3"])
+    with pytest.raises(ManifestError, match=r"\['n_events'\] to keep would replace computed"):
+        featurize_manifest(clash, n_jobs=1, keep_columns=["n_events"])
+
+
+def test_cli_featurize_reports_dropped_columns_and_keeps_named_ones(
+    small_cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from blinaprofile.cli import main
+
+    m = _cohort_manifest(
+        small_cohort, tmp_path, n=2, mrn=["MRN0001", "MRN0002"], patient_name=["A B", "C D"]
+    )
+    out = tmp_path / "f.csv"
+    assert main(["featurize", "--manifest", str(m), "--out", str(out), "--jobs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "dropped manifest column(s) not declared: mrn, patient_name (use --keep-column to keep one)"
+    ) in err
+    assert {"mrn", "patient_name", "file"}.isdisjoint(pd.read_csv(out).columns)
+    args = ["featurize", "--manifest", str(m), "--out", str(out), "--jobs", "1"]
+    assert main([*args, "--keep-column", "mrn"]) == 0
+    err = capsys.readouterr().err
+    assert "not declared: patient_name (use --keep-column" in err
+    assert list(pd.read_csv(out)["mrn"]) == ["MRN0001", "MRN0002"]
+    # an unknown column is one line naming the manifest, before any file is read
+    assert main([*args, "--keep-column", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {m}: ") and "'nope'" in err[0]
 
 
 def test_featurize_manifest_without_good_samples_keeps_all_columns(tmp_path: Path) -> None:
-    (tmp_path / "bad.fcs").write_bytes(b"not an fcs file at all")
-    m = _write(tmp_path, "sample_id,file,response\nS1,bad.fcs,R\n")
+    (tmp_path / "Roe_Jane_MRN123.fcs").write_bytes(b"not an fcs file at all")
+    m = _write(tmp_path, "sample_id,file,response\nS1,Roe_Jane_MRN123.fcs,R\n")
     table = featurize_manifest(m, n_jobs=1)
     assert set(feature_columns()) <= set(table.columns)
-    assert table["error"].iloc[0].startswith(str(tmp_path / "bad.fcs"))
+    # the error names the sample, not its file (file names often name the patient)
+    assert table["error"].iloc[0].startswith("S1: ")
     assert "not an FCS file" in table["error"].iloc[0]
+    assert "Roe_Jane" not in table["error"].iloc[0] and str(tmp_path) not in table["error"].iloc[0]
     assert table["response"].iloc[0] == 1
+    named = featurize_manifest(m, n_jobs=1, keep_file_names=True)
+    assert named["error"].iloc[0].startswith(str(tmp_path / "Roe_Jane_MRN123.fcs"))

@@ -1,5 +1,6 @@
 """The packaged model: explanations (TreeSHAP and linear contributions), the probability
-interval, and the MLflow pyfunc round trip (signature, threshold parameter, skops trust)."""
+interval, the save/load round trip (signature, threshold parameter, no-call rows) and the
+exact skops allow-list derived from every configured model family."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ import pytest
 
 from blinaprofile.config import ModelSpec
 from blinaprofile.errors import FeatureSchemaError, ModelError
+from blinaprofile.models.loading import (
+    SKOPS_ALLOW_LIST,
+    check_skops_file,
+    skops_nodes,
+)
 from blinaprofile.models.packaging import (
+    NO_CALL,
     ResponderModel,
-    _check_trusted,
+    check_threshold,
     contributions,
     load_model,
     probability_interval,
@@ -216,6 +223,103 @@ def test_saved_model_round_trip_with_interval_and_threshold_param(tmp_path):
     assert meta["uncertainty"]["n_models"] == 10
 
 
-def test_untrusted_types_are_refused():
-    with pytest.raises(ModelError, match="untrusted"):
-        _check_trusted(["sklearn.pipeline.Pipeline", "os.system"])
+def test_threshold_must_be_a_probability(tmp_path):
+    X, y = _data()
+    pipe = build_pipeline(ModelSpec(family="logreg_l2")).fit(X, y)
+    runtime = ResponderModel(pipe, _meta(list(X.columns), X))
+    for bad in (7, -1, float("nan"), float("inf"), "0.5", True, [0.5]):
+        with pytest.raises(ModelError, match=r"threshold must be a probability in \[0, 1\]"):
+            runtime.predict(X.head(3), threshold=bad)
+    assert check_threshold(None) is None
+    assert check_threshold(0) == 0.0 and check_threshold(1) == 1.0
+    # the bounds are usable: 0 makes every row a responder, 1 (almost) none
+    assert (runtime.predict(X.head(5), threshold=0.0)["call"] == "responder").all()
+
+
+def test_rows_with_missing_features_get_no_call():
+    X, y = _data()
+    pipe = build_pipeline(ModelSpec(family="logreg_l2")).fit(X, y)
+    runtime = ResponderModel(pipe, _meta(list(X.columns), X))
+    table = X.head(4).copy()
+    table.iloc[1, 2] = np.nan  # one missing feature
+    table.iloc[2, :] = np.nan  # an all-NaN row (the imputer would make it the median sample)
+    table.iloc[3, 0] = np.inf
+    out = runtime.predict(table, threshold=0.0)  # threshold 0 would call every scored row
+    assert out["call"].tolist() == ["responder", NO_CALL, NO_CALL, NO_CALL]
+    assert np.isfinite(out["probability"].iloc[0])
+    for col in ("probability", "probability_low", "probability_high"):
+        assert out[col].iloc[1:].isna().all(), col
+    contrib = out[[c for c in out.columns if c.startswith("contrib_")]]
+    assert contrib.iloc[1:].isna().all().all() and contrib.iloc[0].notna().all()
+    # the complete row is scored exactly as on its own
+    alone = runtime.predict(X.head(1), threshold=0.0)
+    assert out["probability"].iloc[0] == pytest.approx(alone["probability"].iloc[0], abs=1e-15)
+    all_nan = runtime.predict(table.iloc[[2]])
+    assert all_nan["call"].tolist() == [NO_CALL]
+
+
+def test_skops_check_refuses_sklearn_functions_and_unlisted_estimators(tmp_path):
+    import skops.io as sio
+    from sklearn.datasets import dump_svmlight_file
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    marker = tmp_path / "written.svmlight"
+    ft = FunctionTransformer(func=dump_svmlight_file, kw_args={"f": str(marker)})
+    pipe = Pipeline([("f", ft), ("clf", build_pipeline(ModelSpec(family="logreg_l2")))])
+    path = tmp_path / "evil.skops"
+    sio.dump(pipe, path)
+    with pytest.raises(ModelError) as info:
+        check_skops_file(path, source="models:/evil@x")
+    msg = str(info.value)
+    assert msg.startswith("models:/evil@x: refusing ") and "evil.skops" in msg
+    assert "sklearn.datasets._svmlight_format_io.dump_svmlight_file (FunctionNode)" in msg
+    assert "sklearn.preprocessing._function_transformer.FunctionTransformer (ObjectNode)" in msg
+    assert not marker.exists()
+
+
+def _family_pipelines(X: pd.DataFrame, y: np.ndarray) -> list[tuple[str, object]]:
+    """A fitted pipeline for every family and grid point in configs/train/*.yaml."""
+    from sklearn.model_selection import ParameterGrid
+
+    from blinaprofile.models.validation import load_train_config
+    from blinaprofile.settings import settings
+
+    out = []
+    configs = sorted((settings.config_dir / "train").glob("*.yaml"))
+    assert configs, settings.config_dir
+    specs = [spec for cfg in configs for spec in load_train_config(cfg).models]
+    # the optional SelectKBest step for every family (params.select_k is allowed for all)
+    specs += [
+        ModelSpec(family=f, params={"select_k": 3})
+        for f in ModelSpec.model_fields["family"].annotation.__args__
+    ]
+    for spec in specs:
+        for cand in ParameterGrid(spec.grid) if spec.grid else [{}]:
+            pipe = build_pipeline(spec, seed=1).set_params(**cand).fit(X, y)
+            out.append((f"{spec.family} {spec.params} {cand}", pipe))
+    return out
+
+
+def test_skops_allow_list_is_what_training_produces(tmp_path):
+    """Every configured family saves (our save path) and loads (our allow-list), and the
+    allow-list is exactly the union of what they contain: nothing unused is trusted."""
+    X, y = _data(n=60)
+    X.iloc[3, 2] = np.nan  # training tables may have gaps (the imputer's statistics)
+    seen: set[tuple[str, str]] = set()
+    families = set()
+    for i, (name, pipe) in enumerate(_family_pipelines(X, y)):
+        families.add(name.split()[0])
+        meta = _meta(list(X.columns), X) | {"family": name.split()[0]}
+        out = save_model(tmp_path / f"m{i}", pipe, meta, uncertainty=[pipe, pipe])
+        model, runtime = load_model(out)
+        got = model.predict(X.head(3))
+        np.testing.assert_allclose(got["probability"], pipe.predict_proba(X.head(3))[:, 1])
+        assert len(runtime.uncertainty) == 2, name
+        for f in ("pipeline.skops", "uncertainty.skops"):
+            seen |= skops_nodes(out / "artifacts" / f)
+    assert families == set(ModelSpec.model_fields["family"].annotation.__args__)
+    allowed = {(loader, t) for loader, types in SKOPS_ALLOW_LIST.items() for t in types}
+    assert seen == allowed, (
+        f"only in the files: {sorted(seen - allowed)}; never produced: {sorted(allowed - seen)}"
+    )

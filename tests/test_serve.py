@@ -1,8 +1,14 @@
-"""REST: ``mlflow models serve`` on 127.0.0.1 answers one request; the schema is enforced."""
+"""REST: ``mlflow models serve`` on 127.0.0.1 answers one request; the schema is enforced.
+
+Bad requests (a threshold outside [0, 1], NaN) get a 400 whose body is one message, never a
+Python stack trace with server paths; rows with missing features get ``"no call"`` with a
+null probability, never a confident call. A hostile model folder is refused at start-up.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -33,26 +39,40 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
+def _post_raw(url: str, body: dict, timeout: float = 60.0) -> tuple[int, str]:
     req = urllib.request.Request(
         url,
-        data=json.dumps(body).encode(),
+        data=json.dumps(body).encode(),  # NaN is sent as the JSON extension NaN
         headers={"Content-Type": "application/json"},
         method="POST",
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
+            return r.status, r.read().decode()
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+        return err.code, (err.read() or b"{}").decode()
 
 
-@pytest.fixture(scope="module")
-def server(sm, tmp_path_factory):
+def _post(url: str, body: dict, timeout: float = 60.0) -> tuple[int, dict]:
+    status, text = _post_raw(url, body, timeout)
+    return status, json.loads(text)
+
+
+def _assert_clean_400(status: int, text: str) -> dict:
+    """A 400 with one JSON message: no stack trace, no server path."""
+    assert status == 400, text[:2000]
+    for leak in ("Traceback", "/work/", "site-packages", 'File "', "stack_trace"):
+        assert leak not in text, (leak, text[:3000])
+    answer = json.loads(text)
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+    return answer
+
+
+def _serve(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """Start ``mlflow models serve`` on a free port; the process and its base URL."""
     mlflow_exe = Path(sys.executable).with_name("mlflow")
     assert mlflow_exe.is_file(), f"mlflow command not found beside {sys.executable}"
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
     # mlflow starts `uvicorn` by name: the environment's bin folder must be on PATH
     path = os.pathsep.join([str(mlflow_exe.parent), os.environ.get("PATH", "")])
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": path}
@@ -63,7 +83,7 @@ def server(sm, tmp_path_factory):
                 "models",
                 "serve",
                 "-m",
-                str(sm.model_dir),
+                str(model_dir),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -78,32 +98,45 @@ def server(sm, tmp_path_factory):
             env=env,
             start_new_session=True,
         )
-    base = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _ready(proc: subprocess.Popen, base: str) -> bool:
+    """Wait for /ping to answer 200 (False when the server dies or times out)."""
+    t_end = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < t_end and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(sm, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    proc, base = _serve(sm.model_dir, log)
     try:
-        t_end = time.monotonic() + START_TIMEOUT
-        ready = False
-        while time.monotonic() < t_end and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    ready = r.status == 200
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                ready = False
-            if ready:
-                break
-            time.sleep(0.5)
-        if not ready:
+        if not _ready(proc, base):
             raise AssertionError(
                 f"server not ready in {START_TIMEOUT:.0f} s:\n{log.read_text()[-3000:]}"
             )
         yield base
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=20)
+        _stop(proc)
 
 
 def test_rest_request_and_answer(sm, server):
@@ -128,12 +161,12 @@ def test_rest_request_and_answer(sm, server):
 
 def test_rest_schema_is_enforced(server):
     cols = list(MODEL_FEATURES)[:-1]  # one feature missing
-    status, answer = _post(
+    status, text = _post_raw(
         f"{server}/invocations", {"dataframe_split": {"columns": cols, "data": [[1.0] * len(cols)]}}
     )
-    assert status == 400, answer
-    assert MODEL_FEATURES[-1] in json.dumps(answer)
-    status, answer = _post(
+    assert status == 400, text
+    assert MODEL_FEATURES[-1] in text
+    status, text2 = _post_raw(
         f"{server}/invocations",
         {
             "dataframe_split": {
@@ -142,5 +175,69 @@ def test_rest_schema_is_enforced(server):
             }
         },
     )
-    assert status == 400, answer
+    assert status == 400, text2
+    for body in (text, text2):
+        assert "Traceback" not in body and "/work/" not in body, body[:3000]
+    answer = json.loads(text2)
     print("\nschema errors:", answer.get("error_code"), str(answer.get("message"))[:200])
+
+
+def _request(sm, rows: list[list[float | None]] | None = None) -> dict:
+    table = pd.read_csv(sm.features_csv)
+    if rows is None:
+        rows = [table.loc[0, list(MODEL_FEATURES)].astype(float).round(3).tolist()]
+    return {"dataframe_split": {"columns": list(MODEL_FEATURES), "data": rows}}
+
+
+@pytest.mark.parametrize("bad", [7, -1, float("nan")], ids=["7", "-1", "NaN"])
+def test_rest_threshold_outside_0_1_is_refused(sm, server, bad):
+    status, text = _post_raw(
+        f"{server}/invocations", {**_request(sm), "params": {"threshold": bad}}
+    )
+    answer = _assert_clean_400(status, text)
+    assert "threshold must be a probability in [0, 1]" in answer["message"], answer
+    print(f"\nthreshold {bad}: {status} {answer['message'][-120:]!r}")
+
+
+def test_rest_missing_features_get_no_call(sm, server):
+    table = pd.read_csv(sm.features_csv)
+    good = table.loc[0, list(MODEL_FEATURES)].astype(float).round(3).tolist()
+    one_null = [None if i == 3 else v for i, v in enumerate(good)]
+    one_nan = [float("nan") if i == 0 else v for i, v in enumerate(good)]
+    all_null: list[float | None] = [None] * len(good)
+    request = _request(sm, [good, one_null, one_nan, all_null])
+    # threshold 0 would make every scored row a responder: no row may slip through
+    status, text = _post_raw(f"{server}/invocations", {**request, "params": {"threshold": 0.0}})
+    assert status == 200, text[:3000]
+    preds = json.loads(text)["predictions"]
+    print("\nmissing features:", [(p["call"], p["probability"]) for p in preds])
+    assert [p["call"] for p in preds] == ["responder", "no call", "no call", "no call"]
+    assert 0.0 <= preds[0]["probability"] <= 1.0
+    for p in preds[1:]:  # NaN (MLflow writes the JSON extension NaN) or null: never a number
+        numbers = [p["probability"], p["probability_low"], p["probability_high"]]
+        numbers += [p[f"contrib_{f}"] for f in MODEL_FEATURES]
+        assert all(v is None or math.isnan(v) for v in numbers), p
+
+
+def test_rest_hostile_folder_is_refused_at_start(sm, tmp_path):
+    """A model folder with a stray code/ folder and an extra .py file never serves."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(sm.model_dir, folder)
+    marker = tmp_path / "marker.txt"
+    (folder / "code").mkdir()
+    (folder / "code" / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+    )
+    (folder / "artifacts" / "extra.pkl").write_bytes(b"\x80\x04N.")
+    log = tmp_path / "server.log"
+    proc, base = _serve(folder, log)
+    try:
+        ready = _ready(proc, base)
+    finally:
+        _stop(proc)
+    text = log.read_text()
+    assert not ready, text[-3000:]
+    assert "foreign folder 'code/'" in text and "'artifacts/extra.pkl'" in text, text[-3000:]
+    assert not marker.exists()

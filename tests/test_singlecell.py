@@ -76,21 +76,34 @@ def sim_path(sim_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def annotated_protein(sim_path: Path) -> ad.AnnData:
-    return annotate(read_single_cell(sim_path))
+    a = annotate(read_single_cell(sim_path), copy=True)
+    assert a is not None
+    return a
 
 
 @pytest.fixture(scope="module")
 def annotated_rna(sim_path: Path) -> ad.AnnData:
     a = read_single_cell(sim_path)
     del a.obsm["protein"]
-    return annotate(a)
+    assert annotate(a) is None  # in place
+    return a
+
+
+def flag(s: pd.Series) -> pd.Series:
+    """A yes/no label (categorical of False/True, NaN where missing) as a plain bool Series."""
+    return s.eq(True)
 
 
 def _accuracy(obs: pd.DataFrame) -> dict[str, float]:
     """Per-subset agreement of the calls with the simulated per-cell truth."""
-    ok = obs["bp_qc_pass"] & obs["truth_qc_ok"]
-    out = {"T cells": float((obs["bp_t_cell"][ok] == obs["truth_t_cell"][ok]).mean())}
-    t = ok & obs["truth_t_cell"] & obs["bp_t_cell"] & obs["truth_lineage"].isin(["CD4", "CD8"])
+    ok = flag(obs["bp_qc_pass"]) & obs["truth_qc_ok"]
+    out = {"T cells": float((flag(obs["bp_t_cell"])[ok] == obs["truth_t_cell"][ok]).mean())}
+    t = (
+        ok
+        & obs["truth_t_cell"]
+        & flag(obs["bp_t_cell"])
+        & obs["truth_lineage"].isin(["CD4", "CD8"])
+    )
     out["CD4/CD8"] = float(
         (obs["bp_lineage"][t].astype(str) == obs["truth_lineage"][t].astype(str)).mean()
     )
@@ -101,7 +114,7 @@ def _accuracy(obs: pd.DataFrame) -> dict[str, float]:
         )
     for state, lin in (("tim3", "CD8"), ("pd1", "CD8"), ("treg", "CD4")):
         s = t & (obs["truth_lineage"] == lin) & (obs["bp_lineage"] == lin)
-        call = obs[f"bp_{state}"][s].fillna(False).astype(bool)
+        call = flag(obs[f"bp_{state}"][s])
         truth = obs[f"truth_{state}"][s].astype(bool)
         out[state] = float((call == truth).mean())
         out[f"{state} balanced"] = 0.5 * float(call[truth].mean() + (~call[~truth]).mean())
@@ -199,21 +212,30 @@ def test_rna_calls_match_simulated_truth(annotated_rna: ad.AnnData) -> None:
     uns = annotated_rna.uns["blinaprofile"]
     assert uns["evidence"]["lineage"].startswith("RNA")
     assert uns["tim3_estimator"].startswith("rna_checkpoint_set:HAVCR2,PDCD1")
-    assert set(annotated_rna.obs.loc[annotated_rna.obs["bp_t_cell"], "bp_evidence"]) == {"RNA"}
+    t = flag(annotated_rna.obs["bp_t_cell"])
+    assert set(annotated_rna.obs.loc[t, "bp_evidence"]) == {"RNA"}
 
 
 def test_annotation_columns_and_uns(annotated_protein: ad.AnnData, tmp_path: Path) -> None:
     obs = annotated_protein.obs
-    assert obs["bp_t_cell"].dtype == bool
-    assert list(obs["bp_lineage"].cat.categories) == ["CD4", "CD8", "other", "non_T", "NA"]
-    assert list(obs["bp_memory"].cat.categories) == ["naive", "CM", "EM", "TEMRA", "NA"]
-    for state in ("bp_tim3", "bp_pd1", "bp_treg"):
-        assert str(obs[state].dtype) == "boolean"
-    qc = obs["bp_qc_pass"]
+    # scverse conventions: plain categoricals, no unused or literal "NA" categories, NaN missing
+    assert list(obs["bp_lineage"].cat.categories) == ["CD4", "CD8", "other", "non_T"]
+    assert list(obs["bp_memory"].cat.categories) == ["naive", "CM", "EM", "TEMRA"]
+    for col in ("bp_qc_pass", "bp_t_cell", "bp_tim3", "bp_pd1", "bp_treg", "bp_exhausted"):
+        assert isinstance(obs[col].dtype, pd.CategoricalDtype), col
+        assert list(obs[col].cat.categories) == [False, True], col
+    for col in obs.columns[obs.columns.str.startswith("bp_")]:
+        if isinstance(obs[col].dtype, pd.CategoricalDtype):
+            assert "NA" not in list(obs[col].cat.categories), col
+            assert (obs[col].value_counts() > 0).all(), f"{col}: unused category"
+    qc = flag(obs["bp_qc_pass"])
     assert ((obs["bp_confidence"] >= 0) & (obs["bp_confidence"] <= 1))[qc].all()
-    assert (obs.loc[~qc, "bp_lineage"] == "NA").all()
-    assert (obs.loc[~obs["bp_t_cell"], "bp_memory"] == "NA").all()
+    assert obs.loc[~qc, "bp_lineage"].isna().all() and obs.loc[~qc, "bp_t_cell"].isna().all()
+    assert obs.loc[~flag(obs["bp_t_cell"]), "bp_memory"].isna().all()
     assert obs.loc[obs["bp_lineage"] == "CD8", "bp_treg"].eq(False).all()
+    # exhausted is a CD8 state of its own, reported next to the memory label
+    assert obs.loc[obs["bp_lineage"] != "CD8", "bp_exhausted"].isna().all()
+    assert obs.loc[obs["bp_lineage"] == "CD8", "bp_exhausted"].notna().all()
     # the simulated empty droplets and dying cells are removed by cell QC
     assert (qc & ~obs["truth_qc_ok"]).mean() < 0.01
     assert (~qc & obs["truth_qc_ok"]).mean() < 0.01
@@ -347,7 +369,7 @@ def test_read_10x_h5_with_antibody_capture(sim_path: Path, tmp_path: Path) -> No
 
 @needs_shared
 def test_read_10x_matrix_folder_protein_only_calls() -> None:
-    a = read_single_cell(MTX)
+    a = read_single_cell(MTX)  # through scanpy.read_10x_mtx
     assert a.shape == (1024, 100) and isinstance(a.X, sp.csr_matrix)
     prot = a.obsm["protein"]
     assert {"CD3", "CD4", "CD8", "CD45RA", "PD1", "CD127", "IgG1_control"} <= set(prot.columns)
@@ -360,7 +382,7 @@ def test_read_10x_matrix_folder_protein_only_calls() -> None:
     assert ev["memory"].startswith("unavailable")  # no CCR7 protein, no CCR7-axis genes
     assert a.uns["blinaprofile"]["tim3_estimator"] == "unavailable"
     clr = a.obsm["bp_protein_clr"]
-    t = a.obs["bp_t_cell"]
+    t = flag(a.obs["bp_t_cell"])
     assert clr.loc[t, "CD3"].median() - clr.loc[~t, "CD3"].median() > 2.0
     lin = a.obs["bp_lineage"]
     assert clr.loc[lin == "CD8", "CD8"].median() - clr.loc[lin == "CD4", "CD8"].median() > 2.0
@@ -368,6 +390,38 @@ def test_read_10x_matrix_folder_protein_only_calls() -> None:
     df = featurize_single_cell(MTX)
     assert df["cd8_em_pct_cd8"].isna().all() and df["cd8_tim3_pct_cd8"].isna().all()
     assert df["tim3_estimator"].iloc[0] == "unavailable"
+
+
+@pytest.mark.parametrize("layout", ["v3-plain", "v3-gzip", "v2-legacy"])
+def test_read_10x_folder_layouts(sim_path: Path, tmp_path: Path, layout: str) -> None:
+    """Cell Ranger 3 (gzipped), STARsolo (plain) and Cell Ranger 2 (genes.tsv) folders are read
+    with scanpy.read_10x_mtx; a mixed folder is refused with a clear message."""
+    from scipy.io import mmwrite
+
+    a = ad.read_h5ad(sim_path)
+    a = a[:300].copy()
+    folder = tmp_path / layout
+    folder.mkdir()
+    gz = layout == "v3-gzip"
+    names = ["matrix.mtx", "genes.tsv" if layout == "v2-legacy" else "features.tsv", "barcodes.tsv"]
+    mmwrite(str(folder / "matrix.mtx"), sp.csr_matrix(a.X).T.tocoo().astype(np.int64))
+    feats = pd.DataFrame({"id": [f"ENSG{i:05d}" for i in range(a.n_vars)], "name": a.var_names})
+    if layout != "v2-legacy":
+        feats["type"] = "Gene Expression"
+    feats.to_csv(folder / names[1], sep="\t", header=False, index=False)
+    pd.Series(a.obs_names).to_csv(folder / names[2], sep="\t", header=False, index=False)
+    if gz:
+        for n in names:
+            (folder / f"{n}.gz").write_bytes(gzip.compress((folder / n).read_bytes()))
+            (folder / n).unlink()
+    b = read_single_cell(folder)
+    assert b.shape == a.shape and (b.X != a.X).nnz == 0
+    assert list(b.obs_names) == list(a.obs_names) and b.layers["counts"] is b.X
+    if layout == "v3-plain":
+        (folder / "barcodes.tsv").write_bytes(gzip.compress(b"x\n"))
+        (folder / "barcodes.tsv").rename(folder / "barcodes.tsv.gz")
+        with pytest.raises(SingleCellInputError, match="all gzipped or all plain"):
+            read_single_cell(folder)
 
 
 # --------------------------------------------------------------------------- real data
@@ -413,10 +467,10 @@ def test_citeseq_memory_calls_follow_cd45ra_and_ccr7_axis(path: Path) -> None:
     annotate(a)
     obs, clr = a.obs, a.obsm["bp_protein_clr"]
     mem = obs["bp_memory"].astype(str)
-    called = mem != "NA"
+    called = obs["bp_memory"].notna()
     assert called.sum() >= 90  # memory calls for the T cells (about 100 of 200 cells)
     assert set(mem[called]) == {"naive", "CM", "EM", "TEMRA"}
-    assert (obs.loc[called, "bp_t_cell"]).all()
+    assert flag(obs.loc[called, "bp_t_cell"]).all()
     ra_pos = mem.isin(["naive", "TEMRA"]) & called
     ra_neg = mem.isin(["CM", "EM"]) & called
     ccr7_pos = mem.isin(["naive", "CM"]) & called
@@ -506,15 +560,20 @@ def test_h5ad_without_needed_genes_is_named(tmp_path: Path) -> None:
         featurize_single_cell(path2)
 
 
-def test_normalised_matrix_without_counts_is_rejected(tmp_path: Path) -> None:
+def test_scaled_matrix_without_counts_is_rejected(tmp_path: Path) -> None:
     a = _tiny()
-    a.X = sp.csr_matrix(np.log1p(a.X.toarray()) + 0.1)
-    path = tmp_path / "normalised.h5ad"
+    dense = np.log1p(a.X.toarray())
+    a.X = (dense - dense.mean(axis=0)) / (dense.std(axis=0) + 1e-9)  # sc.pp.scale-like
+    path = tmp_path / "scaled.h5ad"
     a.write_h5ad(path)
-    with pytest.raises(SingleCellInputError, match=r"normalised\.h5ad: X holds non-integer values"):
+    with pytest.raises(SingleCellInputError, match=r"scaled\.h5ad: .*negative values: centred"):
         read_single_cell(path)
-    with pytest.raises(SingleCellInputError, match="non-integer"):
+    with pytest.raises(SingleCellInputError, match="negative values"):
         featurize_single_cell(a)
+    b = _tiny()
+    b.X = sp.csr_matrix(np.log1p(b.X.toarray()))
+    with pytest.raises(SingleCellInputError, match="x_kind='counts' but X holds non-integer"):
+        featurize_single_cell(b, x_kind="counts")
 
 
 def test_counts_layer_and_protein_names(tmp_path: Path) -> None:
@@ -561,7 +620,7 @@ def test_object_where_no_cell_passes_qc(sim_path: Path) -> None:
     assert df["qc_reasons"].str.startswith("only 0 QC-passed cells (< 200)").all()
     assert df[feature_names()].isna().all().all()
     annotate(a)
-    assert not a.obs["bp_qc_pass"].any() and (a.obs["bp_lineage"] == "NA").all()
+    assert not flag(a.obs["bp_qc_pass"]).any() and a.obs["bp_lineage"].isna().all()
 
 
 def test_no_genes_and_cellranger2_h5(tmp_path: Path) -> None:

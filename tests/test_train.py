@@ -211,6 +211,8 @@ def trained(sim_config, tmp_path_factory):
             "experiment: unit\nregistered_model: unit-model\nrepeats: 1\nn_bootstrap: 200\n"
             "n_permutations: 4\nmodels:\n  - family: logreg_l2\n    grid: {clf__C: [0.1, 1.0]}\n"
             "  - family: random_forest\n    params: {n_estimators: 30}\n"
+            # 4 permutations cannot show p < 0.05: this logging test promotes without evidence
+            "promotion: {min_auc_ci_low: null, max_perm_pvalue: null}\n"
         )
         res = train(
             table,
@@ -218,6 +220,8 @@ def trained(sim_config, tmp_path_factory):
             export_dir=tmp / "model",
             trained_on="unit test",
             run_name="unit-run",
+            cohort="unit-cohort",
+            source=tmp / "features.csv",
         )
         yield res, uri, table
 
@@ -255,18 +259,27 @@ def test_training_run_logs_everything_and_registers(trained):
     assert "config/train.yaml" in {a.path for a in client.list_artifacts(res.run_id, "config")}
     # the feature table as a dataset with its schema version
     (ds,) = run.inputs.dataset_inputs
-    assert ds.dataset.name == f"features-v{SCHEMA_VERSION}"
-    assert {t.key: t.value for t in ds.tags}["schema_version"] == SCHEMA_VERSION
+    assert ds.dataset.name == f"unit-cohort features-v{SCHEMA_VERSION}"
+    assert json.loads(ds.dataset.source)["uri"] == str(res.export_dir.parent / "features.csv")
+    ds_tags = {t.key: t.value for t in ds.tags}
+    assert ds_tags["schema_version"] == SCHEMA_VERSION and ds_tags["cohort"] == "unit-cohort"
+    assert tags["blinaprofile.cohort"] == "unit-cohort" and run.info.run_name == "unit-run"
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
     assert json.loads(ds.dataset.profile)["num_rows"] == 40
     # one candidate child run per family
     children = client.search_runs(
         [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{res.run_id}'"
     )
     assert {c.data.tags["family"] for c in children} == set(res.metrics)
+    assert {c.info.run_name for c in children} == {f"{f} on unit-cohort" for f in res.metrics}
     assert sum(c.data.tags["chosen"] == "true" for c in children) == 1
     # registered, aliased, scorable by alias
     mv = client.get_model_version_by_alias("unit-model", "champion")
     assert str(mv.version) == res.version and mv.tags["family"] == res.chosen
+    assert res.promoted and res.model_uri == "models:/unit-model@champion"
+    assert mv.tags["blinaprofile.alias_set_by.champion"] == "train"
     from blinaprofile.models.packaging import load_model
 
     pyfunc, runtime = load_model("models:/unit-model@champion")
@@ -293,8 +306,12 @@ def test_promote_moves_the_alias_and_compare_writes_a_leaderboard(trained, tmp_p
         alias="challenger",
         models=[ModelSpec(family="logreg_l1", grid={"clf__C": [0.3, 1.0]})],
     )
-    res2 = train(table, config=cfg, tracking_uri=uri, trained_on="unit test 2")
-    assert res2.version == "2"
+    res2 = train(
+        table, config=cfg, tracking_uri=uri, trained_on="unit test 2", cohort="unit-cohort"
+    )
+    # no permutations, so no evidence: registered as @candidate, not @challenger
+    assert res2.version == "2" and not res2.promoted and res2.alias == "candidate"
+    assert res2.reasons == ["no permutation p-value (n_permutations: 0)"]
     assert main(["promote", "unit-model", "2", "--alias", "champion"]) == 0
     out = capsys.readouterr().out
     assert "unit-model@champion -> version 2 (was version 1)" in out
@@ -316,10 +333,12 @@ def test_promote_moves_the_alias_and_compare_writes_a_leaderboard(trained, tmp_p
     print(printed)
     lb = pd.read_csv(tmp_path / "lb" / "leaderboard.csv")
     assert len(lb) == 3 and set(lb["family"]) == {"logreg_l2", "random_forest", "logreg_l1"}
-    assert (lb["roc_auc"].diff().dropna() <= 0).all()  # best first
+    assert (lb["roc_auc"].diff().dropna() <= 0).all()  # best first (one cohort)
+    assert set(lb["cohort"]) == {"unit-cohort"} and "cohort unit-cohort" in printed
     assert lb["perm_pvalue"].notna().sum() == 2  # the first run had permutations, the second not
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
-    assert "ROC AUC [95% CI]" in md and "perm. p" in md and "unit-model v1" in md
+    assert "ROC AUC [95% CI]" in md and "perm. p" in md and "unit-model v1 |" in md
+    assert "unit-model v2 @candidate @champion" in md
     assert "<table" in (tmp_path / "lb" / "leaderboard.html").read_text()
     assert main(["compare", "--experiment", "nope", "--out", str(tmp_path / "lb2")]) == 2
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from blinaprofile.errors import ConfigError
 
@@ -21,6 +29,7 @@ __all__ = [
     "GatingConfig",
     "PanelChannel",
     "PanelConfig",
+    "PromotionRule",
     "QCConfig",
     "SimulationConfig",
     "TrainConfig",
@@ -119,15 +128,30 @@ class TransformSpec(StrictModel):
 
 
 class AdaptiveSpec(StrictModel):
-    """Limits within which an adaptive gate may move a threshold (transformed units)."""
+    """Per-sample placement of one rectangle bound (:mod:`blinaprofile.gating.placement`).
 
-    low: float
-    high: float
+    ``low``/``high``: where the threshold may land (transformed units); each one left out
+    is the configured bound ``decades`` decades down/up (0.8: 0.16x-6.3x brightness).
+    ``min_confidence``: a threshold placed with less is a QC flag. ``tail``: where a
+    minority lies relative to the main population when no valley separates them
+    (``above``: TIM3+, PD-1+, CD25+; ``below``: CD127lo; ``auto``: the side with the
+    excess; ``none``: no tail gate), placed ``tail_sd`` robust SDs from the main
+    population's mode. ``reference``: a gate (evaluated earlier) whose
+    events decide the bound when this gate's parent shows no confident valley (CD4 for
+    the CD8 memory gates).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    decades: Annotated[float, Field(gt=0.0, le=3.0)] = 0.8
     min_confidence: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    tail: Literal["above", "below", "auto", "none"] = "auto"
+    tail_sd: Annotated[float, Field(gt=0.0, le=10.0)] = 3.0
+    reference: str | None = None
 
     @model_validator(mode="after")
     def _order(self) -> AdaptiveSpec:
-        if not self.low < self.high:
+        if self.low is not None and self.high is not None and not self.low < self.high:
             raise ValueError(f"adaptive.low ({self.low}) must be below adaptive.high ({self.high})")
         return self
 
@@ -252,7 +276,12 @@ SIMULATION_COMPOSITION = (
 
 
 class SimulationConfig(StrictModel):
-    """A simulated cohort scenario (``configs/simulation/*.yaml``)."""
+    """A simulated cohort scenario (``configs/simulation/*.yaml``).
+
+    ``n_patients`` is at least 2: every cohort gets at least one responder and one
+    nonresponder (cross-validated training needs at least 2 patients of each class and
+    says so itself, naming the counts).
+    """
 
     name: str
     description: str = ""
@@ -327,12 +356,42 @@ class ThresholdRule(StrictModel):
     value: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
 
 
+def _not_reserved_alias(name: str) -> str:
+    if name.lower() == "latest" or (name[:1] in "vV" and name[1:].isdigit()):
+        raise ValueError(f"{name!r} is reserved by the MLflow registry (latest, v1, v2...)")
+    return name
+
+
+# A registry alias: what MLflow accepts (letters, digits, _ and -), minus its reserved names.
+AliasName = Annotated[
+    str,
+    Field(min_length=1, max_length=255, pattern=r"^[\w-]+$"),
+    AfterValidator(_not_reserved_alias),
+]
+
+
+class PromotionRule(StrictModel):
+    """The evidence a training run needs before it may move the serving alias.
+
+    A criterion set to ``null`` is not required. A run that does not meet the rule is
+    registered under ``candidate_alias`` and the serving alias stays where it was.
+    """
+
+    min_auc_ci_low: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        default=0.5, description="the CV ROC AUC 95% CI lower bound must be above this"
+    )
+    max_perm_pvalue: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        default=0.05, description="the permutation p-value must be below this"
+    )
+    candidate_alias: AliasName = "candidate"
+
+
 class TrainConfig(StrictModel):
     """Training configuration (``configs/train/*.yaml``)."""
 
     experiment: str = "blinaprofile"
     registered_model: str = "blinaprofile-responder"
-    alias: str = "champion"
+    alias: AliasName = "champion"
     features: list[str] | None = None
     models: list[ModelSpec] = Field(min_length=1)
     select_by: Literal["roc_auc", "brier"] = "roc_auc"
@@ -342,7 +401,17 @@ class TrainConfig(StrictModel):
     n_bootstrap: Annotated[int, Field(ge=0, le=100_000)] = 500
     n_permutations: Annotated[int, Field(ge=0, le=100_000)] = 0
     threshold: ThresholdRule = ThresholdRule()
+    promotion: PromotionRule = Field(default_factory=PromotionRule)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _candidate_is_not_serving(self) -> TrainConfig:
+        if self.promotion.candidate_alias == self.alias:
+            raise ValueError(
+                f"promotion.candidate_alias: must differ from alias ({self.alias!r}), the "
+                "serving alias a run without the evidence must not take"
+            )
+        return self
 
 
 class QCConfig(StrictModel):

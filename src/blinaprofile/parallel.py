@@ -1,22 +1,161 @@
 """The one sample-parallel runner: local worker processes, results as they finish.
 
 Featurizing a cohort and scoring a batch both run one function per sample in worker
-processes. This module is the single place that decides how: a ``forkserver`` pool (safe
-whatever threads the calling process runs: BLAS pools, Jupyter, MLflow; like any spawning
-start method it re-imports a script's ``__main__`` in the workers, so scripts call the
-parallel API under ``if __name__ == "__main__":``), at most ``2 * n_jobs`` samples in
-flight (memory stays flat for any cohort size), and results yielded in completion order
-so callers can save each one at once (resumable batches).
+processes. This module is the single place that decides how:
+
+- a small pool of ``forkserver`` worker processes (safe whatever threads the calling
+  process runs: BLAS pools, Jupyter, MLflow; like any spawning start method it re-imports
+  a script's ``__main__`` in the workers, so scripts call the parallel API under
+  ``if __name__ == "__main__":``);
+- each worker holds one sample at a time (memory stays flat for any cohort size), and
+  results are yielded in completion order so callers can save each one at once
+  (resumable batches);
+- an optional per-item time limit: a worker that has not answered in time is killed
+  (``SIGKILL``) and replaced by a fresh one, and the item becomes an error
+  (:class:`ItemTimeoutError`) while the others go on;
+- a worker that dies on an item (out of memory, killed) is replaced too; that item becomes
+  an error (:class:`WorkerDiedError`).
+
+``n_jobs=1`` without a time limit runs in the calling process (no pool, no pickling); with a
+time limit it uses one worker process, since a call running in this process cannot be
+stopped safely.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
 
-from blinaprofile.errors import BlinaprofileError
+from blinaprofile.errors import BlinaprofileError, one_line
 
-__all__ = ["run_parallel"]
+__all__ = ["ItemTimeoutError", "WorkerDiedError", "run_parallel"]
+
+#: Seconds a worker is given to exit after being asked to stop, before it is killed.
+_STOP_GRACE = 5.0
+
+
+class ItemTimeoutError(BlinaprofileError):
+    """An item had no result within the time limit; its worker process was killed."""
+
+
+class WorkerDiedError(BlinaprofileError):
+    """A worker process died while working on an item (out of memory, killed...)."""
+
+
+# --------------------------------------------------------------------------- worker side
+def _worker_main(func: Callable[[Any], Any], conn: Any) -> None:
+    """Loop of one worker process: receive ``(index, item)``, send ``(index, ok, value)``.
+
+    ``None`` (or the parent closing the pipe) ends the loop. An exception raised by
+    ``func`` is sent back as the value with ``ok=False`` (as a plain ``RuntimeError``
+    naming it when it cannot be pickled).
+    """
+    # Ctrl-C is the parent's to handle: it stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn.send(("ready", True, None))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if msg is None:
+            return
+        index, item = msg
+        try:
+            reply: tuple[Any, bool, Any] = (index, True, func(item))
+        except Exception as err:
+            reply = (index, False, err)
+        try:
+            conn.send(reply)
+        except Exception as err:  # an unpicklable result or exception
+            conn.send((index, False, RuntimeError(one_line(f"{type(err).__name__}: {err}"))))
+
+
+@dataclass
+class _Worker:
+    """A worker process seen from the parent: its pipe and what it works on."""
+
+    process: Any
+    conn: Any
+    ready: bool = False
+    index: int | None = None
+    started: float = 0.0
+
+
+class _Pool:
+    """Worker processes the parent starts, feeds one item at a time, kills and replaces."""
+
+    def __init__(self, func: Callable[[Any], Any], size: int) -> None:
+        import multiprocessing as mp
+
+        self._ctx = mp.get_context("forkserver")
+        self._func = func
+        self.workers: list[_Worker] = []
+        try:
+            for _ in range(size):
+                self.workers.append(self._start())
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        # daemonic: should this process exit without closing the pool, a stuck worker is
+        # terminated instead of being waited for
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(self._func, child),
+            name="blinaprofile-worker",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        return _Worker(process=proc, conn=parent)
+
+    def replace(self, w: _Worker) -> _Worker:
+        """Kill ``w`` (if alive) and put a fresh worker in its place."""
+        self._kill(w)
+        new = self._start()
+        self.workers[self.workers.index(w)] = new
+        return new
+
+    @staticmethod
+    def _kill(w: _Worker) -> None:
+        if w.process.is_alive():
+            w.process.kill()
+        w.process.join()
+        w.conn.close()
+
+    def close(self) -> None:
+        """Stop every worker: idle ones are asked to exit, busy or slow ones are killed."""
+        for w in self.workers:
+            if w.index is None and w.process.is_alive():
+                # a worker that died already has a broken pipe: nothing to tell it
+                with contextlib.suppress(OSError):
+                    w.conn.send(None)
+        deadline = time.monotonic() + _STOP_GRACE
+        for w in self.workers:
+            if w.index is None:
+                w.process.join(max(0.0, deadline - time.monotonic()))
+            self._kill(w)
+        self.workers = []
+
+
+def _died(w: _Worker) -> str:
+    """Why worker ``w`` (which has exited) is gone, in words."""
+    code = w.process.exitcode
+    if code == -signal.SIGKILL:
+        return "the worker process was killed (SIGKILL: out of memory?)"
+    if code is not None and code < 0:
+        try:
+            return f"the worker process died ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"the worker process died (signal {-code})"
+    return f"the worker process exited (exit code {code})"
 
 
 def run_parallel[T, R](
@@ -25,6 +164,7 @@ def run_parallel[T, R](
     *,
     n_jobs: int,
     on_error: Callable[[T, Exception], R],
+    timeout: float | None = None,
 ) -> Iterator[tuple[T, R]]:
     """Apply ``func`` to every item, in ``n_jobs`` processes when ``n_jobs > 1``.
 
@@ -35,10 +175,15 @@ def run_parallel[T, R](
     items
         The work; each item must be picklable.
     n_jobs
-        Worker processes; ``1`` runs in this process (no pool, no pickling).
+        Worker processes; ``1`` runs in this process (no pool, no pickling) unless a
+        ``timeout`` is given, which needs a worker process that can be killed.
     on_error
-        Turns an exception raised by ``func`` for an item into that item's result, so one
-        bad sample never stops the others.
+        Turns an exception for an item into that item's result, so one bad sample never
+        stops the others: one raised by ``func``, :class:`ItemTimeoutError` when the time
+        limit passed, :class:`WorkerDiedError` when its worker died.
+    timeout
+        Seconds one item may take (``None``: no limit). A worker that has not answered in
+        time is killed and replaced.
 
     Yields
     ------
@@ -48,11 +193,14 @@ def run_parallel[T, R](
     Raises
     ------
     BlinaprofileError
-        The workers could not start, or one died (out of memory, killed); results already
-        yielded stay valid.
+        The worker processes could not start; results already yielded stay valid.
+    ValueError
+        ``timeout`` is not a positive number.
     """
+    if timeout is not None and not timeout > 0:  # also refuses nan
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     todo = list(items)
-    if n_jobs <= 1 or len(todo) <= 1:
+    if timeout is None and (n_jobs <= 1 or len(todo) <= 1):
         for item in todo:
             try:
                 res = func(item)
@@ -60,40 +208,110 @@ def run_parallel[T, R](
                 res = on_error(item, err)
             yield item, res
         return
-    import multiprocessing as mp
-    from concurrent.futures.process import BrokenProcessPool
+    if not todo:
+        return
+    yield from _run_pool(func, todo, max(1, min(n_jobs, len(todo))), on_error, timeout)
 
-    got_any = False
+
+def _run_pool[T, R](
+    func: Callable[[T], R],
+    todo: list[T],
+    size: int,
+    on_error: Callable[[T, Exception], R],
+    timeout: float | None,
+) -> Iterator[tuple[T, R]]:
+    """:func:`run_parallel` with ``size`` worker processes (see there)."""
+    from multiprocessing.connection import wait
+    from multiprocessing.reduction import ForkingPickler
+
+    pool = _Pool(func, size)
     try:
-        ctx = mp.get_context("forkserver")
-        with ProcessPoolExecutor(max_workers=min(n_jobs, len(todo)), mp_context=ctx) as pool:
-            pending: dict[Future[R], T] = {}
-            it = iter(todo)
-            for item in it:
-                pending[pool.submit(func, item)] = item
-                if len(pending) >= 2 * n_jobs:
-                    break
-            while pending:
-                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-                for fut in done:
-                    item = pending.pop(fut)
+        next_index = 0
+        left = len(todo)
+        while left:
+            done: list[tuple[int, R]] = []
+            # 1. give every idle worker an item
+            for w in pool.workers:
+                while w.ready and w.index is None and next_index < len(todo):
+                    i = next_index
+                    next_index += 1
                     try:
-                        res = fut.result()
-                    except BrokenProcessPool:
-                        raise
-                    except Exception as err:
-                        res = on_error(item, err)
-                    nxt = next(it, None)
-                    if nxt is not None:
-                        pending[pool.submit(func, nxt)] = nxt
-                    got_any = True
-                    yield item, res
-    except BrokenProcessPool as err:
-        if not got_any:
-            raise BlinaprofileError(
-                "the worker processes could not start; in a script, call the parallel API "
-                'under `if __name__ == "__main__":` (or use n_jobs=1)'
-            ) from err
+                        payload = ForkingPickler.dumps((i, todo[i]))
+                    except Exception as err:  # the item cannot be pickled
+                        done.append((i, on_error(todo[i], err)))
+                        continue
+                    try:
+                        w.conn.send_bytes(payload)
+                    except OSError:
+                        # the worker died just now: its death is seen below, the item waits
+                        next_index = i
+                        break
+                    w.index, w.started = i, time.monotonic()
+            # 2. hand out what finished
+            for i, res in done:
+                left -= 1
+                yield todo[i], res
+            if not left:
+                break
+            done = []
+            # 3. wait for a result, a worker's death or the next deadline
+            wait_for: float | None = None
+            if timeout is not None:
+                ends = [w.started + timeout for w in pool.workers if w.index is not None]
+                wait_for = max(0.0, min(ends) - time.monotonic()) if ends else None
+            by_handle: dict[Any, _Worker] = {}
+            for w in pool.workers:
+                by_handle[w.conn] = w
+                by_handle[w.process.sentinel] = w
+            woken = {id(by_handle[h]): by_handle[h] for h in wait(list(by_handle), wait_for)}
+            for w in woken.values():
+                done.extend(_collect(pool, w, todo, on_error))
+            # 4. kill workers past the time limit
+            if timeout is not None:
+                now = time.monotonic()
+                for w in list(pool.workers):
+                    if w.index is not None and now - w.started >= timeout:
+                        i = w.index
+                        pool.replace(w)
+                        late = ItemTimeoutError(
+                            f"no result within {timeout:g} s; the worker process was stopped"
+                        )
+                        done.append((i, on_error(todo[i], late)))
+            for i, res in done:
+                left -= 1
+                yield todo[i], res
+    finally:
+        pool.close()
+
+
+def _collect[T, R](
+    pool: _Pool, w: _Worker, todo: list[T], on_error: Callable[[T, Exception], R]
+) -> list[tuple[int, R]]:
+    """Read what worker ``w`` sent; replace it if it died (its item becomes an error)."""
+    out: list[tuple[int, R]] = []
+    while True:
+        try:
+            if not w.conn.poll():
+                break
+            msg = w.conn.recv()
+        except (EOFError, OSError):  # the pipe closed: the process is exiting
+            break
+        index, ok, value = msg
+        if index == "ready":
+            w.ready = True
+            continue
+        w.index = None
+        out.append((index, value if ok else on_error(todo[index], value)))
+    if w.process.is_alive():
+        return out
+    w.process.join()
+    if not w.ready:
         raise BlinaprofileError(
-            "a worker process died (out of memory?); the samples finished so far are kept"
-        ) from err
+            "the worker processes could not start; in a script, call the parallel API "
+            'under `if __name__ == "__main__":` (or use n_jobs=1)'
+        )
+    lost, reason = w.index, _died(w)
+    pool.replace(w)
+    if lost is not None:
+        out.append((lost, on_error(todo[lost], WorkerDiedError(reason))))
+    return out

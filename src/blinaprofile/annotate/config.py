@@ -17,8 +17,8 @@ Count = Annotated[int, Field(ge=0)]
 Prob = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 MEMORY_LABELS: tuple[str, ...] = ("naive", "CM", "EM", "TEMRA")
-LINEAGE_LABELS: tuple[str, ...] = ("CD4", "CD8", "other", "non_T", "NA")
-CELL_TYPE_LABELS: tuple[str, ...] = ("T", "B", "NK", "myeloid", "other", "non_T", "NA")
+LINEAGE_LABELS: tuple[str, ...] = ("CD4", "CD8", "other", "non_T")
+CELL_TYPE_LABELS: tuple[str, ...] = ("T", "B", "NK", "myeloid", "other", "non_T")
 EVIDENCE_LABELS: tuple[str, ...] = ("protein", "RNA", "protein+RNA", "prefiltered", "none")
 
 
@@ -175,6 +175,12 @@ class RNASpec(StrictModel):
     tol: Annotated[float, Field(gt=0.0)] = 1e-6
     max_fit_cells: Annotated[int, Field(ge=100)] = 20_000
     homogeneous_min_detected: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+    gauss_min_separation: Annotated[float, Field(gt=0.0)] = 1.5
+    exhaustion_confounded: list[str] = Field(
+        default_factory=lambda: ["GZMB", "PRF1", "GZMH", "IL7R"],
+        description="temra_vs_em genes that exhausted (checkpoint-high) CD8 cells share with "
+        "TEMRA; for CD8 cells their evidence is weighted by 1 - P(exhausted)",
+    )
     signatures: dict[str, SignatureSpec] = Field(default_factory=_default_signatures)
 
     @model_validator(mode="after")

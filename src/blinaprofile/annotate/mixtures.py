@@ -1,18 +1,31 @@
-"""Mixture models shared by the protein and RNA calls: two-component Gaussian mixtures on CLR protein, and the two-state negative-binomial mixture on a gene set's raw counts with library size as exposure."""
+"""Mixture models of the annotator.
+
+Two-component Gaussian mixtures on CLR protein (per-sample gates with a cohort fallback), the
+two-state negative-binomial mixture on a gene set's raw counts with library size as exposure,
+a two-component Gaussian mixture on a log-normalised gene-set score (normalised data), and the
+per-sample prior of a state given fixed rates (:func:`sample_log_prior`).
+
+Every model is learned once (``fit_*``) and then applied cell by cell; the only per-sample
+quantities estimated when applying are the per-sample gates and priors, which depend on that
+sample's cells alone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
-from blinaprofile.annotate.config import ProteinSpec, RNASpec, SignatureSpec
+from blinaprofile.annotate.config import ProteinSpec, RNASpec
+from blinaprofile.annotate.rna import RNABlock
+
+#: per-sample priors are clipped to this range (as in the EM)
+PRIOR_FLOOR = 1e-4
 
 
-# =========================================================================== mixtures
+# =========================================================================== helpers
 def expit(x: np.ndarray) -> np.ndarray:
     return np.asarray(0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64))))
 
@@ -22,7 +35,7 @@ def logit(p: np.ndarray | float) -> np.ndarray:
     return np.asarray(np.log(q) - np.log1p(-q))
 
 
-def _otsu(v: np.ndarray) -> float:
+def otsu(v: np.ndarray) -> float:
     """Otsu's threshold of a 1-D sample (128-bin histogram)."""
     lo, hi = float(np.min(v)), float(np.max(v))
     if hi <= lo:
@@ -38,8 +51,9 @@ def _otsu(v: np.ndarray) -> float:
     return float(e[int(np.argmax(between)) + 1])
 
 
+# =========================================================================== 1-D Gaussian mixtures
 @dataclass
-class _GMM:
+class GMM:
     """A two-component 1-D Gaussian mixture (component 0 low, 1 high) and its threshold."""
 
     mu: np.ndarray
@@ -50,6 +64,18 @@ class _GMM:
     ok: bool
     threshold: float
     method: str = "mixture"
+
+    def log_ratio(self, v: np.ndarray) -> np.ndarray:
+        """log N(v | high) - log N(v | low), made monotone beyond the component means."""
+
+        def lp(k: int, x: np.ndarray) -> np.ndarray:
+            return np.asarray(-np.log(self.sd[k]) - 0.5 * ((x - self.mu[k]) / self.sd[k]) ** 2)
+
+        v = np.asarray(v, dtype=np.float64)
+        out = lp(1, v) - lp(0, v)
+        at = lp(1, self.mu) - lp(0, self.mu)
+        out = np.where(v <= self.mu[0], np.minimum(out, at[0]), out)
+        return np.asarray(np.where(v >= self.mu[1], np.maximum(out, at[1]), out))
 
     def prob(self, v: np.ndarray) -> np.ndarray:
         """P(high | v), made monotone in ``v`` and consistent with the threshold."""
@@ -79,20 +105,21 @@ class _GMM:
         }
 
 
-def _fit_gmm(v: np.ndarray, spec: ProteinSpec) -> _GMM:
+def fit_gmm(v: np.ndarray, *, min_separation: float, min_weight: float, max_iter: int) -> GMM:
     """EM for a 1-D two-component Gaussian mixture on a 256-bin histogram.
 
     EM runs from four starts at once (Otsu's split and splits at the 50th, 75th and 90th
-    percentiles) for 25 iterations, then continues from the most likely one. Binning makes a fit cost the
-    same for 50 or 50,000 cells; the bin width (1/256 of the range) is far below the
-    components' spread.
+    percentiles) for 25 iterations, then continues from the most likely one. Binning makes a
+    fit cost the same for 50 or 50,000 cells; the bin width (1/256 of the range) is far below
+    the components' spread. The mixture is ``ok`` when Ashman's D reaches ``min_separation``
+    and both weights reach ``min_weight``.
     """
     v = np.asarray(v, dtype=np.float64)
     n = v.size
     spread = float(np.ptp(v)) if n else 0.0
     floor = max(0.05, 0.02 * spread)
     mu0 = float(np.mean(v)) if n else 0.0
-    degenerate = _GMM(
+    degenerate = GMM(
         np.array([mu0, mu0]), np.array([floor, floor]), np.array([1.0, 1e-12]), n, 0.0, False, mu0
     )
     if n < 4 or spread <= 0:
@@ -101,7 +128,7 @@ def _fit_gmm(v: np.ndarray, spec: ProteinSpec) -> _GMM:
     x = (e[:-1] + e[1:]) / 2
     keep = h > 0
     x, c = x[keep], h[keep].astype(np.float64)
-    starts = np.array([_otsu(v), *np.quantile(v, [0.5, 0.75, 0.9])])
+    starts = np.array([otsu(v), *np.quantile(v, [0.5, 0.75, 0.9])])
     r1 = (x[None, :] > starts[:, None]).astype(np.float64)  # (starts, bins)
 
     def m_step(r1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -119,7 +146,7 @@ def _fit_gmm(v: np.ndarray, spec: ProteinSpec) -> _GMM:
     w, mu, sd = w[valid], mu[valid], sd[valid]
     prev = np.full(w.shape[0], -np.inf)
     tot = prev
-    for it in range(spec.max_iter):
+    for it in range(max_iter):
         if it == 25 and w.shape[0] > 1:  # continue only from the best start so far
             keep_best = int(np.argmax(np.where((w > 1e-9).all(axis=1), tot, -np.inf)))
             w, mu, sd = w[[keep_best]], mu[[keep_best]], sd[[keep_best]]
@@ -147,23 +174,29 @@ def _fit_gmm(v: np.ndarray, spec: ProteinSpec) -> _GMM:
         mu, sd, w = mu[::-1].copy(), sd[::-1].copy(), w[::-1].copy()
     w = np.clip(w, 1e-12, 1.0)
     sep = float(np.sqrt(2.0) * abs(mu[1] - mu[0]) / np.sqrt(sd[0] ** 2 + sd[1] ** 2))
-    ok = bool(sep >= spec.min_separation and w.min() >= spec.min_weight)
+    ok = bool(sep >= min_separation and w.min() >= min_weight)
     grid = np.linspace(mu[0], mu[1], 512)
     d = (np.log(w[1]) - np.log(sd[1]) - 0.5 * ((grid - mu[1]) / sd[1]) ** 2) - (
         np.log(w[0]) - np.log(sd[0]) - 0.5 * ((grid - mu[0]) / sd[0]) ** 2
     )
     cross = np.flatnonzero(d >= 0)
     thr = float(grid[cross[0]]) if cross.size else float(grid[-1])
-    return _GMM(mu, sd, w, n, sep, ok, thr)
+    return GMM(mu, sd, w, n, sep, ok, thr)
 
 
-def _rule_gmm(v: np.ndarray, k: float) -> _GMM:
+def _protein_gmm(v: np.ndarray, spec: ProteinSpec) -> GMM:
+    return fit_gmm(
+        v, min_separation=spec.min_separation, min_weight=spec.min_weight, max_iter=spec.max_iter
+    )
+
+
+def rule_gmm(v: np.ndarray, k: float) -> GMM:
     """Threshold ``median + k * MAD`` for markers whose positives are a small minority."""
     med = float(np.median(v))
     mad = max(float(np.median(np.abs(v - med))) * 1.4826, 0.05)
     thr = med + k * mad
     frac = float(np.mean(v > thr))
-    return _GMM(
+    return GMM(
         np.array([med, med + 2 * k * mad]),
         np.array([mad, mad]),
         np.array([1 - frac, frac]),
@@ -175,6 +208,25 @@ def _rule_gmm(v: np.ndarray, k: float) -> _GMM:
     )
 
 
+# =========================================================================== protein gates
+@dataclass
+class GateModel:
+    """What a protein gate learns from the training cohort.
+
+    ``pooled`` is the mixture over every training cell of the parent (used for a sample whose
+    own mixture is not bimodal or that is too small); ``rule`` is ``median + k MAD`` over the
+    same cells (rare-positive markers, for samples too small for their own rule);
+    ``available`` says whether the gate was placed in at least one training sample, which
+    decides, once and for all, whether the label comes from this protein.
+    """
+
+    marker: str
+    rare: bool
+    available: bool
+    pooled: GMM | None
+    rule: GMM | None
+
+
 @dataclass
 class MarkerGate:
     """A per-sample protein gate: P(positive) over QC cells (NaN outside the parent)."""
@@ -184,44 +236,45 @@ class MarkerGate:
     available: bool
 
 
-def protein_gate(
+def fit_gate(values: np.ndarray, parent: np.ndarray, marker: str, spec: ProteinSpec) -> GateModel:
+    """Learn the cohort-level fallbacks of a gate (see :class:`GateModel`)."""
+    rare = marker in spec.rare_positive
+    if not parent.any():
+        return GateModel(marker, rare, False, None, None)
+    v = values[parent]
+    rule = rule_gmm(v, spec.rule_k_mad) if rare else None
+    return GateModel(marker, rare, False, _protein_gmm(v, spec), rule)
+
+
+def apply_gate(
     values: np.ndarray,
     parent: np.ndarray,
     groups: np.ndarray,
     sample_names: Sequence[str],
-    marker: str,
+    model: GateModel,
     spec: ProteinSpec,
 ) -> MarkerGate:
+    """Gate each sample on its own cells: its own mixture when bimodal and large enough, else
+    the cohort's pooled mixture, else (rare-positive markers) its own ``median + k MAD`` or,
+    for a small sample, the cohort's."""
     prob = np.full(values.shape[0], np.nan)
     fits: dict[str, dict[str, Any]] = {}
-    if not parent.any():
-        return MarkerGate(prob, fits, False)
-    pooled = _fit_gmm(values[parent], spec)
-    rare = marker in spec.rare_positive
+    pooled = model.pooled
     any_ok = False
     for s, name in enumerate(sample_names):
         sel = parent & (groups == s)
         if not sel.any():
             continue
         v = values[sel]
-        fit: _GMM | None = None
+        fit: GMM | None = None
         if v.size >= spec.min_cells_per_fit:
-            f = _fit_gmm(v, spec)
+            f = _protein_gmm(v, spec)
             fit = f if f.ok else None
-        if fit is None and pooled.ok:
-            fit = _GMM(
-                pooled.mu,
-                pooled.sd,
-                pooled.w,
-                pooled.n,
-                pooled.separation,
-                True,
-                pooled.threshold,
-                "pooled_mixture",
-            )
-        if fit is None and rare:
-            ref = v if v.size >= spec.min_cells_per_fit else values[parent]
-            fit = _rule_gmm(ref, spec.rule_k_mad)
+        if fit is None and pooled is not None and pooled.ok:
+            fit = replace(pooled, ok=True, method="pooled_mixture")
+        if fit is None and model.rare:
+            own_rule = v.size >= spec.min_cells_per_fit
+            fit = rule_gmm(v, spec.rule_k_mad) if own_rule else model.rule
         if fit is None:
             fits[name] = {
                 "method": "unavailable",
@@ -237,7 +290,65 @@ def protein_gate(
     return MarkerGate(prob, fits, any_ok)
 
 
-# --------------------------------------------------------------------------- count mixtures
+# =========================================================================== per-sample priors
+def sample_log_prior(
+    llr: np.ndarray,
+    groups: np.ndarray,
+    n_groups: int,
+    prior: float,
+    kappa: float,
+    *,
+    tol: float = 1e-12,
+    max_iter: int = 100,
+) -> np.ndarray:
+    """logit of each sample's P(high) given the cells' log-likelihood ratios.
+
+    The prior ``pi_s`` solves ``pi_s = (sum_i expit(llr_i + logit pi_s) + kappa * prior) /
+    (n_s + kappa)`` over the sample's cells (the EM's prior step with the rates fixed),
+    clipped to [1e-4, 1 - 1e-4]; a sample without cells gets ``prior``. It is solved for each
+    sample by Newton's method kept inside a bisection bracket, and each sample stops on its
+    own, so a sample's prior depends on its own cells only (alone or in a cohort: the same).
+    """
+    n_groups = max(n_groups, 1)
+    cnt = np.bincount(groups, minlength=n_groups).astype(np.float64)
+    lo = np.full(n_groups, PRIOR_FLOOR)
+    hi = np.full(n_groups, 1.0 - PRIOR_FLOOR)
+
+    def f(pi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = expit(llr + logit(pi)[groups])
+        s1 = np.bincount(groups, weights=q, minlength=n_groups)
+        d = np.bincount(groups, weights=q * (1.0 - q), minlength=n_groups)
+        g = (s1 + kappa * prior) / (cnt + kappa)
+        dg = d / (pi * (1.0 - pi)) / np.maximum(cnt + kappa, 1e-12)
+        return g - pi, dg - 1.0
+
+    f_lo, _ = f(lo)
+    f_hi, _ = f(hi)
+    q0 = expit(llr)
+    pi = (np.bincount(groups, weights=q0, minlength=n_groups) + kappa * prior) / np.maximum(
+        cnt + kappa, 1e-12
+    )
+    pi = np.clip(pi, PRIOR_FLOOR, 1.0 - PRIOR_FLOOR)
+    done = (cnt == 0) | (f_lo <= 0) | (f_hi >= 0)
+    pi = np.where(cnt == 0, prior, np.where(f_lo <= 0, lo, np.where(f_hi >= 0, hi, pi)))
+    for _ in range(max_iter):
+        if done.all():
+            break
+        fv, dv = f(pi)
+        lo = np.where(~done & (fv > 0), pi, lo)
+        hi = np.where(~done & (fv < 0), pi, hi)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = pi - fv / dv
+        bad = ~np.isfinite(step) | (step <= lo) | (step >= hi)
+        new = np.where(bad, 0.5 * (lo + hi), step)
+        conv = (np.abs(fv) < tol) | (hi - lo < tol)
+        done_now = ~done & conv
+        pi = np.where(done | done_now, pi, new)
+        done = done | done_now
+    return logit(np.clip(pi, PRIOR_FLOOR, 1.0 - PRIOR_FLOOR))
+
+
+# =========================================================================== count mixtures
 def nb_rates(
     X: np.ndarray,
     X2: np.ndarray,
@@ -287,22 +398,31 @@ def nb_loglik(X: np.ndarray, lib: np.ndarray, r: np.ndarray, theta: np.ndarray) 
 
 @dataclass
 class BinFit:
-    """A two-state negative-binomial mixture on a gene set, library size as exposure."""
+    """A two-state negative-binomial mixture on a gene set, library size as exposure.
+
+    ``prior`` is the pooled P(high) of the training cohort (the shrinkage target of the
+    per-sample priors); ``log_prior`` holds the per-sample priors of the cells it was fitted
+    on (fit time only, not stored).
+    """
 
     genes: list[str]
+    n_up: int
     rate_high: np.ndarray
     rate_low: np.ndarray
     theta: np.ndarray
-    log_prior: np.ndarray  # logit P(high) per sample (pooled for samples without cells)
+    log_prior: np.ndarray
     weights: dict[str, float]
     fold: float
     ok: bool
     n_cells: int
     n_iter: int
     note: str = ""
+    prior: float = 0.5
     sec_genes: list[str] = field(default_factory=list)
     sec_log_ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sec_rate_terms: np.ndarray = field(default_factory=lambda: np.zeros(0))
     sec_rate_diff: float = 0.0
+    kind: str = "nb"
 
     def llr(self, X: np.ndarray, lib: np.ndarray, Xs: np.ndarray | None = None) -> np.ndarray:
         """Per-cell log-likelihood ratio high vs low (without the prior)."""
@@ -313,8 +433,30 @@ class BinFit:
             out = out + Xs @ self.sec_log_ratio - lib * self.sec_rate_diff
         return np.asarray(out)
 
+    def without(self, drop: set[str]) -> BinFit:
+        """The model on the other genes (a gene left out is marginalised, which is exact for
+        independent per-gene likelihoods given the library size)."""
+        keep = [i for i, g in enumerate(self.genes) if g not in drop]
+        keep_s = [i for i, g in enumerate(self.sec_genes) if g not in drop]
+        if len(keep) == len(self.genes) and len(keep_s) == len(self.sec_genes):
+            return self
+        terms = self.sec_rate_terms[keep_s]
+        return replace(
+            self,
+            genes=[self.genes[i] for i in keep],
+            n_up=sum(1 for i in keep if i < self.n_up),
+            rate_high=self.rate_high[keep],
+            rate_low=self.rate_low[keep],
+            theta=self.theta[keep],
+            sec_genes=[self.sec_genes[i] for i in keep_s],
+            sec_log_ratio=self.sec_log_ratio[keep_s],
+            sec_rate_terms=terms,
+            sec_rate_diff=float(terms.sum()),
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
+            "kind": "nb",
             "genes": list(self.genes),
             "rate_high_per_10k": np.asarray(self.rate_high * 1e4, dtype=float),
             "rate_low_per_10k": np.asarray(self.rate_low * 1e4, dtype=float),
@@ -322,6 +464,7 @@ class BinFit:
             "secondary_genes": list(self.sec_genes),
             "secondary_log_rate_ratio": np.asarray(self.sec_log_ratio, dtype=float),
             "prior_positive": {k: float(v) for k, v in self.weights.items()},
+            "pooled_prior_positive": float(self.prior),
             "fold": float(self.fold),
             "ok": bool(self.ok),
             "n_cells": int(self.n_cells),
@@ -330,15 +473,50 @@ class BinFit:
         }
 
 
+@dataclass
+class GaussFit:
+    """A two-component Gaussian mixture on a log-normalised gene-set score (normalised data,
+    where counts are not available): up genes minus down genes, each minus its controls."""
+
+    genes: list[str]
+    n_up: int
+    gmm: GMM
+    prior: float
+    ok: bool
+    n_cells: int
+    note: str = ""
+    log_prior: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    weights: dict[str, float] = field(default_factory=dict)
+    kind: str = "gauss"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = self.gmm.as_dict()
+        d.update(
+            {
+                "kind": "gauss",
+                "genes": list(self.genes),
+                "prior_positive": {k: float(v) for k, v in self.weights.items()},
+                "pooled_prior_positive": float(self.prior),
+                "ok": bool(self.ok),
+                "n_cells": int(self.n_cells),
+                "note": self.note,
+            }
+        )
+        return d
+
+
+SetModel = BinFit | GaussFit
+
+
 def _sample_prior(
     p: np.ndarray, groups: np.ndarray, n_groups: int, kappa: float
 ) -> tuple[np.ndarray, float]:
     """Per-sample P(high), shrunk towards the pooled value by ``kappa`` pseudo-cells."""
-    pooled = float(np.clip(p.mean(), 1e-4, 1 - 1e-4)) if p.size else 0.5
+    pooled = float(np.clip(p.mean(), PRIOR_FLOOR, 1 - PRIOR_FLOOR)) if p.size else 0.5
     s1 = np.bincount(groups, weights=p, minlength=n_groups)
     cnt = np.bincount(groups, minlength=n_groups)
     pi = (s1 + kappa * pooled) / np.maximum(cnt + kappa, 1e-12)
-    return np.clip(pi, 1e-4, 1 - 1e-4), pooled
+    return np.clip(pi, PRIOR_FLOOR, 1 - PRIOR_FLOOR), pooled
 
 
 def _finish_prior(
@@ -347,6 +525,7 @@ def _finish_prior(
     n_groups = len(sample_names)
     pi, pooled = _sample_prior(p, groups, n_groups, kappa)
     counts = np.bincount(groups, minlength=n_groups)
+    fit.prior = pooled
     fit.log_prior = np.where(counts > 0, logit(pi), logit(pooled))
     fit.weights = {str(s): float(pi[i]) for i, s in enumerate(sample_names) if counts[i] > 0}
 
@@ -400,7 +579,10 @@ def _fit_count_mixture(
     fold = float(np.exp(np.mean(orient * lr)))
     ok = fold >= spec.min_fold
     note = "" if ok else f"states not separable (mean fold {fold:.2f} < {spec.min_fold:g})"
-    fit = BinFit(list(genes), r1, r0, theta, np.zeros(n_groups), {}, fold, ok, m, n_iter, note)
+    n_up = int((orient > 0).sum())
+    fit = BinFit(
+        list(genes), n_up, r1, r0, theta, np.zeros(n_groups), {}, fold, ok, m, n_iter, note
+    )
     # per-sample priors and posteriors of all cells with the rates fixed
     llr = fit.llr(X, lib)
     q = expit(llr)
@@ -444,7 +626,8 @@ def _add_secondary(
     gm = np.sqrt(r1 * r0)
     fit.sec_genes = list(sec_genes)
     fit.sec_log_ratio = lr
-    fit.sec_rate_diff = float((gm * (np.exp(lr / 2) - np.exp(-lr / 2))).sum())
+    fit.sec_rate_terms = np.asarray(gm * (np.exp(lr / 2) - np.exp(-lr / 2)), dtype=np.float64)
+    fit.sec_rate_diff = float(fit.sec_rate_terms.sum())
     data_llr = base_llr + Xs @ lr - lib * fit.sec_rate_diff
     n_groups = len(sample_names)
     q = p
@@ -459,126 +642,63 @@ def _add_secondary(
     return np.asarray(q)
 
 
-# =========================================================================== RNA block
-class RNA:
-    """Counts of the signature genes (dense, QC-passed cells) and matched-control scores."""
-
-    def __init__(
-        self, counts: sp.csr_matrix, rows: np.ndarray, symbols: np.ndarray, spec: RNASpec
-    ) -> None:
-        self.spec = spec
-        lib_all = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-        self.lib = lib_all[rows]
-        n_all, g = counts.shape
-        sym_index: dict[str, int] = {}
-        for j, s in enumerate(symbols):
-            sym_index.setdefault(str(s), j)
-        wanted: list[str] = []
-        for sig in spec.signatures.values():
-            for gname in (*sig.up, *sig.down, *sig.secondary):
-                u = gname.upper()
-                if u in sym_index and u not in wanted:
-                    wanted.append(u)
-        self.present = set(wanted)
-        # expression-matched controls: bin all genes by mean normalised expression
-        # (an evenly spaced subset of at most 20,000 QC-passed cells ranks genes well enough)
-        sub = rows[np.linspace(0, rows.size - 1, min(rows.size, 20_000)).astype(np.int64)]
-        w = spec.target_sum / np.maximum(lib_all[sub], 1.0)
-        gene_mean = np.asarray(counts[sub].T @ w).ravel() / max(sub.size, 1)
-        sig_cols = {sym_index[x] for x in wanted}
-        order = np.argsort(gene_mean, kind="stable")
-        bins = np.empty(g, dtype=np.int64)
-        bins[order] = (np.arange(g) * spec.n_bins) // max(g, 1)
-        rng = np.random.default_rng(spec.control_seed)
-        ctrl_cols: list[int] = []
-        ctrl_bin: list[int] = []
-        for b in range(spec.n_bins):
-            pool = np.array(
-                [j for j in np.flatnonzero(bins == b) if j not in sig_cols], dtype=np.int64
-            )
-            if pool.size == 0:
-                continue
-            pick = np.sort(
-                rng.choice(pool, size=min(spec.n_ctrl_per_bin, pool.size), replace=False)
-            )
-            ctrl_cols += [int(x) for x in pick]
-            ctrl_bin += [b] * len(pick)
-        cols = [sym_index[x] for x in wanted]
-        block = counts[:, cols + ctrl_cols]
-        if rows.size < n_all:
-            block = block[rows]
-        dense = np.asarray(block.toarray(), dtype=np.float32)
-        self.X = np.ascontiguousarray(dense[:, : len(cols)])
-        self.col = {x: i for i, x in enumerate(wanted)}
-        self.gene_bin = {x: int(bins[sym_index[x]]) for x in wanted}
-        self.scale = (spec.target_sum / np.maximum(self.lib, 1.0)).astype(np.float32)
-        ctrl = np.log1p(dense[:, len(cols) :] * self.scale[:, None])
-        cb = np.asarray(ctrl_bin, dtype=np.int64)
-        self.ctrl_mean = np.zeros((rows.size, spec.n_bins), dtype=np.float32)
-        for b in np.unique(cb):
-            self.ctrl_mean[:, b] = ctrl[:, cb == b].mean(axis=1)
-        self.n_ctrl_genes = len(ctrl_cols)
-
-    def genes(self, names: Sequence[str]) -> list[str]:
-        out: list[str] = []
-        for g in names:
-            u = g.upper()
-            if u in self.col and u not in out:
-                out.append(u)
-        return out
-
-    def counts(self, genes: Sequence[str], rows: np.ndarray | None = None) -> np.ndarray:
-        idx = [self.col[g] for g in genes]
-        X = self.X[:, idx] if rows is None else self.X[np.ix_(rows, idx)]
-        return np.asarray(X, dtype=np.float64)
-
-    def set_score(self, genes: Sequence[str]) -> np.ndarray | None:
-        """Mean log-normalised expression of the genes minus that of matched controls."""
-        gs = self.genes(genes)
-        if not gs:
-            return None
-        idx = [self.col[g] for g in gs]
-        ln = np.log1p(self.X[:, idx] * self.scale[:, None])
-        ctrl = self.ctrl_mean[:, [self.gene_bin[g] for g in gs]]
-        return np.asarray((ln - ctrl).mean(axis=1), dtype=np.float64)
-
-    def score(self, sig: SignatureSpec) -> np.ndarray | None:
-        up = self.set_score(sig.up)
-        if up is None:
-            return None
-        down = self.set_score(sig.down) if sig.down else None
-        return up if down is None else up - down
+def _start(s: np.ndarray) -> np.ndarray:
+    """EM start: Otsu's split of the gene-set score (top 20% if the score is constant)."""
+    thr = otsu(s) if np.ptp(s) > 0 else float(np.median(s))
+    init = np.where(s >= thr, 0.9, 0.1)
+    if init.min() == init.max():
+        init = np.where(s > np.quantile(s, 0.8), 0.9, 0.1)
+    return init
 
 
 def fit_signature(
-    rna: RNA,
+    rna: RNABlock,
     name: str,
     rows: np.ndarray,
     groups: np.ndarray,
     sample_names: Sequence[str],
     spec: RNASpec,
     scores: Mapping[str, np.ndarray],
-) -> tuple[BinFit | None, np.ndarray | None]:
-    """Fit one signature's count mixture on ``rows``; the fit and posteriors for ``rows``.
+) -> tuple[SetModel | None, np.ndarray | None]:
+    """Fit one signature's mixture on ``rows``; the fit and posteriors for ``rows``.
 
-    EM starts from Otsu's split of the gene-set score (top 20% if the score is constant).
+    Raw counts: a negative-binomial mixture, EM started from Otsu's split of the gene-set
+    score, then secondary genes. Normalised data: a Gaussian mixture on the score (the
+    per-sample priors are then computed exactly as when the model is applied to new data).
     """
     sig = spec.signatures[name]
     up = rna.genes(sig.up)
     genes = up + [g for g in rna.genes(sig.down) if g not in up]
     if not up or rows.size < spec.min_cells_per_fit:
         return None, None
+    g = groups[rows]
+    if not rna.is_counts:
+        sc = scores.get(name)
+        if sc is None:
+            return None, None
+        s = sc[rows]
+        gm = fit_gmm(s, min_separation=spec.gauss_min_separation, min_weight=0.02, max_iter=300)
+        note = (
+            ""
+            if gm.ok
+            else (
+                f"score not bimodal (Ashman's D {gm.separation:.2f} < {spec.gauss_min_separation:g})"
+            )
+        )
+        gfit = GaussFit(genes, len(up), gm, float(gm.w[1]), gm.ok, int(rows.size), note)
+        llr = gm.log_ratio(s)
+        gfit.log_prior = sample_log_prior(
+            llr, g, len(sample_names), gfit.prior, spec.sample_prior_cells
+        )
+        q = expit(llr + gfit.log_prior[g])
+        gfit.weights = {str(sample_names[i]): float(expit(gfit.log_prior[i])) for i in np.unique(g)}
+        return gfit, q
     X = rna.counts(genes, rows)
     lib = rna.lib[rows]
     sc = scores.get(name)
     s = sc[rows] if sc is not None else X[:, : len(up)].sum(axis=1)
-    thr = _otsu(s) if np.ptp(s) > 0 else float(np.median(s))
-    init = np.where(s >= thr, 0.9, 0.1)
-    if init.min() == init.max():
-        init = np.where(s > np.quantile(s, 0.8), 0.9, 0.1)
-    g = groups[rows]
     orient = np.array([1.0] * len(up) + [-1.0] * (len(genes) - len(up)))
-    fit, p = _fit_count_mixture(X, lib, g, sample_names, init, orient, genes, spec)
+    fit, p = _fit_count_mixture(X, lib, g, sample_names, _start(s), orient, genes, spec)
     if fit.ok and sig.secondary:
         sec = [x for x in rna.genes(sig.secondary) if x not in genes]
         if sec:
@@ -587,7 +707,116 @@ def fit_signature(
     return fit, p
 
 
-def predict_signature(rna: RNA, fit: BinFit, rows: np.ndarray, groups: np.ndarray) -> np.ndarray:
+def set_llr(model: SetModel, rna: RNABlock, rows: np.ndarray) -> np.ndarray:
+    """Per-cell log-likelihood ratio high vs low of ``rows`` (genes absent here are left out)."""
+    if isinstance(model, GaussFit):
+        up = [g for g in model.genes[: model.n_up] if g in rna.col]
+        down = [g for g in model.genes[model.n_up :] if g in rna.col]
+        s = rna.score_of(up, down)
+        if s is None:
+            return np.zeros(rows.size)
+        return model.gmm.log_ratio(s[rows])
+    fit = model.without({g for g in (*model.genes, *model.sec_genes) if g not in rna.col})
     X = rna.counts(fit.genes, rows)
     Xs = rna.counts(fit.sec_genes, rows) if fit.sec_genes else None
-    return expit(fit.llr(X, rna.lib[rows], Xs) + fit.log_prior[groups[rows]])
+    return fit.llr(X, rna.lib[rows], Xs)
+
+
+def predict_fitted(
+    rna: RNABlock, fit: SetModel, rows: np.ndarray, groups: np.ndarray, drop: set[str] | None = None
+) -> np.ndarray:
+    """Posteriors of ``rows`` with the per-sample priors learned when fitting (fit time)."""
+    model = fit.without(drop) if drop and isinstance(fit, BinFit) else fit
+    return expit(set_llr(model, rna, rows) + fit.log_prior[groups[rows]])
+
+
+# =========================================================================== protein + RNA
+@dataclass
+class FuseModel:
+    """RNA evidence added to a weak protein gate: the two protein-defined states' RNA rates
+    (raw counts) or score distributions (normalised data), learned once."""
+
+    marker: str
+    gene_set: str
+    kind: str
+    genes: list[str]
+    cap: float
+    n_cells: int
+    rate_high: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rate_low: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    theta: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    n_up: int = 0
+    mean_high: float = 0.0
+    mean_low: float = 0.0
+    sd: float = 1.0
+
+    def llr(self, rna: RNABlock, rows: np.ndarray) -> np.ndarray:
+        """Capped per-cell log-likelihood ratio (genes absent here are left out)."""
+        if self.kind == "gauss":
+            up = [g for g in self.genes[: self.n_up] if g in rna.col]
+            down = [g for g in self.genes[self.n_up :] if g in rna.col]
+            s = rna.score_of(up, down)
+            if s is None:
+                return np.zeros(rows.size)
+            v = s[rows]
+            out = ((v - self.mean_low) ** 2 - (v - self.mean_high) ** 2) / (2 * self.sd**2)
+        else:
+            keep = [i for i, g in enumerate(self.genes) if g in rna.col]
+            X = rna.counts([self.genes[i] for i in keep], rows)
+            lib = rna.lib[rows]
+            out = nb_loglik(X, lib, self.rate_high[keep], self.theta[keep]) - nb_loglik(
+                X, lib, self.rate_low[keep], self.theta[keep]
+            )
+        return np.asarray(np.clip(out, -self.cap, self.cap))
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "gene_set": self.gene_set,
+            "genes": list(self.genes),
+            "n_cells": int(self.n_cells),
+        }
+        if self.kind == "nb":
+            d["log_rate_ratio"] = np.log(self.rate_high) - np.log(self.rate_low)
+        else:
+            d.update(score_mean_high=self.mean_high, score_mean_low=self.mean_low, sd=self.sd)
+        return d
+
+
+def fit_fuse(
+    rna: RNABlock,
+    *,
+    marker: str,
+    gene_set: str,
+    genes: list[str],
+    n_up: int,
+    prob: np.ndarray,
+    rows: np.ndarray,
+    cap: float,
+    spec: RNASpec,
+) -> FuseModel:
+    """Learn the RNA states of the cells weighted by the protein posterior ``prob[rows]``
+    (no EM, so the states stay the protein-defined ones)."""
+    w = prob[rows]
+    if not rna.is_counts:
+        s = rna.score_of(genes[:n_up], genes[n_up:])
+        v = s[rows] if s is not None else np.zeros(rows.size)
+        sw1, sw0 = max(float(w.sum()), 1e-9), max(float((1 - w).sum()), 1e-9)
+        m1, m0 = float(w @ v) / sw1, float((1 - w) @ v) / sw0
+        var = (float(w @ (v - m1) ** 2) + float((1 - w) @ (v - m0) ** 2)) / max(rows.size, 1)
+        return FuseModel(
+            marker,
+            gene_set,
+            "gauss",
+            genes,
+            cap,
+            int(rows.size),
+            n_up=n_up,
+            mean_high=m1,
+            mean_low=m0,
+            sd=max(float(np.sqrt(var)), 1e-3),
+        )
+    X = rna.counts(genes, rows)
+    lib = rna.lib[rows]
+    glob = (X.sum(axis=0) + 1e-3) / max(float(lib.sum()), 1.0)
+    r1, r0, theta = nb_rates(X, X**2, lib, w, spec.prior_umis, glob)
+    return FuseModel(marker, gene_set, "nb", genes, cap, int(rows.size), r1, r0, theta, n_up=n_up)

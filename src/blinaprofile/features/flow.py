@@ -8,7 +8,7 @@ does a cohort (in parallel processes, :func:`blinaprofile.parallel.run_parallel`
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from blinaprofile.gating.gates import GatingResult
     from blinaprofile.gating.tree import GateTree
+    from blinaprofile.io.read import FCSReadOptions
 
 __all__ = [
     "feature_columns",
@@ -153,28 +154,37 @@ def featurize_fcs(
     path: str | os.PathLike[str],
     *,
     strategy: GateTree | None = None,
-    adaptive: bool = False,
+    adaptive: bool = True,
     sample_id: str | None = None,
     patient_id: str | None = None,
     qc: QCConfig | None = None,
     keep_gating: bool = False,
+    fcs_options: FCSReadOptions | None = None,
 ) -> SampleFeatures:
     """Read, gate and featurize one FCS file.
+
+    ``fcs_options`` relaxes the reader's integrity checks (default: the options of the
+    enclosing :func:`blinaprofile.io.read.fcs_read_options` block, else strict). Without
+    ``sample_id`` the sample is named by the pseudonym ``S-<first 12 hex of the file's
+    SHA-256>``, never by the file's name.
 
     Returns
     -------
     SampleFeatures
-        ``row`` has every column of :func:`feature_columns`.
+        ``row`` has every column of :func:`feature_columns` and ``warnings``: the
+        reader's warnings about the file (:func:`blinaprofile.io.read.join_warnings`).
     """
     from blinaprofile.gating.sample import gate_events
     from blinaprofile.gating.strategy import load_strategy
-    from blinaprofile.io.read import read_flow
+    from blinaprofile.io.privacy import file_pseudonym
+    from blinaprofile.io.read import join_warnings, read_flow
 
-    data = read_flow(path)
     strategy = strategy or load_strategy()
+    # the strategy's own marker names are declared: $PnS labels it reads stay verbatim
+    data = read_flow(path, fcs_options=fcs_options, declared_markers=strategy.needed_names())
     tree, res = gate_events(data, strategy, adaptive=adaptive)
     feats = features_from_gating(tree, res, medians=_medians(tree, res, data))
-    sid = sample_id or Path(path).stem
+    sid = sample_id or file_pseudonym(path)
     row: dict[str, Any] = {
         "sample_id": sid,
         "patient_id": patient_id or sid,
@@ -185,17 +195,26 @@ def featurize_fcs(
     passed, reasons = qc_verdict(row, qc or load_qc(), res.flags)
     row["qc_pass"] = passed
     row["qc_reasons"] = reasons
+    row["warnings"] = join_warnings(data.warnings)
     return SampleFeatures(row, tree if keep_gating else None, res if keep_gating else None)
 
 
-def _featurize_one(args: tuple[str, str, str, str | None, bool, QCConfig]) -> dict[str, Any]:
-    path, sid, pid, strategy_path, adaptive, qc = args
+def _featurize_one(
+    args: tuple[str, str, str, str | None, bool, QCConfig, FCSReadOptions],
+) -> dict[str, Any]:
+    path, sid, pid, strategy_path, adaptive, qc, fcs_options = args
     from blinaprofile.gating.strategy import load_strategy
 
     try:
         strategy = load_strategy(strategy_path)
         return featurize_fcs(
-            path, strategy=strategy, adaptive=adaptive, sample_id=sid, patient_id=pid, qc=qc
+            path,
+            strategy=strategy,
+            adaptive=adaptive,
+            sample_id=sid,
+            patient_id=pid,
+            qc=qc,
+            fcs_options=fcs_options,
         ).row
     except BlinaprofileError as err:
         msg = str(err) if err.path else f"{path}: {err}"
@@ -218,19 +237,31 @@ def featurize_manifest(
     manifest: str | os.PathLike[str] | pd.DataFrame,
     *,
     strategy_path: str | os.PathLike[str] | None = None,
-    adaptive: bool = False,
+    adaptive: bool = True,
     qc: QCConfig | None = None,
     n_jobs: int | None = None,
+    fcs_options: FCSReadOptions | None = None,
+    keep_columns: Iterable[str] = (),
+    keep_file_names: bool = False,
 ) -> pd.DataFrame:
     """Featurize every sample of a manifest (flow files) in parallel processes.
 
     Samples that fail (bad file, panel mismatch...) get an ``error`` message instead of
-    features; the cohort goes on. Manifest columns (``response``, ``timepoint``...) are kept.
+    features; the cohort goes on; the message names the sample (its ``sample_id``), not
+    the file, unless ``keep_file_names``. Only declared manifest columns are kept
+    (:data:`blinaprofile.io.privacy.DECLARED_MANIFEST_COLUMNS`: ``sample_id``,
+    ``patient_id``, ``response``, ``timepoint``, ``batch``; those named in
+    ``keep_columns``; ``file`` with ``keep_file_names``): any other column (an ``mrn``, a
+    ``patient_name``) is dropped and listed in ``table.attrs["dropped_columns"]``.
+    The ``warnings`` column holds the reader's warnings about each file (``""`` if none).
+    ``fcs_options`` relaxes the reader's integrity checks for every file (default: the
+    enclosing :func:`blinaprofile.io.read.fcs_read_options` block's, else strict).
     """
     import pandas as pd
 
     from blinaprofile.gating.strategy import load_strategy
-    from blinaprofile.io.read import read_manifest
+    from blinaprofile.io.privacy import manifest_columns, withhold_file_name
+    from blinaprofile.io.read import current_fcs_read_options, read_manifest
     from blinaprofile.settings import settings
 
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
@@ -244,19 +275,38 @@ def featurize_manifest(
     qc = qc or load_qc()
     sp = str(strategy_path) if strategy_path else None
     load_strategy(sp)  # a bad strategy is one error for the run, not one per sample
+    kept, dropped = manifest_columns(
+        list(df.columns),
+        keep=keep_columns,
+        keep_file_names=keep_file_names,
+        path=None if isinstance(manifest, pd.DataFrame) else manifest,
+    )
+    computed = {*feature_columns(), "error", "warnings"}
+    clash = [c for c in kept if c in computed and c not in ("sample_id", "patient_id")]
+    if clash:
+        from blinaprofile.errors import ManifestError
+
+        raise ManifestError(f"column(s) {clash} to keep would replace computed columns")
+    fcs_options = fcs_options or current_fcs_read_options()  # workers get it explicitly
     jobs = [
-        (str(r.path), str(r.sample_id), str(r.patient_id), sp, adaptive, qc)
+        (str(r.path), str(r.sample_id), str(r.patient_id), sp, adaptive, qc, fcs_options)
         for r in df.itertuples(index=False)
     ]
     n_jobs = settings.n_jobs if n_jobs is None else n_jobs
     done = dict(run_parallel(_featurize_one, jobs, n_jobs=n_jobs, on_error=_worker_failed))
     rows = [done[j] for j in jobs]
+    if not keep_file_names:  # error rows name the sample, never its file
+        for j, row in zip(jobs, rows, strict=True):
+            if row.get("error"):
+                row["error"] = withhold_file_name(row["error"], j[0], label=j[1])
     # every column is present even when every sample failed
-    feats = pd.DataFrame(rows).reindex(columns=[*feature_columns(), "error"])
+    feats = pd.DataFrame(rows).reindex(columns=[*feature_columns(), "error", "warnings"])
     feats["error"] = feats["error"].fillna("").astype(str)
-    extra = [c for c in df.columns if c not in ("sample_id", "patient_id", "path")]
-    feats = feats.drop(columns=[c for c in extra if c in feats.columns])
+    feats["warnings"] = feats["warnings"].fillna("").astype(str)
+    extra = [c for c in kept if c not in ("sample_id", "patient_id")]
     out = df[["sample_id", *extra]].merge(feats, on="sample_id", how="left")
     cols = [c for c in feature_columns() if c in out.columns]
     rest = [c for c in out.columns if c not in cols]
-    return out[cols + rest]
+    table = out[cols + rest]
+    table.attrs["dropped_columns"] = dropped
+    return table

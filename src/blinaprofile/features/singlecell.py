@@ -1,9 +1,15 @@
-"""Per-sample features in the versioned schema from an annotated single-cell object."""
+"""Per-sample features in the versioned schema from a single-cell object.
+
+With a fitted :class:`~blinaprofile.annotate.estimator.TCellAnnotator` (the one stored with a
+model) a sample gets the same features alone as inside any cohort; without one, an annotator
+is fitted on the object given and the table records that it was.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +17,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from blinaprofile.annotate.annotator import Labels, cell_qc, prepare, run_annotator, tim3_estimator
-from blinaprofile.annotate.config import MEMORY_LABELS, PathLike, SingleCellConfig, resolve_config
+from blinaprofile.annotate.cascade import Labels, tim3_estimator
+from blinaprofile.annotate.config import MEMORY_LABELS, PathLike, SingleCellConfig
+from blinaprofile.annotate.estimator import Annotation, TCellAnnotator
+from blinaprofile.errors import ConfigError
 from blinaprofile.features.schema import QC_COLUMNS, SCHEMA_VERSION, feature_columns, feature_names
-from blinaprofile.io.singlecell import read_single_cell
+from blinaprofile.io.singlecell import XKind, read_single_cell
 
 
 # =========================================================================== features
@@ -93,12 +101,137 @@ def _features_for_sample(
     return f, reasons
 
 
-def featurize_single_cell(
+@dataclass
+class SingleCellFeatures:
+    """Features of a single-cell object and what produced them.
+
+    Attributes
+    ----------
+    table
+        One row per sample (see :func:`featurize_single_cell`).
+    annotator
+        The fitted annotator used (the one given, or the one fitted on the object: store it
+        with a model so that samples scored later are labelled the same way).
+    fitted_on_input
+        ``True`` when no fitted annotator was given and one was fitted on this object.
+    evidence
+        Per sample, the evidence behind every call (also in
+        ``table.attrs['blinaprofile']['evidence']``).
+    """
+
+    table: pd.DataFrame
+    annotator: TCellAnnotator
+    fitted_on_input: bool
+    evidence: dict[str, dict[str, Any]]
+
+
+def _read(
+    data: ad.AnnData | PathLike, sample_key: str | None, x_kind: str
+) -> tuple[ad.AnnData, str]:
+    if isinstance(data, ad.AnnData):
+        return data, "sample"
+    adata = read_single_cell(data, sample_key=sample_key, x_kind=x_kind)  # type: ignore[arg-type]
+    p = Path(data)
+    base = p.parent if p.name.lower().endswith((".mtx", ".mtx.gz")) else p
+    return adata, re.sub(r"\.(h5ad|h5|hdf5)$", "", base.name, flags=re.IGNORECASE)
+
+
+def featurize_cells(
     data: ad.AnnData | PathLike,
     *,
+    annotator: TCellAnnotator | None = None,
     sample_key: str | None = None,
     patient_key: str | None = None,
     config: SingleCellConfig | Mapping[str, Any] | PathLike | None = None,
+    x_kind: XKind = "auto",
+) -> SingleCellFeatures:
+    """Per-sample features, the annotator behind them and whether it was fitted here.
+
+    Parameters are those of :func:`featurize_single_cell`.
+
+    Returns
+    -------
+    SingleCellFeatures
+    """
+    if annotator is not None and config is not None:
+        raise ConfigError(
+            "pass either a fitted annotator (its config is used) or a config, not both"
+        )
+    adata, default = _read(data, sample_key, x_kind)
+    fitted_here = annotator is None
+    ann: Annotation
+    if annotator is None:
+        annotator = TCellAnnotator(config=config)
+        ann = annotator.fit_annotation(
+            adata,
+            sample_key=sample_key,
+            patient_key=patient_key,
+            x_kind=x_kind,
+            default_sample=default,
+        )
+    else:
+        ann = annotator.annotation(
+            adata,
+            sample_key=sample_key,
+            patient_key=patient_key,
+            x_kind=x_kind,
+            default_sample=default,
+        )
+    cfg = ann.fitted.config
+    inp, lab = ann.inp, ann.labels
+    grp_qc = inp.sample[ann.qc.passed]
+    n_events = np.bincount(inp.sample, minlength=len(inp.sample_names))
+    estimator = tim3_estimator(lab)
+    evidence = ann.evidence()
+    rows = []
+    for i, sid in enumerate(inp.sample_names):
+        sel = grp_qc == i
+        f, reasons = _features_for_sample(lab, sel, int(n_events[i]), cfg)
+        row: dict[str, Any] = {
+            "sample_id": sid,
+            "patient_id": inp.patient_of_sample[i],
+            "modality": "single_cell",
+            "schema_version": SCHEMA_VERSION,
+        }
+        row.update({k: f[k] for k in feature_names()})
+        row.update({k: int(f[k]) for k in QC_COLUMNS})
+        row["qc_pass"] = not reasons
+        row["qc_reasons"] = "; ".join(reasons)
+        row["tim3_estimator"] = estimator
+        rows.append(row)
+        c8 = sel & (lab.lineage == "CD8")
+        ex = lab.exhausted[c8]
+        ex = ex[~np.isnan(ex)]
+        evidence[sid]["states"] = {
+            "exhausted_pct_cd8": float(100.0 * ex.mean()) if ex.size else float("nan"),
+            "note": "exhausted = checkpoint-high CD8 (TIM3+ PD-1+ protein, else the RNA "
+            "checkpoint set); not a schema feature",
+        }
+    cols = [*feature_columns(), "tim3_estimator"]
+    df = pd.DataFrame(rows, columns=cols)
+    df["qc_pass"] = df["qc_pass"].astype(bool)
+    df.attrs["blinaprofile"] = {
+        "source": inp.source or "",
+        "sample_key": inp.sample_key or "",
+        "patient_key": inp.patient_key or "",
+        "x_kind": inp.x_kind,
+        "estimators": dict(lab.evidence),
+        "evidence": evidence,
+        "fraction_estimator": cfg.fraction_estimator,
+        "annotator": ann.annotator_info(),
+        "annotator_fitted_on_input": fitted_here,
+    }
+    return SingleCellFeatures(df, annotator, fitted_here, evidence)
+
+
+def featurize_single_cell(
+    data: ad.AnnData | PathLike,
+    *,
+    annotator: TCellAnnotator | None = None,
+    sample_key: str | None = None,
+    patient_key: str | None = None,
+    config: SingleCellConfig | Mapping[str, Any] | PathLike | None = None,
+    x_kind: XKind = "auto",
 ) -> pd.DataFrame:
     """Per-sample features in the versioned schema from a single-cell object.
 
@@ -106,13 +239,23 @@ def featurize_single_cell(
     ----------
     data
         A path (anything :func:`read_single_cell` reads) or an AnnData (left unmodified).
+    annotator
+        A fitted :class:`~blinaprofile.annotate.estimator.TCellAnnotator` (the one stored
+        with the model): every sample is then labelled exactly as in training, alone or not.
+        ``None`` fits an annotator on ``data`` itself (model-free): the features then depend
+        on what else is in ``data``; ``attrs['blinaprofile']['annotator_fitted_on_input']``
+        says so (and :func:`featurize_cells` returns the fitted annotator and the flag).
     sample_key, patient_key
         ``obs`` columns of the sample and the patient. ``None`` uses the first of
         ``config.sample_key_candidates`` / ``patient_key_candidates`` present; without a
         sample column the whole object is one sample named after the file (or ``sample``);
         without a patient column each sample is its own patient.
     config
-        A :class:`SingleCellConfig`, a mapping, a YAML path, or ``None`` for the default.
+        For the model-free fit: a :class:`SingleCellConfig`, a mapping, a YAML path, or
+        ``None`` for the default. Not allowed with ``annotator`` (whose config is used).
+    x_kind
+        What the RNA matrix holds: ``auto`` (detect), ``counts``, ``log1p-cp10k``,
+        ``log-tpm`` or ``tpm`` (see :func:`blinaprofile.io.singlecell.detect_x_kind`).
 
     Returns
     -------
@@ -126,54 +269,26 @@ def featurize_single_cell(
         lineage shares come from the hard calls (``cd4_cd8_ratio = n_cd4 / n_cd8``), memory
         and state shares are the mean posterior over the parent's cells
         (``fraction_estimator``). Features whose parent has too few cells are NaN.
-        ``df.attrs['blinaprofile']`` holds the evidence per label and the keys used.
+        ``df.attrs['blinaprofile']``: ``estimators`` (label -> estimator), ``evidence``
+        (per sample: per label the source protein/RNA/unavailable, markers, gene sets and
+        genes used, genes missing, per-sample gate methods; cells removed by each cell-QC
+        rule; the matrix kind; ``exhausted_pct_cd8``), ``annotator`` (what it was fitted
+        on), ``annotator_fitted_on_input``, ``x_kind``, the keys used.
 
     Raises
     ------
     SingleCellInputError
-        Unreadable input, unknown sample/patient key, a sample spanning several patients, or
-        neither protein nor genes to call T cells and CD4/CD8 (the message names the file).
+        Unreadable input, unknown sample/patient key, a sample spanning several patients, a
+        cytometry object, an unusable matrix, or neither protein nor genes to call T cells
+        and CD4/CD8 (the message names the file).
+    ConfigError
+        Both ``annotator`` and ``config`` given.
     """
-    cfg = resolve_config(config)
-    if isinstance(data, ad.AnnData):
-        adata = data
-        default = "sample"
-    else:
-        adata = read_single_cell(data, sample_key=sample_key)
-        p = Path(data)
-        base = p.parent if p.name.lower().endswith((".mtx", ".mtx.gz")) else p
-        default = re.sub(r"\.(h5ad|h5|hdf5)$", "", base.name, flags=re.IGNORECASE)
-    inp = prepare(
-        adata, cfg, sample_key=sample_key, patient_key=patient_key, default_sample=default
-    )
-    qc, _ = cell_qc(inp, cfg)
-    lab = run_annotator(inp, qc, cfg)
-    grp_qc = inp.sample[qc]
-    n_events = np.bincount(inp.sample, minlength=len(inp.sample_names))
-    estimator = tim3_estimator(lab)
-    rows = []
-    for i, sid in enumerate(inp.sample_names):
-        f, reasons = _features_for_sample(lab, grp_qc == i, int(n_events[i]), cfg)
-        row: dict[str, Any] = {
-            "sample_id": sid,
-            "patient_id": inp.patient_of_sample[i],
-            "modality": "single_cell",
-            "schema_version": SCHEMA_VERSION,
-        }
-        row.update({k: f[k] for k in feature_names()})
-        row.update({k: int(f[k]) for k in QC_COLUMNS})
-        row["qc_pass"] = not reasons
-        row["qc_reasons"] = "; ".join(reasons)
-        row["tim3_estimator"] = estimator
-        rows.append(row)
-    cols = [*feature_columns(), "tim3_estimator"]
-    df = pd.DataFrame(rows, columns=cols)
-    df["qc_pass"] = df["qc_pass"].astype(bool)
-    df.attrs["blinaprofile"] = {
-        "source": inp.source or "",
-        "sample_key": inp.sample_key or "",
-        "patient_key": inp.patient_key or "",
-        "evidence": dict(lab.evidence),
-        "fraction_estimator": cfg.fraction_estimator,
-    }
-    return df
+    return featurize_cells(
+        data,
+        annotator=annotator,
+        sample_key=sample_key,
+        patient_key=patient_key,
+        config=config,
+        x_kind=x_kind,
+    ).table

@@ -195,6 +195,8 @@ class EventCache:
         self._comps: dict[str, _Comp | None] = {}
         self._xf: dict[tuple[str, str, str | None], np.ndarray] = {}
         self._transforms: dict[str, Any] = {}
+        #: per-sample gate placement state (:mod:`blinaprofile.gating.placement`)
+        self.placement_state: Any = None
 
     # -- basics -----------------------------------------------------------------------
     def transform(self, tid: str) -> Any:

@@ -5,16 +5,33 @@ Instruments and labs name the same antigen differently (``CCR7``, ``CD197``,
 marker names a gating strategy needs onto a sample's channels, insensitive to case,
 spaces and punctuation, and raises :class:`PanelMismatchError` naming what is
 missing and what the file has.
+
+``$PnS`` is free text (an operator can type a patient's name into it), so this module
+also says which labels name a *known* marker (:func:`is_known_marker`, :func:`marker_label`):
+a panel synonym, a CD antigen, a marker of the active panel (``configs/panels``) or one the
+caller declares. :func:`blinaprofile.io.privacy.redact_markers` uses it to decide which labels
+may leave the reader.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
 
 from blinaprofile.errors import PanelMismatchError
 
-__all__ = ["SYNONYMS", "canonical_marker", "normalize", "resolve_markers"]
+__all__ = [
+    "SYNONYMS",
+    "canonical_marker",
+    "is_known_marker",
+    "marker_label",
+    "normalize",
+    "panel_markers",
+    "resolve_markers",
+]
 
 #: canonical marker -> accepted spellings (compared after :func:`normalize`).
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -96,6 +113,89 @@ def canonical_marker(label: str) -> str | None:
     return None
 
 
+#: A cluster-of-differentiation antigen (``CD57``, ``CD45RA``, ``CD11b``, ``CD235ab``,
+#: ``CD62L``), matched on the :func:`normalize`-d label: never a person's name.
+_CD_ANTIGEN = re.compile(r"cd[0-9]{1,3}(?:[a-e]|ab|ra|ro|rb|rc|l)?")
+
+
+def panel_markers(path: str | os.PathLike[str] | None = None) -> tuple[str, ...]:
+    """The marker names a panel YAML declares (its ``channels[].marker`` values).
+
+    Parameters
+    ----------
+    path
+        A panel YAML; default the active panel (:attr:`Settings.default_panel`).
+
+    Returns
+    -------
+    tuple of str
+        Empty when the file does not exist (e.g. a config folder without panels).
+
+    Raises
+    ------
+    ConfigError
+        The panel file exists but is not a valid panel.
+    """
+    from blinaprofile.settings import settings
+
+    p = Path(path) if path is not None else settings.default_panel
+    if not p.is_file():
+        return ()
+    return _panel_markers_cached(str(p.resolve()), p.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _panel_markers_cached(path: str, mtime_ns: int) -> tuple[str, ...]:
+    from blinaprofile.config import PanelConfig, load_config
+
+    panel = load_config(PanelConfig, path)
+    return tuple(c.marker for c in panel.channels if c.marker)
+
+
+def is_known_marker(label: str, *, declared: Iterable[str] = ()) -> bool:
+    """Whether a whole label names a known marker (compared after :func:`normalize`).
+
+    Known: a spelling in :data:`SYNONYMS`, a CD antigen (``CD57``), a marker of the active
+    panel (:func:`panel_markers`) or one of ``declared`` (e.g. the names a gating strategy
+    reads, or the sample's channel names). Only ASCII labels qualify, since
+    :func:`normalize` drops every other letter.
+
+    Parameters
+    ----------
+    label
+        A ``$PnS`` value.
+    declared
+        Further names the caller declares as markers.
+    """
+    text = label.strip()
+    key = normalize(text)
+    if not key or not text.isascii():
+        return False
+    if key in _LOOKUP or _CD_ANTIGEN.fullmatch(key):
+        return True
+    return any(normalize(d) == key for d in (*declared, *panel_markers()))
+
+
+def marker_label(label: str, *, declared: Iterable[str] = ()) -> str | None:
+    """What may be shown of a ``$PnS`` label, or ``None`` when nothing may.
+
+    The label itself when it names a known marker (:func:`is_known_marker`), else the
+    canonical marker it resolves to (``'Jane Roe CD3'`` -> ``'CD3'``), else ``None``.
+    Either way the resolution of channels to markers is unchanged: a label and what is
+    shown of it have the same :func:`canonical_marker`.
+
+    Parameters
+    ----------
+    label
+        A ``$PnS`` value.
+    declared
+        Further names the caller declares as markers (see :func:`is_known_marker`).
+    """
+    if is_known_marker(label, declared=declared):
+        return label
+    return canonical_marker(label)
+
+
 def resolve_markers(
     needed: Iterable[str],
     channels: Sequence[str],
@@ -122,6 +222,7 @@ def resolve_markers(
     PanelMismatchError
         Some needed markers are absent, or one marker matches several channels.
     """
+    needed = list(needed)
     overrides = dict(overrides or {})
     by_canon: dict[str, list[str]] = {}
     for ch, mk in zip(channels, markers, strict=True):
@@ -150,7 +251,10 @@ def resolve_markers(
             else:
                 ambiguous.append(f"{name} -> {found}")
     if missing or ambiguous:
-        has = ", ".join(f"{c}={m!r}" if m else c for c, m in zip(channels, markers, strict=True))
+        from blinaprofile.io.privacy import redact_markers
+
+        shown = redact_markers(channels, markers, declared=[*needed, *overrides.values()])
+        has = ", ".join(f"{c}={m!r}" if m else c for c, m in zip(channels, shown, strict=True))
         parts = []
         if missing:
             parts.append(f"missing marker(s) {', '.join(missing)}")

@@ -26,7 +26,7 @@ def gate_events(
     data: FCSData,
     strategy: GateTree,
     *,
-    adaptive: bool = False,
+    adaptive: bool = True,
     overrides: Mapping[str, str] | None = None,
 ) -> tuple[GateTree, GatingResult]:
     """Bind ``strategy`` to an FCS sample and gate it (FCS scaling applied)."""
@@ -65,15 +65,38 @@ def gate_sample(
     data: FCSData,
     strategy: GateTree | None = None,
     *,
-    adaptive: bool = False,
+    adaptive: bool = True,
     sample_id: str | None = None,
+    keep_file_names: bool = False,
 ) -> anndata.AnnData:
     """Gate an FCS sample into an AnnData (events x channels).
 
     ``X`` holds the raw (uncompensated) event values; ``var`` has ``channel`` and
-    ``marker``; ``obs`` one boolean column per gate and ``subset`` (the most specific
-    T-cell subset, else the deepest gate reached, else ``'ungated'``); ``uns['gating']``
-    the strategy name, counts, percents, thresholds, confidences and QC flags.
+    ``marker`` (the ``$PnS`` labels as :func:`blinaprofile.io.read.read_flow` let them
+    through); ``obs`` one boolean column per gate and ``subset`` (the most specific T-cell
+    subset, else the deepest gate reached, else ``'ungated'``); ``uns['gating']`` the
+    strategy name, counts, percents, thresholds, confidences and QC flags.
+
+    Parameters
+    ----------
+    data
+        The sample (from :func:`blinaprofile.io.read.read_flow`).
+    strategy
+        The gating strategy (default: the shipped T-cell strategy).
+    adaptive
+        Place thresholds per sample from its own populations (default); ``False`` keeps the
+        configured thresholds (a shifted sample is flagged either way).
+    sample_id
+        Stored as ``uns['sample_id']``; default the pseudonym ``S-<first 12 hex of the
+        file's SHA-256>`` (:func:`blinaprofile.io.privacy.file_pseudonym`).
+    keep_file_names
+        Without ``sample_id``, use the file's name (stem) instead of the pseudonym: file
+        names often name the patient, so this is an explicit opt-in.
+
+    Returns
+    -------
+    anndata.AnnData
+        The gated events.
     """
     import anndata as ad
     import pandas as pd
@@ -102,5 +125,9 @@ def gate_sample(
         "confidence": res.confidence,
         "flags": list(res.flags),
     }
-    adata.uns["sample_id"] = sample_id or Path(data.path).stem
+    if not sample_id:
+        from blinaprofile.io.privacy import file_pseudonym
+
+        sample_id = Path(data.path).stem if keep_file_names else file_pseudonym(data.path)
+    adata.uns["sample_id"] = sample_id
     return adata

@@ -175,7 +175,7 @@ class GateTree:
         channels: Sequence[str],
         *,
         spillover: tuple[Sequence[str], np.ndarray] | None = None,
-        adaptive: bool = False,
+        adaptive: bool = True,
         path: str | None = None,
         scaling: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
     ) -> GatingResult:
@@ -191,8 +191,11 @@ class GateTree:
             ``(detectors, matrix)``; required when a dimension is compensated with the file's
             matrix.
         adaptive
-            Move rectangle thresholds that have an ``adaptive`` spec to the sample's density
-            valley within the configured limits (see :mod:`blinaprofile.gating.placement`).
+            Per-sample placement (the default): rectangle bounds with an ``adaptive`` spec
+            are placed from the sample's own populations (see
+            :mod:`blinaprofile.gating.placement`). ``False`` uses the configured bounds and
+            only flags a sample whose populations lie far from them. Gates without
+            ``adaptive`` specs (GatingML, FlowJo workspaces) are the same either way.
         path
             The sample's file, for error messages.
         scaling
@@ -210,9 +213,10 @@ class GateTree:
             prow = rows[g.parent] if g.parent else None
             if g.kind == "rectangle":
                 dims = g.dims
-                if adaptive and any(a is not None for a in g.adaptive):
+                if any(a is not None for a in g.adaptive):
+                    # fixed mode too: placement then only flags a shifted sample
                     pmask = masks[g.parent] if g.parent else None
-                    dims = place_thresholds(g, ev, pmask, result)
+                    dims = place_thresholds(g, ev, pmask, result, apply=adaptive)
                 r = gate_rows(ev, g, dims, prow, masks)
                 for d in dims:
                     if d.min is not None:

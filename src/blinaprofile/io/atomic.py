@@ -108,5 +108,7 @@ def write_csv(df: pd.DataFrame, path: PathLike, *, index: bool = False) -> Path:
         safe.index = safe.index.map(neutralise_formulas)
     safe.columns = [neutralise_formulas(str(c)) for c in safe.columns]
     with atomic_path(path) as tmp:
-        safe.to_csv(tmp, index=index)
+        # CRLF rows (RFC 4180): a carriage return inside a cell is then quoted, so no
+        # reader can start a new row (and a formula) in the middle of a cell
+        safe.to_csv(tmp, index=index, lineterminator="\r\n")
     return Path(path)

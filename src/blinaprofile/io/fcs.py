@@ -24,12 +24,22 @@ import stat
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from blinaprofile.errors import FCSFormatError, InputError, PanelMismatchError
+from blinaprofile.errors import InputError, PanelMismatchError
+from blinaprofile.io.fcs_text import (
+    SPILLOVER_KEYWORDS,
+    ParseContext,
+    byte_order,
+    parse_float,
+    parse_int,
+    parse_spillover,
+    parse_text,
+    quote_value,
+)
 
 #: Versions :func:`read_fcs` accepts (the HEADER's first six bytes, without ``FCS``).
 SUPPORTED_VERSIONS: tuple[str, ...] = ("2.0", "3.0", "3.1", "3.2")
@@ -41,14 +51,14 @@ HEADER_LENGTH = 58
 # The HEADER holds offsets in 8 ASCII digits; larger offsets are written as 0 there
 # and given only in $BEGINDATA/$ENDDATA (FCS 3.0 and later).
 HEADER_OFFSET_LIMIT = 99_999_999
-# Integers in TEXT longer than this many digits are rejected (also keeps int() safe).
-_MAX_INT_DIGITS = 18
+
+#: How :func:`read_fcs` treats HEADER and ``$BEGINDATA``/``$ENDDATA`` DATA offsets that
+#: disagree: refuse the file (``"strict"``) or trust one source.
+DataOffsets = Literal["strict", "header", "text"]
+#: The values ``data_offsets`` accepts.
+DATA_OFFSET_CHOICES: tuple[DataOffsets, ...] = ("strict", "header", "text")
 # Events are converted in chunks of about this many bytes (fits in L2 cache).
 _CHUNK_BYTES = 1 << 20
-_SPILLOVER_KEYWORDS = ("$SPILLOVER", "SPILL", "$SPILL")
-_MATRIX_KEYWORDS = frozenset({*_SPILLOVER_KEYWORDS, "$COMP"})
-# Spillover/compensation values may be this many times max_keyword_length.
-_MATRIX_LENGTH_FACTOR = 100
 _PNN_RE = re.compile(r"\$P([1-9][0-9]*)N")
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"PK\x03\x04", "a ZIP archive (xlsx/docx/zip)"),
@@ -168,47 +178,6 @@ class FCSData:
 # --------------------------------------------------------------------------- reading
 
 
-class _Ctx:
-    """Per-file parsing context: the path (for messages) and collected warnings."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.warnings: list[str] = []
-
-    def error(self, message: str) -> FCSFormatError:
-        return FCSFormatError(message, path=self.path)
-
-    def warn(self, message: str) -> None:
-        if message not in self.warnings:
-            self.warnings.append(message)
-
-
-def _short(name: str, limit: int = 40) -> str:
-    """Return ``name`` cut to ``limit`` characters (with an ellipsis) for messages."""
-    return name if len(name) <= limit else name[:limit] + "..."
-
-
-def _parse_int(ctx: _Ctx, value: str, what: str) -> int:
-    """Parse a non-negative decimal integer from a TEXT value or HEADER field."""
-    text = value.strip()
-    if not (text.isascii() and text.isdigit()):
-        raise ctx.error(f"{what} is not a non-negative integer: {_short(value)!r}")
-    if len(text.lstrip("0")) > _MAX_INT_DIGITS:
-        raise ctx.error(f"{what} is implausibly large: {_short(text)!r}")
-    return int(text)
-
-
-def _parse_float(ctx: _Ctx, value: str, what: str) -> float:
-    """Parse a finite float from a TEXT value."""
-    try:
-        number = float(value.strip())
-    except ValueError:
-        raise ctx.error(f"{what} is not a number: {_short(value)!r}") from None
-    if not math.isfinite(number):
-        raise ctx.error(f"{what} is not a finite number: {_short(value)!r}")
-    return number
-
-
 def _describe_non_fcs(head: bytes) -> str:
     for signature, kind in _SIGNATURES:
         if head.startswith(signature):
@@ -219,7 +188,7 @@ def _describe_non_fcs(head: bytes) -> str:
     return ""
 
 
-def _parse_header(ctx: _Ctx, header: bytes, file_size: int) -> tuple[str, list[int]]:
+def _parse_header(ctx: ParseContext, header: bytes, file_size: int) -> tuple[str, list[int]]:
     """Validate the HEADER; return the version and the six segment offsets."""
     if file_size == 0:
         raise ctx.error("not an FCS file: the file is empty (0 bytes)")
@@ -254,179 +223,9 @@ def _parse_header(ctx: _Ctx, header: bytes, file_size: int) -> tuple[str, list[i
     return version, offsets
 
 
-def _split_text(ctx: _Ctx, raw: bytes) -> list[bytes]:
-    """Split a TEXT segment (first byte = delimiter) into fields, undoubling delimiters."""
-    delim = raw[:1]
-    n = len(raw)
-    fields: list[bytes] = []
-    current = bytearray()
-    i = 1
-    while i < n:
-        j = raw.find(delim, i)
-        if j < 0:
-            current += raw[i:]
-            i = n
-            if bytes(current).strip(b" \t\r\n\x00"):
-                fields.append(bytes(current))
-                ctx.warn("TEXT segment does not end with its delimiter")
-            current = bytearray()
-            break
-        current += raw[i:j]
-        if j + 2 == n and raw[j + 1 : j + 2] == delim:
-            # A doubled delimiter that ends the segment: an (illegal but common) empty
-            # last value followed by the closing delimiter, e.g. ``/KEY//``.
-            fields.append(bytes(current))
-            fields.append(b"")
-            current = bytearray()
-            ctx.warn("TEXT segment ends with an empty keyword value")
-            i = n
-            break
-        if j + 1 < n and raw[j + 1 : j + 2] == delim:
-            current += delim  # doubled delimiter = one literal delimiter character
-            i = j + 2
-            continue
-        fields.append(bytes(current))
-        current = bytearray()
-        i = j + 1
-    if current:
-        fields.append(bytes(current))
-        ctx.warn("TEXT segment does not end with its delimiter")
-    return fields
-
-
-def _decode(ctx: _Ctx, token: bytes) -> str:
-    try:
-        return token.decode("utf-8")
-    except UnicodeDecodeError:
-        ctx.warn("TEXT segment is not valid UTF-8; non-UTF-8 fields were decoded as Latin-1")
-        return token.decode("latin-1")
-
-
-def _parse_text(
-    ctx: _Ctx, raw: bytes, max_keyword_length: int, segment: str = "TEXT"
-) -> dict[str, str]:
-    """Parse a TEXT (or supplemental TEXT) segment into an upper-cased keyword dict."""
-    if len(raw) < 2:
-        raise ctx.error(f"{segment} segment is {len(raw)} byte(s) long; it holds no keywords")
-    fields = _split_text(ctx, raw)
-    if len(fields) % 2:
-        # never quote the fields: with a value lost, names and values shift and a quoted
-        # "keyword" may be a patient identifier
-        raise ctx.error(
-            f"{segment} segment has an odd number of fields ({len(fields)}): a keyword has "
-            f"no value (an unescaped delimiter inside a value?)"
-        )
-    keywords: dict[str, str] = {}
-    for k in range(0, len(fields), 2):
-        name = _decode(ctx, fields[k]).strip().upper()
-        value = _decode(ctx, fields[k + 1]).strip()
-        if not name:
-            raise ctx.error(
-                f"{segment} segment contains an empty keyword name (field {k + 1} of {len(fields)})"
-            )
-        if len(name) > max_keyword_length:
-            raise ctx.error(
-                f"keyword name {_short(name)!r} is {len(name)} characters long, more than "
-                f"max_keyword_length={max_keyword_length}"
-            )
-        limit = max_keyword_length
-        if name in _MATRIX_KEYWORDS:
-            # n names + n*n numbers: a 40-colour spectral matrix alone is ~40,000 characters.
-            limit = max_keyword_length * _MATRIX_LENGTH_FACTOR
-        if len(value) > limit:
-            raise ctx.error(
-                f"keyword {_short(name)!r} has a value of {len(value)} characters, more than "
-                f"the limit of {limit} (max_keyword_length={max_keyword_length})"
-            )
-        if name in keywords:
-            if keywords[name] != value:
-                if name.startswith("$"):
-                    raise ctx.error(
-                        f"keyword {_short(name)!r} appears more than once with different values"
-                    )
-                ctx.warn(
-                    f"keyword {_short(name)!r} appears more than once with different values; "
-                    f"kept the first"
-                )
-            continue
-        keywords[name] = value
-    return keywords
-
-
-def _byte_order(ctx: _Ctx, value: str) -> str:
-    """Return '<' or '>' for a $BYTEORD value."""
-    parts = [p.strip() for p in value.split(",")]
-    if all(p.isascii() and p.isdigit() and len(p) <= 2 for p in parts) and len(parts) in (
-        1,
-        2,
-        4,
-        8,
-    ):
-        numbers = [int(p) for p in parts]
-        ascending = list(range(1, len(numbers) + 1))
-        if numbers == ascending:
-            return "<"
-        if numbers == ascending[::-1]:
-            return ">"
-    raise ctx.error(
-        f"unsupported $BYTEORD {_short(value)!r} (only 1,2,3,4 little-endian and "
-        f"4,3,2,1 big-endian are supported)"
-    )
-
-
-def _parse_spillover(
-    ctx: _Ctx, keyword: str, value: str, channels: Sequence[str]
-) -> tuple[list[str], npt.NDArray[np.float64]] | None:
-    """Parse ``n,name_1..name_n,v_11,v_12..v_nn`` (row-major) into names and matrix."""
-    parts = [p.strip() for p in value.split(",")]
-    n = _parse_int(ctx, parts[0], f"{keyword} channel count n")
-    if n == 0:
-        ctx.warn(f"{keyword} declares 0 channels; no spillover matrix")
-        return None
-    rest = len(parts) - 1
-    named = rest == n + n * n
-    if not named:
-        # FCS 3.0 $COMP may omit the names: n followed by n*n values for the first n channels.
-        if keyword == "$COMP" and rest == n * n and n <= len(channels):
-            ctx.warn("$COMP has no channel names; assumed it covers the first n channels")
-            names = list(channels[:n])
-            values = parts[1:]
-        else:
-            raise ctx.error(
-                f"{keyword} declares n={n} channels, so it needs {n + n * n} comma-separated "
-                f"fields after n ({n} names and {n * n} values) but has {rest}"
-            )
-    else:
-        names = parts[1 : 1 + n]
-        values = parts[1 + n :]
-    for idx, name in enumerate(names):
-        if not name:
-            raise ctx.error(f"{keyword} channel name {idx + 1} of {n} is empty")
-    duplicates = sorted(x for x, count in Counter(names).items() if count > 1)
-    if duplicates:
-        raise ctx.error(
-            f"{keyword} names a channel more than once: {_short(', '.join(duplicates), 200)}"
-        )
-    matrix = np.empty(n * n, dtype=np.float64)
-    for idx, text in enumerate(values):
-        try:
-            number = float(text)
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number):
-            row, col = divmod(idx, n)
-            raise ctx.error(
-                f"{keyword} value {_short(text)!r} at row {row + 1}, column {col + 1} "
-                f"is not a finite number"
-            )
-        matrix[idx] = number
-    missing = [x for x in names if x not in channels]
-    if missing:
-        ctx.warn(f"{keyword} names channels that are not in $PnN: {', '.join(missing)}")
-    return names, matrix.reshape(n, n)
-
-
-def _read_at(ctx: _Ctx, fh: io.BufferedReader, offset: int, length: int, what: str) -> bytes:
+def _read_at(
+    ctx: ParseContext, fh: io.BufferedReader, offset: int, length: int, what: str
+) -> bytes:
     fh.seek(offset)
     data = fh.read(length)
     if len(data) != length:
@@ -435,29 +234,6 @@ def _read_at(ctx: _Ctx, fh: io.BufferedReader, offset: int, length: int, what: s
             f"read (truncated?)"
         )
     return data
-
-
-def _resolve_data_offsets(
-    ctx: _Ctx, header_start: int, header_end: int, keywords: Mapping[str, str]
-) -> tuple[int, int]:
-    """Return the DATA segment (start, end) from the HEADER or $BEGINDATA/$ENDDATA."""
-    kw_start = kw_end = None
-    if "$BEGINDATA" in keywords:
-        kw_start = _parse_int(ctx, keywords["$BEGINDATA"], "$BEGINDATA")
-    if "$ENDDATA" in keywords:
-        kw_end = _parse_int(ctx, keywords["$ENDDATA"], "$ENDDATA")
-    if header_start == 0 and header_end == 0:
-        if kw_start is None or kw_end is None:
-            return 0, 0  # no DATA offsets anywhere; fine only if there are no events
-        return kw_start, kw_end
-    if (kw_start is not None and kw_start != header_start) or (
-        kw_end is not None and kw_end != header_end
-    ):
-        ctx.warn(
-            f"HEADER DATA offsets ({header_start}-{header_end}) differ from "
-            f"$BEGINDATA/$ENDDATA ({kw_start}-{kw_end}); used the HEADER"
-        )
-    return header_start, header_end
 
 
 def _check_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
@@ -473,8 +249,16 @@ def read_fcs(
     dtype: npt.DTypeLike = np.float64,
     max_keyword_length: int = DEFAULT_MAX_KEYWORD_LENGTH,
     only_text: bool = False,
+    allow_tot_mismatch: bool = False,
+    data_offsets: DataOffsets = "strict",
 ) -> FCSData:
     """Read the first dataset of an FCS 2.0/3.0/3.1 file.
+
+    No event is silently lost and no byte outside the DATA segment is read as an event:
+    ``$TOT`` must account for the whole DATA segment (a remainder smaller than one event
+    is tolerated with a warning), the HEADER and ``$BEGINDATA``/``$ENDDATA`` must agree
+    on where DATA is, and DATA must lie in the file, after the HEADER and apart from
+    the TEXT segments. Tolerated irregularities are listed in :attr:`FCSData.warnings`.
 
     Parameters
     ----------
@@ -490,6 +274,16 @@ def read_fcs(
         Parse and validate HEADER and TEXT (including the DATA segment's offsets and
         size) but do not load the events; :attr:`FCSData.events` is then empty and
         :attr:`FCSData.n_events` reports ``$TOT``.
+    allow_tot_mismatch
+        Accept a DATA segment that holds one or more events more than ``$TOT``: read
+        the first ``$TOT`` events and record a warning saying how many were ignored.
+        By default such a file is refused. DATA shorter than ``$TOT`` events is always
+        refused.
+    data_offsets
+        Which DATA offsets to trust when the HEADER and ``$BEGINDATA``/``$ENDDATA``
+        disagree: ``"strict"`` (default) refuses the file, ``"header"`` or ``"text"``
+        uses that source and records a warning. The chosen segment is checked like any
+        other (it may not overlap the HEADER or TEXT, nor end before the events do).
 
     Returns
     -------
@@ -504,9 +298,15 @@ def read_fcs(
         If the file is not a valid FCS file this reader supports; the message names
         the problem.
     ValueError
-        If ``dtype`` is not a floating-point dtype.
+        If ``dtype`` is not a floating-point dtype or ``data_offsets`` is not one of
+        :data:`DATA_OFFSET_CHOICES`.
     """
     out_dtype = _check_dtype(dtype)
+    if data_offsets not in DATA_OFFSET_CHOICES:
+        raise ValueError(
+            f"read_fcs data_offsets must be one of {', '.join(DATA_OFFSET_CHOICES)}, "
+            f"not {data_offsets!r}"
+        )
     path_str = os.fspath(path)
     try:
         st = os.stat(path_str)
@@ -518,10 +318,18 @@ def read_fcs(
     if not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise InputError(f"not a regular file (it is {kind})", path=path_str)
-    ctx = _Ctx(path_str)
+    ctx = ParseContext(path_str)
     try:
         with open(path_str, "rb") as fh:
-            return _read_open_file(ctx, fh, out_dtype, max_keyword_length, only_text)
+            return _read_open_file(
+                ctx,
+                fh,
+                out_dtype,
+                max_keyword_length=max_keyword_length,
+                only_text=only_text,
+                allow_tot_mismatch=allow_tot_mismatch,
+                data_offsets=data_offsets,
+            )
     except OSError as exc:
         raise InputError(f"cannot read file: {exc.strerror or exc}", path=path_str) from None
     except MemoryError:
@@ -529,11 +337,14 @@ def read_fcs(
 
 
 def _read_open_file(
-    ctx: _Ctx,
+    ctx: ParseContext,
     fh: io.BufferedReader,
     out_dtype: np.dtype[Any],
+    *,
     max_keyword_length: int,
     only_text: bool,
+    allow_tot_mismatch: bool,
+    data_offsets: DataOffsets,
 ) -> FCSData:
     file_size = os.fstat(fh.fileno()).st_size
     header = fh.read(HEADER_LENGTH)
@@ -554,8 +365,11 @@ def _read_open_file(
             f"TEXT segment ends at byte {text_end} but the file has {file_size} bytes (truncated?)"
         )
     raw_text = _read_at(ctx, fh, text_start, text_end - text_start + 1, "TEXT segment")
-    keywords = _parse_text(ctx, raw_text, max_keyword_length)
-    _merge_supplemental_text(ctx, fh, file_size, raw_text[:1], keywords, max_keyword_length)
+    keywords = parse_text(ctx, raw_text, max_keyword_length)
+    text_spans = [("TEXT", text_start, text_end)]
+    stext = _merge_supplemental_text(ctx, fh, file_size, raw_text[:1], keywords, max_keyword_length)
+    if stext is not None:
+        text_spans.append(("supplemental TEXT", *stext))
 
     # ---- required keywords
     def required(name: str) -> str:
@@ -567,14 +381,14 @@ def _read_open_file(
     if mode is None:
         ctx.warn("$MODE is missing; assumed list mode (L)")
     elif mode.upper() != "L":
-        raise ctx.error(f"unsupported $MODE {_short(mode)!r}: only list mode (L) is supported")
+        raise ctx.error(f"unsupported $MODE {quote_value(mode)}: only list mode (L) is supported")
     datatype = required("$DATATYPE").upper()
     if datatype not in ("I", "F", "D"):
         kind = {"A": " (ASCII)"}.get(datatype, "")
         raise ctx.error(
-            f"unsupported $DATATYPE {_short(datatype)!r}{kind}: only I, F and D are supported"
+            f"unsupported $DATATYPE {quote_value(datatype)}{kind}: only I, F and D are supported"
         )
-    par = _parse_int(ctx, required("$PAR"), "$PAR")
+    par = parse_int(ctx, required("$PAR"), "$PAR")
     if par < 1:
         raise ctx.error(f"$PAR must be at least 1, got {par}")
 
@@ -610,31 +424,47 @@ def _read_open_file(
     order = "<"
     bytes_per_event = sum(widths) // 8
     if any(w > 8 for w in widths):
-        order = _byte_order(ctx, required("$BYTEORD"))
+        order = byte_order(ctx, required("$BYTEORD"))
     elif "$BYTEORD" in keywords:
-        order = _byte_order(ctx, keywords["$BYTEORD"])
+        order = byte_order(ctx, keywords["$BYTEORD"])
 
-    nextdata = _parse_int(ctx, keywords.get("$NEXTDATA", "0"), "$NEXTDATA")
+    nextdata = parse_int(ctx, keywords.get("$NEXTDATA", "0"), "$NEXTDATA")
     if nextdata > 0:
         ctx.warn(
             f"file holds more than one dataset ($NEXTDATA={nextdata}); only the first was read"
         )
 
     spillover = None
-    for key in (*_SPILLOVER_KEYWORDS, "$COMP"):
+    for key in (*SPILLOVER_KEYWORDS, "$COMP"):
         if key in keywords:
-            spillover = _parse_spillover(ctx, key, keywords[key], channels)
+            spillover = parse_spillover(ctx, key, keywords[key], channels)
             break
 
     # ---- DATA
-    data_start, data_end = _resolve_data_offsets(ctx, h_data_start, h_data_end, keywords)
+    data_start, data_end = _resolve_data_offsets(
+        ctx,
+        h_data_start,
+        h_data_end,
+        keywords,
+        data_offsets=data_offsets,
+        file_size=file_size,
+        text_spans=text_spans,
+    )
     if "$TOT" in keywords:
-        tot = _parse_int(ctx, keywords["$TOT"], "$TOT")
+        tot = parse_int(ctx, keywords["$TOT"], "$TOT")
     else:
         tot = _infer_tot(ctx, version, data_start, data_end, bytes_per_event)
-    needed = tot * bytes_per_event
-    if needed > 0:
-        _check_data_segment(ctx, data_start, data_end, file_size, needed, tot, par)
+    _check_data_segment(
+        ctx,
+        data_start,
+        data_end,
+        file_size=file_size,
+        tot=tot,
+        bytes_per_event=bytes_per_event,
+        par=par,
+        text_spans=text_spans,
+        allow_tot_mismatch=allow_tot_mismatch,
+    )
 
     n_nonfinite = 0
     if only_text or tot == 0:
@@ -666,20 +496,23 @@ def _read_open_file(
 
 
 def _merge_supplemental_text(
-    ctx: _Ctx,
+    ctx: ParseContext,
     fh: io.BufferedReader,
     file_size: int,
     delimiter: bytes,
     keywords: dict[str, str],
     max_keyword_length: int,
-) -> None:
-    """Add keywords from a supplemental TEXT segment ($BEGINSTEXT/$ENDSTEXT), if any."""
+) -> tuple[int, int] | None:
+    """Add keywords from a supplemental TEXT segment ($BEGINSTEXT/$ENDSTEXT), if any.
+
+    Returns the segment's (start, end) offsets, or ``None`` when there is none.
+    """
     start_text = keywords.get("$BEGINSTEXT", "0")
     end_text = keywords.get("$ENDSTEXT", "0")
-    start = _parse_int(ctx, start_text, "$BEGINSTEXT")
-    end = _parse_int(ctx, end_text, "$ENDSTEXT")
+    start = parse_int(ctx, start_text, "$BEGINSTEXT")
+    end = parse_int(ctx, end_text, "$ENDSTEXT")
     if start == 0 and end == 0:
-        return
+        return None
     if start < HEADER_LENGTH or end < start or end >= file_size:
         raise ctx.error(
             f"supplemental TEXT segment ($BEGINSTEXT={start}, $ENDSTEXT={end}) lies outside "
@@ -688,16 +521,19 @@ def _merge_supplemental_text(
     raw = _read_at(ctx, fh, start, end - start + 1, "supplemental TEXT segment")
     if raw[:1] != delimiter:
         raw = delimiter + raw  # some writers omit the leading delimiter
-    extra = _parse_text(ctx, raw, max_keyword_length, segment="supplemental TEXT")
+    extra = parse_text(ctx, raw, max_keyword_length, segment="supplemental TEXT")
     for name, value in extra.items():
         if name not in keywords:
             keywords[name] = value
         elif keywords[name] != value:
-            ctx.warn(f"supplemental TEXT repeats keyword {_short(name)!r}; kept the primary value")
+            ctx.warn(
+                f"supplemental TEXT repeats keyword {quote_value(name)}; kept the primary value"
+            )
+    return start, end
 
 
 def _parameters(
-    ctx: _Ctx, keywords: Mapping[str, str], par: int, datatype: str
+    ctx: ParseContext, keywords: Mapping[str, str], par: int, datatype: str
 ) -> tuple[
     list[str],
     list[str],
@@ -724,14 +560,14 @@ def _parameters(
         if f"$P{i}B" not in keywords:
             raise ctx.error(f"$P{i}B is missing (every parameter needs a bit width)")
         width_text = keywords[f"$P{i}B"]
-        width = _parse_int(ctx, width_text, f"$P{i}B") if width_text != "*" else -1
+        width = parse_int(ctx, width_text, f"$P{i}B") if width_text != "*" else -1
         if expected is not None and width != expected:
             raise ctx.error(
-                f"$DATATYPE {datatype} needs $PnB={expected} but $P{i}B={_short(width_text)}"
+                f"$DATATYPE {datatype} needs $PnB={expected} but $P{i}B={quote_value(width_text)}"
             )
         if width not in (8, 16, 32, 64):
             raise ctx.error(
-                f"$P{i}B={_short(width_text)} is not supported: integer bit widths must be "
+                f"$P{i}B={quote_value(width_text)} is not supported: integer bit widths must be "
                 f"8, 16, 32 or 64"
             )
         widths.append(width)
@@ -743,10 +579,10 @@ def _parameters(
             ctx.warn(f"$P{i}R is missing")
             ranges.append(math.nan)
         else:
-            ranges.append(_parse_float(ctx, range_text, f"$P{i}R"))
+            ranges.append(parse_float(ctx, range_text, f"$P{i}R"))
 
         gain_text = keywords.get(f"$P{i}G")
-        gains.append(None if gain_text is None else _parse_float(ctx, gain_text, f"$P{i}G"))
+        gains.append(None if gain_text is None else parse_float(ctx, gain_text, f"$P{i}G"))
 
         e_text = keywords.get(f"$P{i}E")
         if e_text is None:
@@ -756,73 +592,208 @@ def _parameters(
             if len(pieces) != 2:
                 raise ctx.error(
                     f"$P{i}E must be two comma-separated numbers (decades,offset), "
-                    f"got {_short(e_text)!r}"
+                    f"got {quote_value(e_text)}"
                 )
             decades.append(
                 (
-                    _parse_float(ctx, pieces[0], f"$P{i}E decades"),
-                    _parse_float(ctx, pieces[1], f"$P{i}E offset"),
+                    parse_float(ctx, pieces[0], f"$P{i}E decades"),
+                    parse_float(ctx, pieces[1], f"$P{i}E offset"),
                 )
             )
     return channels, markers, widths, ranges, gains, decades
 
 
-def _infer_tot(ctx: _Ctx, version: str, start: int, end: int, bytes_per_event: int) -> int:
-    """FCS 2.0 does not require $TOT: derive it from the DATA segment size."""
+# --------------------------------------------------------------------------- DATA layout
+
+
+def _segment_problem(
+    start: int, end: int, file_size: int, text_spans: Sequence[tuple[str, int, int]]
+) -> str | None:
+    """Why the DATA segment ``start..end`` cannot hold events, or ``None``.
+
+    An end offset past the end of the file is not judged here: the events may still fit.
+    """
+    if start < HEADER_LENGTH:
+        return f"DATA segment starts at byte {start}, inside the {HEADER_LENGTH}-byte HEADER"
+    if start >= file_size:
+        return (
+            f"DATA segment starts at byte {start} but the file has {file_size} bytes (truncated?)"
+        )
+    if end < start:
+        return f"DATA segment ends at byte {end}, before it starts ({start})"
+    for name, first, last in text_spans:
+        if start <= last and first <= end:
+            return (
+                f"DATA segment (bytes {start}-{end}) overlaps the {name} segment "
+                f"(bytes {first}-{last})"
+            )
+    return None
+
+
+def _diagnose(
+    start: int, end: int, file_size: int, text_spans: Sequence[tuple[str, int, int]]
+) -> str | None:
+    """:func:`_segment_problem`, or an end offset past the end of the file."""
+    problem = _segment_problem(start, end, file_size, text_spans)
+    if problem is None and end >= file_size:
+        problem = f"DATA segment ends at byte {end} but the file has {file_size} bytes (truncated?)"
+    return problem
+
+
+def _resolve_data_offsets(
+    ctx: ParseContext,
+    header_start: int,
+    header_end: int,
+    keywords: Mapping[str, str],
+    *,
+    data_offsets: DataOffsets,
+    file_size: int,
+    text_spans: Sequence[tuple[str, int, int]],
+) -> tuple[int, int]:
+    """Return the DATA segment (start, end) from the HEADER and $BEGINDATA/$ENDDATA.
+
+    The two must agree. A HEADER of ``0 0`` gives no offsets (TEXT is used); so does a
+    HEADER offset of 0 when $ENDDATA is beyond the HEADER's 8-digit limit (large files).
+    When they disagree the file is refused unless ``data_offsets`` names the source to
+    trust ("header" or "text"); that choice is then recorded as a warning.
+    """
+    kw_start = kw_end = None
+    if "$BEGINDATA" in keywords:
+        kw_start = parse_int(ctx, keywords["$BEGINDATA"], "$BEGINDATA")
+    if "$ENDDATA" in keywords:
+        kw_end = parse_int(ctx, keywords["$ENDDATA"], "$ENDDATA")
+    if header_start == 0 and header_end == 0:
+        if kw_start is None or kw_end is None:
+            return 0, 0  # no DATA offsets anywhere; fine only if there are no events
+        return kw_start, kw_end
+    large = kw_end is not None and kw_end > HEADER_OFFSET_LIMIT
+    start_agrees = kw_start is None or kw_start == header_start or (large and header_start == 0)
+    end_agrees = kw_end is None or kw_end == header_end or (large and header_end == 0)
+    text_start = header_start if kw_start is None else kw_start
+    text_end = header_end if kw_end is None else kw_end
+    if start_agrees and end_agrees:
+        return text_start, text_end
+    header_says = f"{header_start}-{header_end}"
+    text_says = f"{'?' if kw_start is None else kw_start}-{'?' if kw_end is None else kw_end}"
+    if data_offsets == "strict":
+        notes = [
+            f"{source}: {problem}"
+            for source, (first, last) in (
+                ("HEADER", (header_start, header_end)),
+                ("TEXT", (text_start, text_end)),
+            )
+            if (problem := _diagnose(first, last, file_size, text_spans)) is not None
+        ]
+        why = f" ({'; '.join(notes)})" if notes else ""
+        raise ctx.error(
+            f"HEADER and TEXT disagree on where the DATA segment is: HEADER says bytes "
+            f"{header_says}, $BEGINDATA/$ENDDATA say {text_says}{why}; refusing to guess which "
+            f"bytes are events (data_offsets='header' or 'text', CLI --data-offsets, "
+            f"chooses the source to trust)"
+        )
+    ctx.warn(
+        f"HEADER DATA offsets ({header_says}) differ from $BEGINDATA/$ENDDATA ({text_says}); "
+        f"used the {data_offsets.upper()} offsets as requested (data_offsets={data_offsets!r})"
+    )
+    if data_offsets == "header":
+        return header_start, header_end
+    return text_start, text_end
+
+
+def _infer_tot(ctx: ParseContext, version: str, start: int, end: int, bytes_per_event: int) -> int:
+    """FCS 2.0 does not require $TOT: derive it from the DATA segment size.
+
+    A remainder smaller than one event is left to :func:`_check_data_segment` (a warning).
+    """
     if version != "2.0":
         raise ctx.error("required keyword $TOT is missing from the TEXT segment")
     length = end - start + 1 if end >= start and (start or end) else 0
-    if length % bytes_per_event:
-        raise ctx.error(
-            f"$TOT is missing and the DATA segment ({length} bytes) is not a whole number "
-            f"of {bytes_per_event}-byte events"
-        )
     ctx.warn("$TOT is missing; the event count was derived from the DATA segment size")
     return length // bytes_per_event
 
 
 def _check_data_segment(
-    ctx: _Ctx, start: int, end: int, file_size: int, needed: int, tot: int, par: int
+    ctx: ParseContext,
+    start: int,
+    end: int,
+    *,
+    file_size: int,
+    tot: int,
+    bytes_per_event: int,
+    par: int,
+    text_spans: Sequence[tuple[str, int, int]],
+    allow_tot_mismatch: bool,
 ) -> None:
-    """Check that the DATA segment exists, fits in the file and holds ``needed`` bytes."""
+    """Check that the DATA segment exists, lies in the file and holds exactly ``$TOT`` events.
+
+    DATA shorter than ``$TOT`` events is refused. DATA longer by less than one event is
+    tolerated (writers pad or count the end offset one byte too far) with a warning;
+    longer by one event or more is refused unless ``allow_tot_mismatch``, in which case
+    the first ``$TOT`` events are read and a warning says how many were ignored.
+    """
+    needed = tot * bytes_per_event
     if start == 0 and end == 0:
-        raise ctx.error(
-            f"$TOT={tot} events but neither the HEADER nor $BEGINDATA/$ENDDATA give the "
-            f"DATA segment's offsets"
-        )
-    if start < HEADER_LENGTH:
-        raise ctx.error(
-            f"DATA segment starts at byte {start}, inside the {HEADER_LENGTH}-byte HEADER"
-        )
-    if start >= file_size:
-        raise ctx.error(
-            f"DATA segment starts at byte {start} but the file has {file_size} bytes (truncated?)"
-        )
-    if end < start:
-        raise ctx.error(f"DATA segment ends at byte {end}, before it starts ({start})")
+        if needed:
+            raise ctx.error(
+                f"$TOT={tot} events but neither the HEADER nor $BEGINDATA/$ENDDATA give the "
+                f"DATA segment's offsets"
+            )
+        return
+    problem = _segment_problem(start, end, file_size, text_spans)
+    if needed == 0 and (
+        problem is not None or min(end, file_size - 1) - start < bytes_per_event - 1
+    ):
+        return  # no events declared and no whole event in the file: nothing to lose
+    if problem is not None:
+        raise ctx.error(problem)
     length = end - start + 1
     if length < needed:
         raise ctx.error(
             f"DATA segment holds {length} bytes but $TOT={tot} events x $PAR={par} channels "
             f"need {needed} bytes (truncated, or $TOT too large)"
         )
-    if end >= file_size:
-        if start + needed > file_size:
+    if start + needed > file_size:
+        raise ctx.error(
+            f"DATA segment ends at byte {end} but the file has {file_size} bytes (truncated?)"
+        )
+    extra = length - needed
+    if extra >= bytes_per_event:
+        whole, rest = divmod(length, bytes_per_event)
+        holds = f"{whole} events of {bytes_per_event} bytes" + (
+            f" and {rest} more bytes" if rest else ""
+        )
+        if end >= file_size:
+            holds += f" (its end offset {end} is past the end of the file's {file_size} bytes)"
+        lost = f"{whole - tot} event{'s' if whole - tot != 1 else ''}"
+        if not allow_tot_mismatch:
             raise ctx.error(
-                f"DATA segment ends at byte {end} but the file has {file_size} bytes (truncated?)"
+                f"$TOT={tot} events but the DATA segment holds {length} bytes, {holds}: "
+                f"{lost} would be ignored; refusing (allow_tot_mismatch=True, CLI "
+                f"--accept-tot-mismatch, reads only the first $TOT events)"
             )
+        ctx.warn(
+            f"$TOT={tot} events but the DATA segment holds {holds}; read the first {tot} as "
+            f"allowed by allow_tot_mismatch, {lost} ignored"
+        )
+    elif end >= file_size:
         ctx.warn(
             f"DATA segment end offset {end} is past the end of the file ({file_size} bytes) "
             f"but the events fit; read the {needed} bytes needed"
         )
-    elif length > needed:
+    elif extra:
         ctx.warn(
-            f"DATA segment holds {length} bytes, {length - needed} more than $TOT={tot} x "
-            f"$PAR={par} needs; the extra bytes were ignored"
+            f"DATA segment holds {length} bytes, {extra} more than $TOT={tot} x "
+            f"$PAR={par} needs (less than one {bytes_per_event}-byte event); the extra bytes "
+            f"were ignored"
         )
 
 
-def _readinto_exact(ctx: _Ctx, fh: io.BufferedReader, target: npt.NDArray[np.uint8]) -> None:
+# --------------------------------------------------------------------------- DATA
+
+
+def _readinto_exact(
+    ctx: ParseContext, fh: io.BufferedReader, target: npt.NDArray[np.uint8]
+) -> None:
     """Fill ``target`` (a flat uint8 array) from the file's current position."""
     view = memoryview(target)
     filled = 0
@@ -837,7 +808,7 @@ def _readinto_exact(ctx: _Ctx, fh: io.BufferedReader, target: npt.NDArray[np.uin
 
 
 def _read_events(
-    ctx: _Ctx,
+    ctx: ParseContext,
     fh: io.BufferedReader,
     datatype: str,
     order: str,

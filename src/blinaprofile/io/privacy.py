@@ -14,6 +14,18 @@ that decides what may be kept:
   logs) can see an identifying keyword by accident.
 - :func:`is_identifying` says whether a keyword *name* suggests identity (the fixed list
   above, or a name containing words such as PATIENT, NAME, MRN, DOB, BIRTH, SUBJECT).
+- :func:`redact_markers` decides which ``$PnS`` labels (free text: an operator can type a
+  patient's name there) may leave the reader: a label naming a known marker (panel
+  synonyms, CD antigens, the active panel's markers, names the caller declares) is kept,
+  one that merely contains a known marker is shown as that marker (``'Jane Roe CD3'`` ->
+  ``'CD3'``), anything else becomes ``<unrecognised $PnS>`` (:data:`REDACTED_MARKER`).
+  :func:`redact_fcs` applies both rules to what :func:`blinaprofile.io.read.read_flow`
+  returns.
+- :func:`file_pseudonym` and :func:`withhold_file_name` keep input file names (which labs
+  often make from a patient's name or MRN) out of outputs and batch records unless the
+  user opts in (``keep_file_names=True``, ``--keep-file-names``).
+- :func:`manifest_columns` decides which manifest columns a feature table may carry:
+  :data:`DECLARED_MANIFEST_COLUMNS` and the ones the user names.
 - :func:`safe_metadata` is what a report or an output table may show about a file.
 - :func:`scan_for_strings` searches files and folders (including SQLite databases, zip
   archives such as ``.skops`` files, gzip, Parquet and HDF5) for forbidden strings; the
@@ -37,16 +49,24 @@ if TYPE_CHECKING:
     from blinaprofile.io.fcs import FCSData
 
 __all__ = [
+    "DECLARED_MANIFEST_COLUMNS",
     "IDENTIFYING_KEYWORDS",
     "IDENTIFYING_NAME_PATTERN",
+    "REDACTED_MARKER",
     "SAFE_KEYWORDS",
+    "WITHHELD_FILE_NAME",
     "Finding",
+    "file_pseudonym",
     "identifying_values",
     "is_identifying",
     "is_safe_keyword",
+    "manifest_columns",
+    "redact_fcs",
+    "redact_markers",
     "safe_metadata",
     "scan_for_strings",
     "select_keywords",
+    "withhold_file_name",
 ]
 
 #: Standard FCS keywords whose values identify a patient, a person, a site or a time.
@@ -195,6 +215,198 @@ def select_keywords(
 def identifying_values(keywords: Mapping[str, str]) -> dict[str, str]:
     """The non-empty values of identifying keywords (what must never appear in outputs)."""
     return {k: v for k, v in keywords.items() if is_identifying(k) and v.strip()}
+
+
+#: How a ``$PnS`` label that may not leave the reader is shown (``index`` is the ``n``).
+REDACTED_MARKER = "<unrecognised $P{index}S>"
+
+
+def redact_markers(
+    channels: Sequence[str], markers: Sequence[str], *, declared: Iterable[str] = ()
+) -> list[str]:
+    """The ``$PnS`` labels that may leave the reader, aligned with ``channels``.
+
+    Parameters
+    ----------
+    channels, markers
+        A sample's ``$PnN`` and ``$PnS`` values.
+    declared
+        Names the caller declares as markers (e.g. the names its gating strategy reads);
+        the active panel's markers, the panel synonyms, CD antigens and the sample's own
+        channel names are always known.
+
+    Returns
+    -------
+    list of str
+        Per channel: ``""`` where there is no label, the label when it names a known marker,
+        the canonical marker it resolves to when it only contains one (``'Jane Roe CD3'``
+        -> ``'CD3'``), else :data:`REDACTED_MARKER` (``'<unrecognised $P5S>'``). A redacted
+        label resolves to the same marker as the original (see
+        :func:`blinaprofile.gating.panel.marker_label`), so gating is unchanged; applying
+        the function twice changes nothing.
+    """
+    from blinaprofile.gating.panel import marker_label
+
+    if len(markers) != len(channels):
+        raise ValueError(f"{len(markers)} markers for {len(channels)} channels")
+    known = [*declared, *channels]
+    out: list[str] = []
+    for i, label in enumerate(markers, start=1):
+        if not label.strip():
+            out.append("")
+            continue
+        shown = marker_label(label, declared=known)
+        out.append(shown if shown is not None else REDACTED_MARKER.format(index=i))
+    return out
+
+
+def redact_fcs(
+    data: FCSData, *, allow_identifying: bool = False, declared_markers: Iterable[str] = ()
+) -> FCSData:
+    """Apply the reader's privacy rules to a sample in place: keywords and ``$PnS`` labels.
+
+    Parameters
+    ----------
+    data
+        As returned by :func:`blinaprofile.io.fcs.read_fcs`.
+    allow_identifying
+        Keep everything (the user has opted in to carrying identifiers).
+    declared_markers
+        Names the caller declares as markers (see :func:`redact_markers`).
+
+    Returns
+    -------
+    FCSData
+        ``data``, whose ``keywords`` are :func:`select_keywords` and whose ``markers`` (and
+        ``$PnS`` keywords) are :func:`redact_markers`.
+    """
+    if allow_identifying:
+        return data
+    data.keywords = select_keywords(data.keywords)
+    data.markers = redact_markers(data.channels, data.markers, declared=declared_markers)
+    for i, label in enumerate(data.markers, start=1):
+        if f"$P{i}S" in data.keywords:
+            data.keywords[f"$P{i}S"] = label
+    return data
+
+
+# --------------------------------------------------------------------------- file names
+def file_pseudonym(path: str | os.PathLike[str]) -> str:
+    """``S-<first 12 hex of the file's SHA-256>``, or ``""`` when the file cannot be read.
+
+    The name an output gives a sample that has no ``sample_id``: it ties the result to
+    the exact file without revealing the file's name.
+    """
+    from blinaprofile.errors import InputError
+    from blinaprofile.scoring.score import file_checksum, pseudonymous_id
+
+    p = Path(path)
+    if not os.fspath(path) or not p.exists():
+        return ""
+    try:
+        return pseudonymous_id(file_checksum(p))
+    except (OSError, InputError):  # unreadable, or not a regular file: no pseudonym
+        return ""
+
+
+#: What a message calls an input file that has neither a sample ID nor a pseudonym
+#: (a file that cannot be read).
+WITHHELD_FILE_NAME = "(file name withheld)"
+
+
+def withhold_file_name(text: str, path: str | os.PathLike[str], *, label: str) -> str:
+    """``text`` with every mention of an input file replaced by ``label``.
+
+    The path as given, its absolute and resolved forms and the file's name are replaced
+    (longest first), so a message such as ``'/data/Roe_Jane.fcs: file not found'`` becomes
+    ``'S-1a2b3c4d5e6f: file not found'``.
+
+    Parameters
+    ----------
+    text
+        A message (e.g. an error) that may name the file.
+    path
+        The input file.
+    label
+        What to call the sample instead (its ``sample_id`` or pseudonym).
+    """
+    raw = os.fspath(path)
+    if not raw:
+        return text
+    p = Path(raw)
+    forms = {raw, str(p), p.name}
+    with contextlib.suppress(OSError, RuntimeError):
+        forms |= {str(p.absolute()), str(p.resolve())}
+    for form in sorted((f for f in forms if f), key=len, reverse=True):
+        text = text.replace(form, label)
+    return text
+
+
+# --------------------------------------------------------------------------- manifests
+#: Manifest columns a feature table carries besides those the user names.
+DECLARED_MANIFEST_COLUMNS: tuple[str, ...] = (
+    "sample_id",
+    "patient_id",
+    "response",
+    "timepoint",
+    "batch",
+)
+
+
+def manifest_columns(
+    columns: Sequence[str],
+    *,
+    keep: Iterable[str] = (),
+    keep_file_names: bool = False,
+    path: str | os.PathLike[str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Which manifest columns may reach a feature table, and which are dropped.
+
+    Parameters
+    ----------
+    columns
+        The manifest's columns (``path`` is internal: neither kept nor reported).
+    keep
+        Further columns the user declares (``--keep-column``); matched exactly, else
+        ignoring case and surrounding blanks.
+    keep_file_names
+        Also keep the ``file`` column (the input file names).
+    path
+        The manifest, for the error message.
+
+    Returns
+    -------
+    kept, dropped
+        Column names in manifest order. ``file`` is never in ``dropped``: it is the input,
+        not an undeclared column.
+
+    Raises
+    ------
+    ManifestError
+        A name in ``keep`` is not a column of the manifest.
+    """
+    from blinaprofile.errors import ManifestError
+
+    cols = list(columns)
+    lower = {c.strip().lower(): c for c in cols}
+    wanted = set(DECLARED_MANIFEST_COLUMNS)
+    unknown = []
+    for name in keep:
+        col = name if name in cols else lower.get(name.strip().lower())
+        if col is None:
+            unknown.append(name)
+        else:
+            wanted.add(col)
+    if unknown:
+        raise ManifestError(
+            f"column(s) {unknown} to keep are not in the manifest; it has {cols[:20]}",
+            path=path,
+        )
+    if keep_file_names:
+        wanted.add("file")
+    kept = [c for c in cols if c in wanted]
+    dropped = [c for c in cols if c not in wanted and c not in ("file", "path")]
+    return kept, dropped
 
 
 def safe_metadata(data: FCSData, *, sample_id: str) -> dict[str, Any]:

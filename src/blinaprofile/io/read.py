@@ -4,14 +4,26 @@ A manifest is a CSV with one row per sample: ``sample_id`` and ``file`` (relativ
 the manifest's folder or absolute) are required; ``patient_id``, ``timepoint`` and
 ``response`` (``responder``/``nonresponder``; also ``R``/``NR``, ``1``/``0``) are optional
 (``response`` is required for training).
+
+FCS files are read strictly (see :func:`blinaprofile.io.fcs.read_fcs`). The two documented
+overrides, accepting a DATA segment longer than ``$TOT`` and choosing which DATA offsets to
+trust, travel as one :class:`FCSReadOptions`: passed explicitly (``read_flow(...,
+fcs_options=...)``, ``featurize_manifest``, ``score_samples``) or set for a block of code with
+:func:`fcs_read_options` (how ``score_sample`` and the report's re-read of the file get
+them). The reader's warnings travel with each sample as one text value
+(:func:`join_warnings` / :func:`split_warnings`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -20,9 +32,20 @@ from blinaprofile.errors import FCSFormatError, InputError, ManifestError, one_l
 if TYPE_CHECKING:
     import pandas as pd
 
-    from blinaprofile.io.fcs import FCSData
+    from blinaprofile.io.fcs import DataOffsets, FCSData
 
-__all__ = ["RESPONSE_CODES", "modality_of", "read_flow", "read_manifest"]
+__all__ = [
+    "RESPONSE_CODES",
+    "WARNING_SEPARATOR",
+    "FCSReadOptions",
+    "current_fcs_read_options",
+    "fcs_read_options",
+    "join_warnings",
+    "modality_of",
+    "read_flow",
+    "read_manifest",
+    "split_warnings",
+]
 
 RESPONSE_CODES: dict[str, int] = {
     "responder": 1,
@@ -50,11 +73,133 @@ def modality_of(path: str | os.PathLike[str]) -> Literal["flow", "single_cell"]:
     return "flow"
 
 
+# --------------------------------------------------------------------------- FCS options
+
+
+@dataclass(frozen=True)
+class FCSReadOptions:
+    """The documented ways to read an FCS file less strictly (both off by default).
+
+    Attributes
+    ----------
+    allow_tot_mismatch
+        Accept a DATA segment holding one or more events more than ``$TOT``: the first
+        ``$TOT`` events are read and a warning says how many were ignored (CLI
+        ``--accept-tot-mismatch``).
+    data_offsets
+        ``"strict"`` refuses a file whose HEADER and ``$BEGINDATA``/``$ENDDATA`` disagree
+        on where DATA is; ``"header"`` or ``"text"`` trusts that source and records a
+        warning (CLI ``--data-offsets header|text``).
+    """
+
+    allow_tot_mismatch: bool = False
+    data_offsets: DataOffsets = "strict"
+
+    def __post_init__(self) -> None:
+        from blinaprofile.io.fcs import DATA_OFFSET_CHOICES
+
+        if self.data_offsets not in DATA_OFFSET_CHOICES:
+            raise ValueError(
+                f"data_offsets must be one of {', '.join(DATA_OFFSET_CHOICES)}, "
+                f"not {self.data_offsets!r}"
+            )
+
+    @property
+    def is_strict(self) -> bool:
+        """True when nothing is relaxed (the default)."""
+        return not self.allow_tot_mismatch and self.data_offsets == "strict"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as plain JSON values (for run records)."""
+        return {"allow_tot_mismatch": self.allow_tot_mismatch, "data_offsets": self.data_offsets}
+
+
+_FCS_OPTIONS: ContextVar[FCSReadOptions | None] = ContextVar("fcs_read_options", default=None)
+
+
+def current_fcs_read_options() -> FCSReadOptions:
+    """The options set by the innermost :func:`fcs_read_options` block (default: strict)."""
+    return _FCS_OPTIONS.get() or FCSReadOptions()
+
+
+@contextlib.contextmanager
+def fcs_read_options(options: FCSReadOptions | None) -> Iterator[FCSReadOptions]:
+    """Read FCS files with ``options`` inside the ``with`` block (``None``: unchanged).
+
+    :func:`read_flow` calls without an explicit ``fcs_options`` use them, so a whole
+    :func:`blinaprofile.scoring.score.score_sample` (and the report that re-reads the file
+    for its gating plots) can run with an override. The setting is per thread and per
+    task; worker processes receive options explicitly.
+
+    Parameters
+    ----------
+    options
+        The options for the block; ``None`` keeps the current ones.
+
+    Yields
+    ------
+    FCSReadOptions
+        The options in force inside the block.
+    """
+    if options is None:
+        yield current_fcs_read_options()
+        return
+    token = _FCS_OPTIONS.set(options)
+    try:
+        yield options
+    finally:
+        _FCS_OPTIONS.reset(token)
+
+
+#: Separates the reader's warnings in one table cell (``warnings`` columns).
+WARNING_SEPARATOR = " | "
+
+
+def join_warnings(warnings: Iterable[str]) -> str:
+    """The warnings as one table cell, each on one line, joined by :data:`WARNING_SEPARATOR`.
+
+    Parameters
+    ----------
+    warnings
+        Warnings such as :attr:`blinaprofile.io.fcs.FCSData.warnings`.
+
+    Returns
+    -------
+    str
+        ``""`` when there are none.
+    """
+    sep = WARNING_SEPARATOR
+    return sep.join(one_line(w).replace(sep, " / ") for w in warnings if w)
+
+
+def split_warnings(cell: object) -> list[str]:
+    """The list :func:`join_warnings` made.
+
+    Parameters
+    ----------
+    cell
+        A ``warnings`` value from a feature row or result row.
+
+    Returns
+    -------
+    list of str
+        Empty for ``None``, NaN or ``""``.
+    """
+    if not isinstance(cell, str) or not cell.strip():
+        return []
+    return [w for w in cell.split(WARNING_SEPARATOR) if w.strip()]
+
+
+# --------------------------------------------------------------------------- reading
+
+
 def read_flow(
     path: str | os.PathLike[str],
     *,
     allow_nonfinite: bool = False,
     keep_identifiers: bool = False,
+    fcs_options: FCSReadOptions | None = None,
+    declared_markers: Iterable[str] = (),
 ) -> FCSData:
     """Read an FCS file and check it is usable for gating.
 
@@ -68,20 +213,43 @@ def read_flow(
         Keep every TEXT keyword. By default only the technical keywords that
         :func:`blinaprofile.io.privacy.select_keywords` allows are kept, so identifying
         ones (``$SRC``, ``$FIL``, ``$SMNO``, ``$PROJ``, ``$OP``, ``$DATE``, ``PATIENT ID``...)
-        never reach features, MLflow, reports, batch outputs or logs.
+        never reach features, MLflow, reports, batch outputs or logs; and ``$PnS`` labels
+        that do not name a known marker are redacted
+        (:func:`blinaprofile.io.privacy.redact_markers`: ``'Jane Roe CD3'`` -> ``'CD3'``,
+        free text -> ``'<unrecognised $P5S>'``).
+    declared_markers
+        Further ``$PnS`` labels to keep verbatim, e.g. the names a gating strategy reads
+        (:meth:`GateTree.needed_names`); the active panel's markers and the panel synonyms
+        are always kept.
+    fcs_options
+        Relaxations of the reader's integrity checks; ``None`` uses
+        :func:`current_fcs_read_options` (strict unless a :func:`fcs_read_options` block
+        says otherwise).
+
+    Returns
+    -------
+    FCSData
+        The file's first dataset; :attr:`FCSData.warnings` lists what was tolerated.
 
     Raises
     ------
     InputError
         The file is missing or unreadable.
     FCSFormatError
-        Malformed FCS, zero events, or NaN/inf values (unless ``allow_nonfinite``).
+        Malformed FCS (including ``$TOT`` disagreeing with the DATA segment, or HEADER and
+        TEXT disagreeing on its offsets, unless ``fcs_options`` accepts it), zero events,
+        or NaN/inf values (unless ``allow_nonfinite``).
     """
     from blinaprofile.io.fcs import read_fcs
-    from blinaprofile.io.privacy import select_keywords
+    from blinaprofile.io.privacy import redact_fcs
 
-    data = read_fcs(path)
-    data.keywords = select_keywords(data.keywords, allow_identifying=keep_identifiers)
+    options = fcs_options if fcs_options is not None else current_fcs_read_options()
+    data = read_fcs(
+        path,
+        allow_tot_mismatch=options.allow_tot_mismatch,
+        data_offsets=options.data_offsets,
+    )
+    redact_fcs(data, allow_identifying=keep_identifiers, declared_markers=declared_markers)
     if data.n_events == 0:
         raise FCSFormatError("the file has zero events", path=path)
     if data.n_nonfinite and not allow_nonfinite:
@@ -261,12 +429,114 @@ def read_manifest(
     return df
 
 
-def ensure_file(path: str | os.PathLike[str]) -> Path:
-    """Raise :class:`InputError` unless ``path`` is an existing file or folder."""
+def file_type_name(mode: int) -> str:
+    """What a ``st_mode`` is, in words (``"FIFO"``, ``"character device"``, ``"socket"``...).
+
+    Parameters
+    ----------
+    mode
+        ``os.stat_result.st_mode``.
+
+    Returns
+    -------
+    str
+        ``"regular file"``, ``"directory"``, ``"FIFO"``, ``"socket"``, ``"character device"``,
+        ``"block device"``, ``"symbolic link"`` or ``"unknown file type"``.
+    """
+    import stat
+
+    for test, name in (
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISLNK, "symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "unknown file type"
+
+
+def ensure_file(path: str | os.PathLike[str], *, allow_dir: bool = True) -> Path:
+    """Check, without opening it, that ``path`` is a sample file that can be read.
+
+    Symbolic links are followed. Devices (``/dev/zero``), FIFOs and sockets are refused:
+    reading one could block or never end.
+
+    Parameters
+    ----------
+    path
+        The sample's file.
+    allow_dir
+        Accept a folder (a 10x matrix folder for the single-cell path).
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    InputError
+        ``"FILE: file not found"``, ``"FILE: not a regular file (FIFO)"``,
+        ``"FILE: cannot access file: REASON"``.
+    """
     p = Path(path)
-    if not p.exists():
-        raise InputError("file not found", path=p)
-    return p
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise InputError("file not found", path=p) from None
+    except (OSError, ValueError) as err:  # permission, symlink loop, NUL in the name...
+        reason = getattr(err, "strerror", None) or str(err)
+        raise InputError(f"cannot access file: {reason}", path=p) from None
+    kind = file_type_name(st.st_mode)
+    if kind == "regular file" or (allow_dir and kind == "directory"):
+        return p
+    raise InputError(f"not a regular file ({kind})", path=p)
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a regular file for binary reading, refusing anything else without blocking.
+
+    The file is opened non-blocking and checked on the open descriptor, so a FIFO or
+    device put in place after :func:`ensure_file` is refused too (opening a FIFO for
+    reading would otherwise wait for a writer forever).
+
+    Parameters
+    ----------
+    path
+        The file (symbolic links are followed).
+
+    Returns
+    -------
+    BinaryIO
+        The open file (blocking reads again); the caller closes it.
+
+    Raises
+    ------
+    InputError
+        The file is missing, not a regular file, or cannot be opened.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise InputError("file not found", path=path) from None
+    except OSError as err:
+        ensure_file(path)  # a socket cannot be opened (ENXIO): say what it is
+        raise InputError(f"cannot open file: {err.strerror or err}", path=path) from None
+    try:
+        kind = file_type_name(os.fstat(fd).st_mode)
+        if kind != "regular file":
+            raise InputError(f"not a regular file ({kind})", path=path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_feature_table(path: str | os.PathLike[str]) -> pd.DataFrame:

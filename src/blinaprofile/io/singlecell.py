@@ -1,12 +1,19 @@
-"""Reading single-cell objects: ``.h5ad``, 10x matrix folders and 10x ``.h5`` into AnnData with raw counts in ``X``/``layers["counts"]`` and CITE-seq protein in ``obsm["protein"]``."""
+"""Reading single-cell objects: ``.h5ad``, 10x matrix folders and 10x ``.h5`` into AnnData.
+
+Raw counts go to ``X``/``layers["counts"]``; normalised matrices (log1p of counts per 10k,
+TPM, log TPM) are kept as they are and their kind is recorded; CITE-seq protein goes to
+``obsm["protein"]``. The 10x formats are read with scanpy's own readers. The matrix-kind
+detection (:func:`detect_x_kind`), gene-symbol lookup (:func:`gene_symbols`) and cytometry
+detection (:func:`cytometry_reason`) are shared with the annotator.
+"""
 
 from __future__ import annotations
 
-import gzip
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Literal, get_args
 
 import anndata as ad
 import numpy as np
@@ -17,8 +24,24 @@ from blinaprofile.annotate.config import PathLike, ProteinSpec
 from blinaprofile.errors import SingleCellInputError
 from blinaprofile.gating.panel import canonical_marker
 
-# =========================================================================== reading
+__all__ = [
+    "ANTIBODY_TYPES",
+    "SYMBOL_COLUMNS",
+    "X_KINDS",
+    "MatrixInfo",
+    "XKind",
+    "cytometry_reason",
+    "detect_x_kind",
+    "find_obsm_protein",
+    "gene_symbols",
+    "linear_values",
+    "protein_frame",
+    "read_single_cell",
+    "rna_matrix",
+]
+
 _DEFAULT_OBSM_KEYS: tuple[str, ...] = tuple(ProteinSpec().obsm_keys)
+#: ``var`` columns holding gene symbols (tried when ``var_names`` are not symbols)
 SYMBOL_COLUMNS: tuple[str, ...] = (
     "gene_symbols",
     "gene_symbol",
@@ -26,11 +49,23 @@ SYMBOL_COLUMNS: tuple[str, ...] = (
     "gene_name",
     "gene_names",
     "symbol",
+    "symbols",
+    "feature_names",
+    "gene",
 )
 ANTIBODY_TYPES = {"antibody capture", "antibody_capture", "adt", "protein"}
 _REAGENT_SUFFIX = re.compile(r"[_\-.\s]*(totalseq[abc]?|adt|antibody)$", re.IGNORECASE)
 
+#: what an RNA matrix can hold (``x_kind``); ``auto`` detects it
+XKind = Literal["auto", "counts", "log1p-cp10k", "log-tpm", "tpm"]
+X_KINDS: tuple[str, ...] = tuple(k for k in get_args(XKind) if k != "auto")
+#: largest value a log-scale matrix holds (log1p of 1e21 counts per 10k); above: linear
+_LOG_MAX = 50.0
+#: rows whose linear sums agree to this relative spread were normalised to a fixed total
+_CONSTANT_ROWS = 1e-3
 
+
+# =========================================================================== protein
 def _clean_antibody_name(name: str) -> str:
     """Canonical marker (``CD197_TotalSeqB`` -> ``CCR7``), else the name without reagent suffix."""
     canon = canonical_marker(name)
@@ -41,6 +76,7 @@ def _clean_antibody_name(name: str) -> str:
 
 
 def protein_frame(values: Any, names: Sequence[str], index: pd.Index) -> pd.DataFrame:
+    """Antibody counts as a DataFrame with canonical marker names (duplicates get ``_2``...)."""
     arr = values.toarray() if sp.issparse(values) else np.asarray(values)
     arr = np.asarray(arr, dtype=np.float64)
     cols: list[str] = []
@@ -93,43 +129,319 @@ def find_obsm_protein(
     return None, {}, None
 
 
-def _looks_like_counts(m: Any) -> bool:
+# =========================================================================== matrix kinds
+@dataclass(frozen=True)
+class MatrixInfo:
+    """What an RNA matrix holds and how to bring it to log1p counts per 10,000.
+
+    Attributes
+    ----------
+    kind
+        ``counts``, ``log1p-cp10k``, ``log-tpm`` or ``tpm``.
+    where
+        The matrix used: ``layers['counts']``, ``X`` or ``raw.X``.
+    declared
+        ``True`` when the caller named the kind, ``False`` when it was detected.
+    log_base
+        ``"e"`` or ``"2"`` for log kinds, ``""`` otherwise.
+    row_total
+        The total every cell was normalised to (detected from the rows), ``nan`` when the
+        rows do not share one total (genes removed after normalising) or for counts.
+    note
+        How the kind was decided, in words (reported as evidence).
+    """
+
+    kind: str
+    where: str
+    declared: bool
+    log_base: str
+    row_total: float
+    note: str
+
+    @property
+    def is_counts(self) -> bool:
+        return self.kind == "counts"
+
+
+def _data_sample(m: Any, n: int = 200_000) -> np.ndarray:
     data = m.data if sp.issparse(m) else np.asarray(m).ravel()
-    if data.size == 0:
-        return True
-    sample = np.asarray(data[: min(data.size, 200_000)], dtype=np.float64)
-    return bool(np.all(sample >= 0) and np.all(np.abs(sample - np.round(sample)) < 1e-6))
+    if data.size > n:  # evenly spaced, so a matrix sorted by cell is sampled throughout
+        data = data[np.linspace(0, data.size - 1, n).astype(np.int64)]
+    return np.asarray(data, dtype=np.float64)
 
 
-def count_matrix(adata: ad.AnnData, source: str | None) -> tuple[Any, pd.DataFrame]:
-    """Raw RNA counts and their var: ``layers['counts']``, else ``X``, else ``.raw``."""
-    if "counts" in adata.layers:
-        mat, var = adata.layers["counts"], adata.var
-    elif _looks_like_counts(adata.X):
-        mat, var = adata.X, adata.var
-    elif (
-        adata.raw is not None and adata.raw.n_obs == adata.n_obs and _looks_like_counts(adata.raw.X)
-    ):
-        mat, var = adata.raw.X, adata.raw.var
+def _max_value(m: Any) -> float:
+    data = m.data if sp.issparse(m) else np.asarray(m)
+    return float(np.max(data)) if data.size else 0.0
+
+
+def _is_integer(vals: np.ndarray) -> bool:
+    return bool(np.all(np.abs(vals - np.round(vals)) < 1e-6))
+
+
+def _inverse(base: str) -> Callable[[np.ndarray], np.ndarray]:
+    if base == "e":
+        return np.expm1
+    if base == "2":
+        return lambda v: np.exp2(v) - 1.0
+    return lambda v: v
+
+
+def linear_values(values: np.ndarray, info: MatrixInfo) -> np.ndarray:
+    """Values back on the linear scale (counts, counts per total or TPM)."""
+    return np.asarray(_inverse(info.log_base)(np.asarray(values, dtype=np.float64)))
+
+
+def _row_sums(m: Any, base: str, rows: np.ndarray | None = None, chunk: int = 20_000) -> np.ndarray:
+    """Row sums on the linear scale (inverse log applied to the stored values only)."""
+    csr = m if sp.issparse(m) and m.format == "csr" else sp.csr_matrix(m)
+    if rows is not None:
+        csr = csr[rows]
+    inv = _inverse(base)
+    out = np.empty(csr.shape[0])
+    for start in range(0, csr.shape[0], chunk):
+        part = csr[start : start + chunk]
+        lin = part.copy()
+        lin.data = inv(np.asarray(lin.data, dtype=np.float64))
+        out[start : start + chunk] = np.asarray(lin.sum(axis=1)).ravel()
+    return out
+
+
+def _constant_total(m: Any, base: str) -> float:
+    """The shared linear row total of up to 500 evenly spaced cells, or ``nan``."""
+    n = m.shape[0]
+    if n == 0:
+        return float("nan")
+    rows = np.unique(np.linspace(0, n - 1, min(n, 500)).astype(np.int64))
+    sums = _row_sums(m, base, rows)
+    med = float(np.median(sums))
+    if med <= 0 or (float(sums.max()) - float(sums.min())) / med > _CONSTANT_ROWS:
+        return float("nan")
+    return med
+
+
+def detect_x_kind(m: Any, *, declared: str = "auto", where: str = "X") -> MatrixInfo:
+    """What a matrix holds: raw counts, log1p counts per 10k, log TPM or TPM.
+
+    Parameters
+    ----------
+    m
+        Cells x genes, sparse or dense.
+    declared
+        ``auto`` to detect, else the kind the caller states (checked for consistency).
+    where
+        Where the matrix was found (for the messages).
+
+    Returns
+    -------
+    MatrixInfo
+
+    Raises
+    ------
+    SingleCellInputError
+        Negative values (centred or scaled data), non-finite values, a declared kind the
+        values contradict (``counts`` that are not integers, log data above 50).
+
+    Notes
+    -----
+    Integer-valued non-negative data are counts. Other data up to 50 are log-scale: the rows
+    are transformed back (``expm1``, else ``2**x - 1``); if 500 evenly spaced cells then share
+    one total, the data were normalised to it (about 1e4: ``log1p-cp10k``; about 1e6:
+    ``log-tpm``, which includes log1p CPM). Without a shared total (genes removed after
+    normalising) ``log1p-cp10k`` is assumed. Data above 50 are linear (``tpm``).
+    """
+    vals = _data_sample(m)
+    if vals.size and not np.all(np.isfinite(vals)):
+        raise SingleCellInputError(f"the RNA matrix ({where}) holds NaN or infinite values")
+    if vals.size and vals.min() < 0:
+        raise SingleCellInputError(
+            f"the RNA matrix ({where}) holds negative values: centred or scaled data (e.g. after "
+            "sc.pp.scale) cannot be used; provide raw counts (layers['counts'] or .raw) or "
+            "log-normalised values"
+        )
+    integer = _is_integer(vals)
+    vmax = _max_value(m)
+    if declared == "counts":
+        if not integer:
+            raise SingleCellInputError(
+                f"x_kind='counts' was declared but the matrix ({where}) holds non-integer values"
+            )
+        return MatrixInfo("counts", where, True, "", float("nan"), f"raw counts ({where})")
+    if declared == "auto" and integer:
+        note = f"integer values in {where}: raw counts"
+        return MatrixInfo("counts", where, False, "", float("nan"), note)
+    if declared in ("log1p-cp10k", "log-tpm") and vmax > _LOG_MAX:
+        raise SingleCellInputError(
+            f"x_kind={declared!r} was declared but the matrix ({where}) holds values up to "
+            f"{vmax:.3g}, which is not log-scale"
+        )
+    if declared == "tpm" or (declared == "auto" and vmax > _LOG_MAX):
+        total = _constant_total(m, "")
+        note = (
+            f"linear normalised values, every cell sums to {total:.4g}"
+            if np.isfinite(total)
+            else "linear normalised values (cells do not share one total)"
+        )
+        return MatrixInfo("tpm", where, declared != "auto", "", total, f"{note}: TPM")
+    for base in ("e", "2"):
+        total = _constant_total(m, base)
+        if np.isfinite(total):
+            kind = "log-tpm" if total > 1e5 else "log1p-cp10k"
+            if declared != "auto":
+                kind = declared
+            log = "log1p" if base == "e" else "log2(x + 1)"
+            return MatrixInfo(
+                kind,
+                where,
+                declared != "auto",
+                base,
+                total,
+                f"{log} of values normalised to {total:.4g} per cell",
+            )
+    kind = "log1p-cp10k" if declared == "auto" else declared
+    return MatrixInfo(
+        kind,
+        where,
+        declared != "auto",
+        "e",
+        float("nan"),
+        "log-scale values whose cells do not share one total (genes removed after normalising?);"
+        f" read as {kind} with natural log",
+    )
+
+
+def rna_matrix(
+    adata: ad.AnnData, *, x_kind: str = "auto", source: str | None = None
+) -> tuple[Any, pd.DataFrame, MatrixInfo]:
+    """The RNA matrix to use, its ``var`` and what it holds.
+
+    With ``x_kind="auto"``: raw counts from ``layers['counts']``, else ``X`` if integer,
+    else ``.raw`` if integer; otherwise ``X`` as normalised data (kind detected, or the kind
+    recorded in ``uns['blinaprofile']['x_kind']`` by :func:`read_single_cell`). A declared
+    ``counts`` takes the same places; a declared normalised kind uses ``X``.
+
+    Raises
+    ------
+    SingleCellInputError
+        A cytometry object (see :func:`cytometry_reason`), negative or non-finite values, or
+        a declared kind the values contradict.
+    """
+    if x_kind not in ("auto", *X_KINDS):
+        raise SingleCellInputError(
+            f"x_kind must be one of auto, {', '.join(X_KINDS)}; got {x_kind!r}", path=source
+        )
+    reason = cytometry_reason(adata)
+    if reason is not None:
+        raise SingleCellInputError(reason, path=source)
+    try:
+        if x_kind in ("auto", "counts"):
+            if "counts" in adata.layers:
+                m = adata.layers["counts"]
+                return m, adata.var, detect_x_kind(m, declared="counts", where="layers['counts']")
+            info = detect_x_kind(adata.X, declared="auto", where="X")
+            if info.is_counts:
+                return adata.X, adata.var, info
+            raw = adata.raw
+            if raw is not None and raw.n_obs == adata.n_obs:
+                rinfo = detect_x_kind(raw.X, declared="auto", where="raw.X")
+                if rinfo.is_counts:
+                    return raw.X, raw.var, rinfo
+            if x_kind == "counts":
+                raise SingleCellInputError(
+                    "x_kind='counts' but X holds non-integer values and there is no "
+                    "layers['counts'] or .raw with raw counts",
+                    path=source,
+                )
+            recorded = adata.uns.get("blinaprofile", {})
+            rec_kind = recorded.get("x_kind") if isinstance(recorded, dict) else None
+            if rec_kind in X_KINDS and rec_kind != "counts" and rec_kind != info.kind:
+                info = detect_x_kind(adata.X, declared=str(rec_kind), where="X")
+            return adata.X, adata.var, info
+        return adata.X, adata.var, detect_x_kind(adata.X, declared=x_kind, where="X")
+    except SingleCellInputError as err:
+        if err.path is None and source is not None:
+            raise SingleCellInputError(err.message, path=source) from None
+        raise
+
+
+# =========================================================================== gene symbols
+_ENSEMBL = r"^ENS[A-Z]*G\d+"
+
+
+def gene_symbols(var: pd.DataFrame, wanted: Sequence[str] = ()) -> tuple[np.ndarray, str]:
+    """Upper-case gene symbols per ``var`` row and where they came from.
+
+    ``var_names`` are used unless a column of :data:`SYMBOL_COLUMNS` matches more of the
+    ``wanted`` genes (e.g. the annotator's gene sets), or, without ``wanted`` matches, the
+    ``var_names`` are mostly Ensembl IDs and such a column exists.
+
+    Returns
+    -------
+    symbols, source
+        ``source`` is ``"var_names"`` or ``"var['<column>']"``.
+    """
+    names = pd.Index(var.index.astype(str))
+    cands: list[tuple[str, pd.Index]] = [("var_names", names)]
+    for col in SYMBOL_COLUMNS:
+        if col in var.columns:
+            cands.append((f"var[{col!r}]", pd.Index(var[col].astype(str))))
+    want = {g.upper() for g in wanted}
+    best_src, best = cands[0]
+    if want:
+        hits = [len(want.intersection(idx.str.upper())) for _, idx in cands]
+        k = int(np.argmax(hits))
+        if hits[k] > hits[0]:
+            best_src, best = cands[k]
+    if best_src == "var_names" and len(cands) > 1 and len(names):
+        ensembl = float(names.str.match(_ENSEMBL).mean())
+        if ensembl > 0.5:
+            best_src, best = cands[1]
+    return np.asarray(best.str.upper(), dtype=object), best_src
+
+
+# =========================================================================== cytometry
+_CYTO_CHANNEL = re.compile(
+    r"^(fsc|ssc|time|event_?length|width|height|center|offset|residual|beaddist|"
+    r"dna\d|ir19[13]|pt19[4-8]|cisplatin|fl\d+)([-_ ].*)?$",
+    re.IGNORECASE,
+)
+_MARKER_COLUMNS = ("marker", "markers", "antigen", "pns", "$pns", "channel", "pnn", "$pnn")
+
+
+def cytometry_reason(adata: ad.AnnData) -> str | None:
+    """Why ``adata`` looks like cytometry (events x channels), or ``None``.
+
+    A cytometry AnnData (e.g. written by ``blinaprofile gate --h5ad``, pytometry or
+    readfcs) has a few dozen channels named after fluorochromes, metals or antigens, scatter
+    or time channels, or marker/channel columns in ``var``, and intensities rather than gene
+    counts. The single-cell RNA path cannot use it; the flow path can.
+    """
+    if adata.n_vars == 0 or adata.n_vars > 300:
+        return None
+    names = [str(v) for v in adata.var_names]
+    cols = [c for c in adata.var.columns if str(c).lower() in _MARKER_COLUMNS]
+    labels = names + [str(x) for c in cols for x in adata.var[c].astype(str)]
+    scatter = [n for n in names if _CYTO_CHANNEL.match(n.strip())]
+    mapped = sorted({m for lab in labels if (m := canonical_marker(lab))})
+    vals = _data_sample(adata.X, 50_000)
+    intensities = bool(vals.size) and (
+        bool(np.any(vals < 0)) or not _is_integer(vals[np.isfinite(vals)])
+    )
+    if (scatter or cols) and len(mapped) >= 2:
+        why = f"scatter/time channels {scatter[:4]}" if scatter else f"var columns {cols}"
+    elif intensities and len(mapped) >= max(3, int(0.3 * adata.n_vars)):
+        why = "non-integer intensities"
     else:
-        raise SingleCellInputError(
-            "X holds non-integer values (normalised data?) and there is no layers['counts'] "
-            "or .raw with raw counts",
-            path=source,
-        )
-    if not _looks_like_counts(mat):
-        raise SingleCellInputError(
-            "the RNA count matrix holds negative or non-integer values", path=source
-        )
-    return mat, var
+        return None
+    shown = ", ".join(mapped[:8]) + (", ..." if len(mapped) > 8 else "")
+    return (
+        f"this looks like cytometry data, not single-cell RNA: {adata.n_vars} channels with "
+        f"markers {shown} and {why}; use the flow path instead (FCS files with "
+        "'blinaprofile featurize' / 'blinaprofile score', or blinaprofile.gating.sample.gate_sample)"
+    )
 
 
-def _open_maybe_gz(path: Path) -> IO[bytes]:
-    if path.suffix == ".gz":
-        return gzip.GzipFile(path, "rb")  # type: ignore[return-value]
-    return path.open("rb")
-
-
+# =========================================================================== readers
 def _first_existing(folder: Path, names: Sequence[str]) -> Path | None:
     for n in names:
         for cand in (folder / n, folder / f"{n}.gz"):
@@ -139,7 +451,8 @@ def _first_existing(folder: Path, names: Sequence[str]) -> Path | None:
 
 
 def _read_10x_mtx(folder: Path) -> ad.AnnData:
-    from scipy.io import mmread
+    """A 10x matrix folder through :func:`scanpy.read_10x_mtx` (antibody capture kept)."""
+    import scanpy as sc
 
     if not _first_existing(folder, ["matrix.mtx"]):
         for sub in ("filtered_feature_bc_matrix", "outs/filtered_feature_bc_matrix"):
@@ -162,73 +475,54 @@ def _read_10x_mtx(folder: Path) -> ad.AnnData:
         raise SingleCellInputError(
             f"not a 10x matrix folder: missing {', '.join(missing)}", path=folder
         )
+    legacy = feats.name == "genes.tsv"
+    gz = {p.suffix == ".gz" for p in (mtx, feats, bcs)}
+    if legacy and gz != {False}:
+        raise SingleCellInputError(
+            "a Cell Ranger 2 folder (genes.tsv) must hold uncompressed matrix.mtx, genes.tsv "
+            "and barcodes.tsv",
+            path=folder,
+        )
+    if len(gz) > 1:
+        raise SingleCellInputError(
+            "matrix.mtx, features.tsv and barcodes.tsv must be all gzipped or all plain",
+            path=folder,
+        )
     try:
-        with _open_maybe_gz(mtx) as fh:
-            m = sp.coo_matrix(mmread(fh, spmatrix=False))
-        f = pd.read_csv(feats, sep="\t", header=None, dtype=str, compression="infer")
-        b = pd.read_csv(bcs, sep="\t", header=None, dtype=str, compression="infer")
-    except (OSError, ValueError, EOFError, pd.errors.ParserError) as err:
+        adata = sc.read_10x_mtx(
+            folder, var_names="gene_symbols", gex_only=False, compressed=gz == {True}
+        )
+    except (OSError, ValueError, EOFError, IndexError, KeyError, pd.errors.ParserError) as err:
         raise SingleCellInputError(
             f"cannot read the 10x matrix folder: {err}", path=folder
         ) from None
-    if m.shape != (len(f), len(b)):
-        raise SingleCellInputError(
-            f"matrix.mtx is {m.shape[0]} features x {m.shape[1]} barcodes but the features "
-            f"file has {len(f)} rows and the barcodes file {len(b)}",
-            path=folder,
-        )
-    mat = sp.csr_matrix(m.T, dtype=np.float32)
-    names = f[1] if f.shape[1] > 1 else f[0]
-    ftype = f[2].to_numpy() if f.shape[1] > 2 else np.full(len(f), "Gene Expression", dtype=object)
-    var = pd.DataFrame(
-        {"gene_ids": f[0].to_numpy(), "feature_types": ftype},
-        index=pd.Index(names.astype(str).to_numpy()),
-    )
-    obs = pd.DataFrame(index=pd.Index(b[0].astype(str).to_numpy()))
-    return ad.AnnData(X=mat, obs=obs, var=var)
+    if "feature_types" not in adata.var:
+        adata.var["feature_types"] = "Gene Expression"
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    return adata
 
 
 def _read_10x_h5(path: Path) -> ad.AnnData:
+    """A Cell Ranger 2 or 3+ ``.h5`` through :func:`scanpy.read_10x_h5` (all feature types)."""
     import h5py
-
-    def _str(node: Any) -> np.ndarray:
-        return np.array(
-            [x.decode() if isinstance(x, bytes) else str(x) for x in node[...]], dtype=object
-        )
+    import scanpy as sc
 
     try:
         with h5py.File(path, "r") as h5:
-            if "matrix" in h5:  # Cell Ranger >= 3
-                g = h5["matrix"]
-                feat = g["features"]
-                ids = _str(feat["id"])
-                names = _str(feat["name"]) if "name" in feat else ids
-                ftype = (
-                    _str(feat["feature_type"])
-                    if "feature_type" in feat
-                    else np.full(len(ids), "Gene Expression", dtype=object)
-                )
-            else:  # Cell Ranger 2: one group per genome
-                groups = [k for k in h5 if isinstance(h5[k], h5py.Group)]
-                if not groups:
-                    raise SingleCellInputError(
-                        "not a 10x .h5 file: no 'matrix' or genome group", path=path
-                    )
-                g = h5[groups[0]]
-                ids = _str(g["genes"])
-                names = _str(g["gene_names"]) if "gene_names" in g else ids
-                ftype = np.full(len(ids), "Gene Expression", dtype=object)
-            n_feat, n_cells = (int(x) for x in g["shape"][...])
-            barcodes = _str(g["barcodes"])
-            # stored as CSC features x cells, i.e. CSR cells x features
-            mat = sp.csr_matrix(
-                (g["data"][...].astype(np.float32), g["indices"][...], g["indptr"][...]),
-                shape=(n_cells, n_feat),
-            )
-    except (OSError, KeyError, ValueError) as err:
+            groups = [k for k in h5 if isinstance(h5[k], h5py.Group)]
+    except OSError as err:
         raise SingleCellInputError(f"cannot read as a 10x .h5 file: {err}", path=path) from None
-    var = pd.DataFrame({"gene_ids": ids, "feature_types": ftype}, index=pd.Index(names.astype(str)))
-    return ad.AnnData(X=mat, obs=pd.DataFrame(index=pd.Index(barcodes.astype(str))), var=var)
+    if not groups:
+        raise SingleCellInputError("not a 10x .h5 file: no 'matrix' or genome group", path=path)
+    genome = None if "matrix" in groups else groups[0]
+    try:
+        adata = sc.read_10x_h5(path, genome=genome, gex_only=False)
+    except (OSError, KeyError, ValueError, IndexError) as err:
+        raise SingleCellInputError(f"cannot read as a 10x .h5 file: {err}", path=path) from None
+    if "feature_types" not in adata.var:
+        adata.var["feature_types"] = "Gene Expression"
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    return adata
 
 
 def _read_h5ad(path: Path) -> ad.AnnData:
@@ -238,37 +532,50 @@ def _read_h5ad(path: Path) -> ad.AnnData:
         raise SingleCellInputError(f"cannot read as .h5ad: {err}", path=path) from None
 
 
-def read_single_cell(path: PathLike, *, sample_key: str | None = None) -> ad.AnnData:
-    """Read a single-cell object with RNA counts and optional CITE-seq protein.
+def read_single_cell(
+    path: PathLike, *, sample_key: str | None = None, x_kind: XKind = "auto"
+) -> ad.AnnData:
+    """Read a single-cell object with RNA (counts or normalised) and optional CITE-seq protein.
 
     Parameters
     ----------
     path
-        An ``.h5ad`` file, a 10x matrix folder (``matrix.mtx(.gz)``, ``features.tsv(.gz)`` or
-        ``genes.tsv(.gz)``, ``barcodes.tsv(.gz)``; also its ``matrix.mtx(.gz)`` file or a parent
-        holding ``filtered_feature_bc_matrix/``) or a 10x ``.h5`` file (Cell Ranger 2 or 3+).
+        An ``.h5ad`` file, a 10x matrix folder (``matrix.mtx``, ``features.tsv`` or
+        ``genes.tsv``, ``barcodes.tsv``, all gzipped or all plain; also its ``matrix.mtx(.gz)``
+        file or a parent holding ``filtered_feature_bc_matrix/``) or a 10x ``.h5`` file (Cell
+        Ranger 2 or 3+). 10x inputs are read with :func:`scanpy.read_10x_mtx` /
+        :func:`scanpy.read_10x_h5`.
     sample_key
         ``obs`` column holding each cell's sample; checked to exist.
+    x_kind
+        What the RNA matrix holds: ``counts``, ``log1p-cp10k`` (scanpy's ``normalize_total``
+        + ``log1p``), ``log-tpm`` (log of TPM + 1) or ``tpm``; ``auto`` (default) takes raw
+        counts where they exist (``layers['counts']``, integer ``X``, ``.raw``) and otherwise
+        detects the kind of ``X`` (:func:`detect_x_kind`).
 
     Returns
     -------
     AnnData
-        ``X`` and ``layers['counts']`` are the same float32 CSR matrix of raw RNA counts
-        (Gene Expression features only; nothing is normalised in place). CITE-seq antibody
-        counts, from ``obsm`` (``protein``, ``protein_expression``, ``adt``...; names from the
-        DataFrame columns or ``uns['protein_names']``) or from Antibody Capture features, are
-        put in ``obsm['protein']``: a DataFrame whose columns are canonical marker names where
-        known (``CD197_TotalSeqB`` -> ``CCR7``, ``PD-1`` -> ``PD1``, ``CD8a`` -> ``CD8``), else
-        the name without its reagent suffix. ``uns['blinaprofile']`` records the source file
-        and the original antibody names. If ``X`` is normalised, ``layers['counts']`` or
-        ``.raw`` must hold the counts (``.raw`` then replaces ``X`` and ``var``).
+        With raw counts, ``X`` and ``layers['counts']`` are the same float32 CSR matrix of
+        raw RNA counts (Gene Expression features only; ``.raw`` replaces ``X`` and ``var``
+        when it holds the counts). With normalised data, ``X`` is that float32 CSR matrix
+        and there is no ``layers['counts']``. Nothing is normalised in place.
+        ``uns['blinaprofile']`` records the source file, ``x_kind`` (and ``x_kind_note``,
+        how it was decided) and the original antibody names. CITE-seq antibody counts, from
+        ``obsm`` (``protein``, ``protein_expression``, ``adt``...; names from the DataFrame
+        columns or ``uns['protein_names']``) or from Antibody Capture features, are put in
+        ``obsm['protein']``: a DataFrame whose columns are canonical marker names where known
+        (``CD197_TotalSeqB`` -> ``CCR7``, ``PD-1`` -> ``PD1``, ``CD8a`` -> ``CD8``), else the
+        name without its reagent suffix.
 
     Raises
     ------
     SingleCellInputError
         The file is missing or unreadable, the format is unknown, there are no cells or no
-        genes, no raw counts can be found, protein lacks names, or ``sample_key`` is not an
-        ``obs`` column. The message starts with the file name.
+        genes, the object is cytometry data (the message points to the flow path), the
+        matrix is scaled (negative values) or contradicts the declared ``x_kind``, protein
+        lacks names, or ``sample_key`` is not an ``obs`` column. The message starts with the
+        file name.
     """
     p = Path(path)
     if not p.exists():
@@ -288,10 +595,12 @@ def read_single_cell(path: PathLike, *, sample_key: str | None = None) -> ad.Ann
             "a 10x matrix folder",
             path=p,
         )
-    return _standardise(adata, source=str(p), sample_key=sample_key)
+    return _standardise(adata, source=str(p), sample_key=sample_key, x_kind=x_kind)
 
 
-def _standardise(adata: ad.AnnData, *, source: str, sample_key: str | None) -> ad.AnnData:
+def _standardise(
+    adata: ad.AnnData, *, source: str, sample_key: str | None, x_kind: str
+) -> ad.AnnData:
     if sample_key is not None and sample_key not in adata.obs.columns:
         cols = ", ".join(map(str, adata.obs.columns)) or "no columns"
         raise SingleCellInputError(
@@ -300,7 +609,7 @@ def _standardise(adata: ad.AnnData, *, source: str, sample_key: str | None) -> a
     if adata.n_obs == 0:
         raise SingleCellInputError("the object has no cells", path=source)
     prot, originals, key = find_obsm_protein(adata, _DEFAULT_OBSM_KEYS, source)
-    mat, var = count_matrix(adata, source)
+    mat, var, info = rna_matrix(adata, x_kind=x_kind, source=source)
     if var is not adata.var:  # counts from .raw: rebuild on the raw genes
         new = ad.AnnData(X=sp.csr_matrix(mat, dtype=np.float32), obs=adata.obs, var=var.copy())
         for k, v in adata.obsm.items():
@@ -333,17 +642,20 @@ def _standardise(adata: ad.AnnData, *, source: str, sample_key: str | None) -> a
     adata.var_names_make_unique()
     if not isinstance(adata.X, sp.csr_matrix):
         adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
-    adata.layers["counts"] = adata.X
+    if info.is_counts:
+        adata.layers["counts"] = adata.X
     if prot is not None:
         adata.obsm["protein"] = prot
-    info = dict(adata.uns.get("blinaprofile", {}))
-    info.update(
+    meta = dict(adata.uns.get("blinaprofile", {}))
+    meta.update(
         {
             "source": source,
+            "x_kind": info.kind,
+            "x_kind_note": info.note,
             "protein_source": key or "",
             "protein_names_original": {str(k): str(v) for k, v in originals.items()},
             "dropped_feature_types": list(dropped),
         }
     )
-    adata.uns["blinaprofile"] = info
+    adata.uns["blinaprofile"] = meta
     return adata

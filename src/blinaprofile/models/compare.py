@@ -4,8 +4,10 @@ Every :func:`blinaprofile.models.train.train` run logs one nested *candidate* ru
 (tag ``blinaprofile.run_kind = candidate``) holding that family's cross-validated metrics,
 their bootstrap 95% intervals and the permutation p-value. :func:`leaderboard` collects
 those candidate runs through the MLflow API, from any tracking store (local SQLite, the
-team server), into one table; :func:`write_leaderboard` writes it as CSV (numbers),
-Markdown and HTML (formatted, ``AUC [95% CI]``).
+team server), into one table grouped by cohort (metrics from different cohorts are not
+comparable), with the registry aliases each registered version holds now;
+:func:`write_leaderboard` writes it as CSV (numbers), Markdown and HTML (formatted,
+``AUC [95% CI]``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ _CI_METRICS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "br
 #: Columns of :func:`leaderboard` (numbers stay numbers; CSV keeps all of them).
 LEADERBOARD_COLUMNS: tuple[str, ...] = (
     "experiment",
+    "cohort",
     "training_run",
     "training_run_id",
     "candidate_run_id",
@@ -44,6 +47,8 @@ LEADERBOARD_COLUMNS: tuple[str, ...] = (
     "selection_pvalue",
     "registered_model",
     "version",
+    "aliases",
+    "promotion",
     "trained_on",
     "schema_version",
     "git_commit",
@@ -73,6 +78,7 @@ def leaderboard(
     tracking_uri: str | None = None,
     max_runs: int = 1000,
     sort_by: str = "roc_auc",
+    cohort: str | None = None,
 ) -> pd.DataFrame:
     """One row per (training run, model family) with metrics, 95% CIs and p-values.
 
@@ -86,11 +92,16 @@ def leaderboard(
         At most this many candidate runs (newest first) are read.
     sort_by
         Column to rank by (descending, except ``brier`` and ``ece``: ascending).
+    cohort
+        Only runs on this cohort (tag ``blinaprofile.cohort``; runs from before that tag
+        existed are matched by their ``trained_on`` text).
 
     Returns
     -------
     DataFrame
-        Columns :data:`LEADERBOARD_COLUMNS`, best first, with a 1-based ``rank`` index.
+        Columns :data:`LEADERBOARD_COLUMNS`, grouped by cohort, best first within each, with
+        a 1-based ``rank`` index that restarts for every cohort. ``aliases`` are the registry
+        aliases the row's registered version holds now.
 
     Raises
     ------
@@ -124,6 +135,7 @@ def leaderboard(
             f"no training runs to compare in {where} (train with 'blinaprofile train')"
         )
     parents: dict[str, Any] = {}
+    aliases: dict[str, dict[str, list[str]]] = {}
     rows = []
     for r in runs:
         tags, m, p = r.data.tags, r.data.metrics, r.data.params
@@ -156,20 +168,47 @@ def leaderboard(
             if name in m:
                 row[name] = float(m[name])
         row["selection_pvalue"] = float(pmetrics.get("selection_pvalue", np.nan))
-        row["registered_model"] = ptags.get("registered_model", "")
-        row["version"] = ptags.get("registered_version", "") if chosen else ""
+        row["registered_model"] = name = ptags.get("registered_model", "")
+        row["version"] = version = ptags.get("registered_version", "") if chosen else ""
+        if name and name not in aliases:
+            aliases[name] = _aliases_by_version(client, name)
+        row["aliases"] = " ".join(f"@{a}" for a in aliases.get(name, {}).get(version, []))
+        row["promotion"] = ptags.get("blinaprofile.promotion", "") if chosen else ""
         row["trained_on"] = tags.get("trained_on", ptags.get("trained_on", ""))
+        row["cohort"] = tags.get("blinaprofile.cohort", ptags.get("blinaprofile.cohort", ""))
+        row["cohort"] = row["cohort"] or row["trained_on"] or "unnamed"
         row["schema_version"] = tags.get("schema_version", "")
         row["git_commit"] = ptags.get("git_commit", "")
         rows.append(row)
     df = pd.DataFrame(rows).reindex(columns=list(LEADERBOARD_COLUMNS))
     if sort_by not in df.columns:
         raise CompareError(f"cannot sort by {sort_by!r}; choose one of {list(df.columns)}")
+    if cohort is not None:
+        df = df[df["cohort"] == cohort]
+        if df.empty:
+            known = sorted(set(r["cohort"] for r in rows))
+            raise CompareError(f"no training runs on cohort {cohort!r} (cohorts: {known})")
     df = df.sort_values(
-        [sort_by, "started"], ascending=[sort_by in ("brier", "ece"), False], na_position="last"
+        ["cohort", sort_by, "started"],
+        ascending=[True, sort_by in ("brier", "ece"), False],
+        na_position="last",
     ).reset_index(drop=True)
-    df.index = pd.RangeIndex(1, len(df) + 1, name="rank")
+    df.index = pd.Index(df.groupby("cohort").cumcount().to_numpy() + 1, name="rank")
     return df
+
+
+def _aliases_by_version(client: Any, name: str) -> dict[str, list[str]]:
+    """``{version: [alias, ...]}`` of a registered model now (empty if it is gone)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException:
+        return {}
+    out: dict[str, list[str]] = {}
+    for alias, version in sorted((rm.aliases or {}).items()):
+        out.setdefault(str(version), []).append(str(alias))
+    return out
 
 
 def _int(v: Any) -> float:
@@ -204,6 +243,7 @@ def _pval(row: pd.Series, col: str) -> str:
 def format_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     """Human-readable leaderboard: ``metric [95% CI]`` strings and p-values."""
     out = pd.DataFrame(index=df.index)
+    out["cohort"] = df["cohort"]
     out["family"] = df["family"]
     out["training run"] = df["training_run"]
     out["experiment"] = df["experiment"]
@@ -217,8 +257,14 @@ def format_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     out["ECE"] = df["ece"].map(lambda v: _num(v, 3))
     out["perm. p"] = df.apply(_pval, axis=1, col="perm_pvalue")
     out["registered"] = [
-        f"{m} v{v}" if c and v else ("chosen" if c else "")
-        for m, v, c in zip(df["registered_model"], df["version"], df["chosen"], strict=True)
+        (f"{m} v{v} {a}".strip() if v else "chosen, not registered") if c else ""
+        for m, v, a, c in zip(
+            df["registered_model"],
+            df["version"].fillna(""),
+            df["aliases"].fillna(""),
+            df["chosen"],
+            strict=True,
+        )
     ]
     return out
 

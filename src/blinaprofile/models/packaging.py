@@ -14,8 +14,9 @@ A model directory (``models/default`` or an MLflow artifact) contains the MLflow
 ``training_features.csv``
     The training cohort's features and response (to place a new sample against the cohort).
 
-Nothing is unpickled: skops loads only the types recorded in ``meta.json`` and allowed by
-:data:`TRUSTED_PREFIXES`.
+Nothing is unpickled and no code from a model folder is run: scoring loads a folder through
+:mod:`blinaprofile.models.loading`, which checks the folder's layout and every type in the
+skops files against an exact allow-list before anything is built.
 
 Prediction
 ----------
@@ -31,8 +32,13 @@ Prediction
 - ``contrib_<feature>``: additive contribution of each feature to the log-odds, relative
   to an average training sample (see :func:`contributions`).
 
+A row with a missing (null/NaN) or infinite model feature gets no confident call: ``call``
+is :data:`NO_CALL` and ``probability``, its interval and the contributions are NaN (the
+imputer would otherwise turn an all-NaN row into a confident-looking cohort median).
+
 ``params={"threshold": t}`` overrides the stored threshold (the MLflow signature declares
-it as a parameter with the stored value as default).
+it as a parameter with the stored value as default); it must be a probability in [0, 1]
+(:func:`check_threshold`).
 """
 
 from __future__ import annotations
@@ -46,12 +52,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from blinaprofile.errors import FeatureSchemaError, ModelError, one_line
+from blinaprofile.errors import FeatureSchemaError, ModelError
+from blinaprofile.io.atomic import write_csv
 
 __all__ = [
+    "NO_CALL",
     "OUTPUT_COLUMNS",
-    "TRUSTED_PREFIXES",
     "ResponderModel",
+    "check_threshold",
     "contributions",
     "global_contributions",
     "load_model",
@@ -61,59 +69,42 @@ __all__ = [
     "tree_shap",
 ]
 
-TRUSTED_PREFIXES = ("sklearn.", "xgboost.")
-#: Types outside :data:`TRUSTED_PREFIXES` that a model file may reference (data types only:
-#: no function of numpy/scipy/builtins is ever trusted, so e.g. ``builtins.eval`` is refused).
-TRUSTED_TYPES = frozenset(
-    {
-        "numpy.dtype",
-        "numpy.ndarray",
-        "numpy.float64",
-        "numpy.float32",
-        "numpy.int64",
-        "numpy.int32",
-        "numpy.bool_",
-        "numpy.random.RandomState",
-        "numpy.random.mtrand.RandomState",
-        "numpy.random._generator.Generator",
-        "numpy.random._pcg64.PCG64",
-        "builtins.slice",
-        "builtins.frozenset",
-        "builtins.set",
-        "collections.OrderedDict",
-        "collections.defaultdict",
-    }
-)
-#: Functions that no model file may reference, even under a trusted prefix.
-_FORBIDDEN = ("eval", "exec", "compile", "open", "__import__", "system", "popen")
 #: Columns of a prediction before the per-feature ``contrib_<feature>`` columns.
 OUTPUT_COLUMNS = ("probability", "probability_low", "probability_high", "call")
+#: The call of a row the model cannot judge (a missing or non-finite feature).
+NO_CALL = "no call"
 _Z95 = 1.959963984540054
 
 
-def _check_trusted(types: list[str]) -> list[str]:
-    bad = [
-        t
-        for t in types
-        if not (t.startswith(TRUSTED_PREFIXES) or t in TRUSTED_TYPES)
-        or t.rsplit(".", 1)[-1] in _FORBIDDEN
-    ]
-    if bad:
-        raise ModelError(f"refusing to load untrusted types from the model file: {bad}")
-    return types
+def check_threshold(value: Any) -> float | None:
+    """A decision threshold: ``None`` (use the model's) or a probability in [0, 1].
 
+    Parameters
+    ----------
+    value
+        What the caller passed (a number, or e.g. a REST request's ``params.threshold``).
 
-def load_pipeline(path: str | os.PathLike[str], trusted: list[str]) -> Any:
-    """Load a skops file (a pipeline or a list of them), trusting only listed, allowed types."""
-    import skops.io as sio
+    Returns
+    -------
+    float or None
 
-    p = Path(path)
-    untrusted = sio.get_untrusted_types(file=p)
-    _check_trusted(untrusted)
-    unknown = sorted(set(untrusted) - set(trusted))
-    if unknown:
-        raise ModelError(f"model file has types not recorded at save time: {unknown}", path=p)
-    return sio.load(p, trusted=untrusted)
+    Raises
+    ------
+    ModelError
+        ``value`` is not a finite number in [0, 1] (7, -1 and NaN are refused).
+    """
+    if value is None:
+        return None
+    bad = ModelError(f"threshold must be a probability in [0, 1], got {value!r}")
+    if isinstance(value, bool | str | bytes):
+        raise bad
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if not (np.isfinite(t) and 0.0 <= t <= 1.0):
+        raise bad
+    return t
 
 
 # --------------------------------------------------------------------------- explanations
@@ -398,14 +389,37 @@ class ResponderModel:
         )
 
     def predict(self, table: pd.DataFrame, *, threshold: float | None = None) -> pd.DataFrame:
-        """Probability with its interval, call and per-feature contributions for each row."""
+        """Probability with its interval, call and per-feature contributions for each row.
+
+        Parameters
+        ----------
+        table
+            One row per sample with (at least) the model's features.
+        threshold
+            Decision threshold in [0, 1] overriding the model's (:func:`check_threshold`).
+
+        Returns
+        -------
+        pandas.DataFrame
+            :data:`OUTPUT_COLUMNS` then ``contrib_<feature>``. A row with a missing or
+            non-finite feature gets ``call`` :data:`NO_CALL` and NaN numbers.
+        """
+        checked = check_threshold(threshold)
+        t = self.threshold if checked is None else checked
         X = self.check_features(table)
-        t = self.threshold if threshold is None else float(threshold)
-        out = self.predict_interval(table)
-        out["call"] = np.where(out["probability"] >= t, "responder", "nonresponder")
-        contrib = contributions(self.pipeline, X)
+        usable = np.isfinite(X.to_numpy(dtype=float)).all(axis=1)
+        out = pd.DataFrame(np.nan, index=table.index, columns=list(OUTPUT_COLUMNS))
+        out["call"] = NO_CALL
+        contrib = pd.DataFrame(np.nan, index=table.index, columns=X.columns)
+        if usable.any():
+            part = self.predict_interval(table.loc[usable])
+            for c in part.columns:
+                out.loc[usable, c] = part[c].to_numpy()
+            prob = part["probability"].to_numpy()
+            out.loc[usable, "call"] = np.where(prob >= t, "responder", "nonresponder")
+            contrib.loc[usable] = contributions(self.pipeline, X.loc[usable]).to_numpy()
         for c in contrib.columns:
-            out[f"contrib_{c}"] = contrib[c].to_numpy()
+            out[f"contrib_{c}"] = contrib[c].to_numpy(dtype=float)
         return out
 
     def ood_scores(self, table: pd.DataFrame) -> pd.DataFrame:
@@ -435,21 +449,27 @@ def _package(
     training_table: pd.DataFrame | None,
     uncertainty: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the model's files into ``staging``; return MLflow save/log keyword arguments."""
+    """Write the model's files into ``staging``; return MLflow save/log keyword arguments.
+
+    Each skops file is checked against the loader's allow-list right away, so training never
+    exports a model that scoring would refuse.
+    """
     import skops.io as sio
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from blinaprofile.models.loading import check_skops_file
 
     staging.mkdir(parents=True)
     sk = staging / "pipeline.skops"
     sio.dump(pipeline, sk)
     meta = dict(meta)
-    trusted = set(_check_trusted(sio.get_untrusted_types(file=sk)))
+    trusted = set(check_skops_file(sk, source="the pipeline to export"))
     artifacts = {"pipeline": str(sk), "meta": str(staging / "meta.json")}
     if uncertainty:
         uk = staging / "uncertainty.skops"
         sio.dump(list(uncertainty), uk)
-        trusted |= set(_check_trusted(sio.get_untrusted_types(file=uk)))
+        trusted |= set(check_skops_file(uk, source="the refits to export"))
         artifacts["uncertainty"] = str(uk)
         meta["uncertainty"] = {
             "method": "patient-bootstrap refits with the final hyper-parameters",
@@ -460,7 +480,7 @@ def _package(
     (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default))
     if training_table is not None:
         tt = staging / "training_features.csv"
-        training_table.to_csv(tt, index=False)
+        write_csv(training_table, tt)
         artifacts["training_features"] = str(tt)
     features = list(meta["features"])
     in_cols: list[ColSpec | TensorSpec] = [ColSpec("double", f) for f in features]
@@ -497,9 +517,12 @@ def save_model(
     """Save a pipeline as an MLflow pyfunc model directory, atomically.
 
     The directory is written under a temporary name beside ``path`` and renamed, so a crash
-    never leaves a half-written model.
+    never leaves a half-written model. Before the rename the folder must pass
+    :func:`blinaprofile.models.loading.check_model_folder` (what scoring accepts).
     """
     import mlflow
+
+    from blinaprofile.models.loading import check_model_folder
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -511,6 +534,11 @@ def save_model(
     kwargs = _package(staging, pipeline, meta, training_table, uncertainty)
     mlflow.pyfunc.save_model(path=str(tmp), input_example=_input_example(meta), **kwargs)
     shutil.rmtree(staging)
+    try:  # what MLflow wrote must pass the checks scoring applies
+        check_model_folder(tmp, source=str(out))
+    except ModelError:
+        shutil.rmtree(tmp)
+        raise
     if out.exists():
         old = out.parent / f".{out.name}.old"
         if old.exists():
@@ -582,61 +610,19 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _verify_model_code(folder: Path, *, source: str) -> None:
-    """Refuse a model folder whose code is not this blinaprofile's own pyfunc entry point.
-
-    MLflow executes a "model from code" file when it loads the model; a folder handed in by a
-    user must therefore carry exactly the code this installation ships, and no pickled
-    (cloudpickle) python_model.
-    """
-    import yaml
-
-    mlmodel = folder / "MLmodel"
-    if not mlmodel.is_file():
-        raise ModelError("not an MLflow model folder (no MLmodel file)", path=source)
-    try:
-        spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
-        pyfunc = spec["flavors"]["python_function"]
-    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
-        raise ModelError("MLmodel has no python_function flavor", path=source) from None
-    code_path = pyfunc.get("model_code_path")
-    if not code_path or "python_model" in pyfunc:
-        raise ModelError(
-            "refusing a model that is not a blinaprofile 'model from code' (pickled python_model)",
-            path=source,
-        )
-    code_file = folder / Path(str(code_path)).name
-    ours = Path(__file__).with_name("_pyfunc_entry.py")
-    if not code_file.is_file() or code_file.read_bytes() != ours.read_bytes():
-        raise ModelError(
-            "the model's code differs from this blinaprofile's model code; refusing to execute "
-            "it (re-export the model with this version)",
-            path=source,
-        )
-
-
 def load_model(uri: str | os.PathLike[str] | None = None) -> tuple[Any, ResponderModel]:
-    """Load a model by MLflow URI (``models:/NAME@ALIAS``, ``runs:/...``) or directory.
+    """Load a model by MLflow URI (``models:/NAME@ALIAS``, ``runs:/...``) or folder.
 
-    Returns the MLflow pyfunc and the underlying :class:`ResponderModel`.
+    The folder is checked and loaded by :func:`blinaprofile.models.loading.load_packaged_model`
+    (no code from it is run; MLflow only downloads registry and run URIs).
+
+    Returns
+    -------
+    model, runtime
+        The :class:`~blinaprofile.models.loading.PackagedModel` (``predict(table,
+        params=...)`` like an MLflow pyfunc) and its :class:`ResponderModel`.
     """
-    import mlflow
+    from blinaprofile.models.loading import load_packaged_model
 
-    from blinaprofile.settings import settings
-
-    target = str(uri) if uri else str(settings.default_model)
-    if not target.startswith(("models:/", "runs:/")) and not Path(target).exists():
-        raise ModelError("model not found (train one with 'blinaprofile train')", path=target)
-    try:
-        if target.startswith(("models:/", "runs:/")):
-            mlflow.set_tracking_uri(settings.tracking_uri)
-            mlflow.set_registry_uri(settings.tracking_uri)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=target))
-        else:
-            local = Path(target)
-        _verify_model_code(local, source=target)
-        pyfunc = mlflow.pyfunc.load_model(str(local))
-    except mlflow.exceptions.MlflowException as err:
-        raise ModelError(f"cannot load model: {one_line(err.message)}", path=target) from None
-    inner = pyfunc.unwrap_python_model()
-    return pyfunc, inner.runtime
+    model = load_packaged_model(uri)
+    return model, model.runtime

@@ -1,30 +1,61 @@
-"""MLflow logging of a training run: parameters, headline metrics with CIs, the dataset, out-of-fold predictions, figures, git commit and package versions."""
+"""MLflow logging of a training run and the registry side of promotion.
+
+A training run logs parameters, headline metrics with CIs (also as the run description),
+the feature table as a dataset whose source is the features file or manifest, out-of-fold
+predictions, figures, the git commit and package versions, and one nested candidate run per
+family. The registry side: model cards as version and registered-model descriptions, and
+:func:`assign_alias`, which moves the serving alias only with evidence and never over a
+hand-set alias without ``force``.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
-from collections import Counter
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from blinaprofile.config import ModelSpec, TrainConfig, load_config
-from blinaprofile.errors import ConfigError, ManifestError, ModelError
-from blinaprofile.models.metrics import choose_threshold, permutation_pvalue, roc_auc, summarize
-from blinaprofile.features.schema import MODEL_FEATURES, SCHEMA_VERSION
+from blinaprofile.config import TrainConfig
+from blinaprofile.features.schema import SCHEMA_VERSION
+from blinaprofile.models.validation import Evaluation, label_design
 
 if TYPE_CHECKING:
     import pandas as pd
 
-from blinaprofile.models.validation import Evaluation
+__all__ = [
+    "ALIAS_SET_BY",
+    "EXPERIMENT_KIND",
+    "AliasOutcome",
+    "CohortInfo",
+    "alias_versions",
+    "assign_alias",
+    "describe_registered_model",
+    "git_commit",
+    "headline_table",
+    "log_run",
+    "model_card",
+    "package_versions",
+    "promote",
+    "record_alias",
+]
+
+#: Model-version tag prefix recording who set an alias: ``blinaprofile.alias_set_by.<alias>``
+#: is ``train`` or ``promote``. ``train`` only replaces a serving alias that ``train`` set.
+ALIAS_SET_BY = "blinaprofile.alias_set_by"
+#: Experiment tag the MLflow UI reads for the experiment's kind (classic ML, not GenAI).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: Registered-model tag naming the alias that serves (its card is the model's description).
+SERVING_ALIAS_TAG = "blinaprofile.serving_alias"
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes), else ``unknown``."""
     root = Path(__file__).resolve().parents[3]
     try:
         out = subprocess.run(
@@ -72,8 +103,147 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+# --------------------------------------------------------------------------- text
+@dataclass(frozen=True)
+class CohortInfo:
+    """What a model was trained on, for run names, tags and the model card.
 
-# --------------------------------------------------------------------------- MLflow
+    Attributes
+    ----------
+    name
+        Cohort name (run names, the ``blinaprofile.cohort`` tag, ``compare --cohort``).
+    trained_on
+        Free text about the data's origin.
+    simulated
+        ``True`` for simulated data, ``False`` for patient data, ``None`` when not stated.
+    source
+        The features file or manifest the table came from (the dataset's source).
+    timepoint
+        The one timepoint trained on, or ``None`` for all samples.
+    """
+
+    name: str
+    trained_on: str = "unknown"
+    simulated: bool | None = None
+    source: str | None = None
+    timepoint: str | None = None
+
+    @property
+    def origin(self) -> str:
+        kind = {True: "simulated", False: "patient data", None: "origin not stated"}
+        return f"{self.trained_on} ({kind[self.simulated]})"
+
+
+def _ci(m: dict[str, float], k: str, digits: int = 3) -> str:
+    v, lo, hi = m.get(k, np.nan), m.get(f"{k}_ci_low", np.nan), m.get(f"{k}_ci_high", np.nan)
+    if not np.isfinite(v):
+        return "n/a"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{v:.{digits}f} [no CI]"
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _p(p: float, n: float) -> str:
+    if not np.isfinite(p):
+        return "n/a (no permutations)"
+    return f"{p:.3f} ({int(n)} permutations)"
+
+
+def headline_table(ev: Evaluation) -> str:
+    """Markdown: per family, ROC AUC, balanced accuracy and Brier with 95% CIs, permutation p."""
+    lines = [
+        "| family | ROC AUC [95% CI] | balanced accuracy [95% CI] | Brier [95% CI] | permutation p |",
+        "|---|---|---|---|---|",
+    ]
+    for fam, fe in ev.families.items():
+        m = fe.metrics
+        mark = " (chosen)" if fam == ev.chosen else ""
+        lines.append(
+            f"| {fam}{mark} | {_ci(m, 'roc_auc')} | {_ci(m, 'balanced_accuracy')} | "
+            f"{_ci(m, 'brier')} | {_p(m['perm_pvalue'], m['n_permutations'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _cohort_counts(ev: Evaluation) -> str:
+    n_pat = len(np.unique(ev.groups))
+    if label_design(ev.y, ev.groups) == "one label per patient":
+        resp = len(np.unique(ev.groups[ev.y == 1]))
+        return (
+            f"{len(ev.y)} samples, {n_pat} patients: {resp} responders, "
+            f"{n_pat - resp} nonresponders"
+        )
+    return (
+        f"{len(ev.y)} samples, {n_pat} patients; labels vary within patients: "
+        f"{int(ev.y.sum())} samples labelled 1, {int((ev.y == 0).sum())} labelled 0"
+    )
+
+
+def model_card(
+    ev: Evaluation,
+    *,
+    cohort: CohortInfo,
+    meta: dict[str, Any],
+    title: str,
+    status: str,
+    run_id: str,
+    commit: str,
+) -> str:
+    """The model card (Markdown) of a trained model: cohort, evidence, threshold, provenance.
+
+    Parameters
+    ----------
+    ev
+        The validation the model was chosen by.
+    cohort
+        What it was trained on.
+    meta
+        The model's metadata (threshold, rule, parameters).
+    title
+        Heading, e.g. ``blinaprofile-responder v3``.
+    status
+        One line on the promotion decision when it was trained (promoted, candidate, why);
+        aliases may move later (the registered model's description lists them as they are).
+    run_id, commit
+        The MLflow run and the git commit of the code that trained it.
+    """
+    config = ev.config
+    m = ev.families[ev.chosen].metrics
+    n_fam = len(ev.families)
+    sel = (
+        f"; {ev.selection_pvalue:.3f} adjusted for choosing among {n_fam} families"
+        if n_fam > 1 and np.isfinite(ev.selection_pvalue)
+        else ""
+    )
+    params = ", ".join(f"{k}={v}" for k, v in meta["params"].items()) or "defaults"
+    rows = [
+        ("decision at training", status),
+        ("cohort", f"{cohort.name}: {_cohort_counts(ev)}"),
+        ("timepoint", cohort.timepoint or "all samples"),
+        ("design", label_design(ev.y, ev.groups)),
+        ("trained on", cohort.origin),
+        ("data source", cohort.source or "in-memory table"),
+        ("feature schema", f"version {SCHEMA_VERSION} ({len(ev.features)} features)"),
+        ("family", f"{ev.chosen} ({params})"),
+        ("CV ROC AUC [95% CI]", _ci(m, "roc_auc")),
+        ("balanced accuracy [95% CI]", _ci(m, "balanced_accuracy")),
+        ("Brier score [95% CI]", _ci(m, "brier")),
+        ("permutation p", _p(m["perm_pvalue"], m["n_permutations"]) + sel),
+        ("threshold", f"{meta['threshold']:.3f} (rule {config.threshold.rule})"),
+        (
+            "validation",
+            f"nested patient-grouped CV: {config.outer_folds} outer x {config.inner_folds} "
+            f"inner folds, {config.repeats} repeats; {config.n_bootstrap} patient-bootstrap "
+            "resamples for the CIs",
+        ),
+        ("MLflow run", run_id),
+        ("git commit", commit),
+    ]
+    body = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)
+    return f"# {title}\n\n| | |\n|---|---|\n{body}\n"
+
+
+# --------------------------------------------------------------------------- MLflow run
 def _metric_batch(values: dict[str, float], ts: int) -> list[Any]:
     from mlflow.entities import Metric
 
@@ -83,6 +253,17 @@ def _metric_batch(values: dict[str, float], ts: int) -> list[Any]:
 def _log_batch(client: Any, run_id: str, metrics: list[Any]) -> None:
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
+def _experiment(client: Any, name: str) -> str:
+    """Create or get the experiment, tagged so the MLflow UI shows the classic ML view."""
+    import mlflow
+
+    exp = mlflow.set_experiment(name)
+    key, value = EXPERIMENT_KIND
+    if exp.tags.get(key) != value:
+        client.set_experiment_tag(exp.experiment_id, key, value)
+    return str(exp.experiment_id)
 
 
 def log_run(
@@ -97,31 +278,45 @@ def log_run(
     table: pd.DataFrame,
     uri: str,
     run_name: str,
-    trained_on: str,
-) -> tuple[str, str]:
-    import time
+    cohort: CohortInfo,
+    register: bool,
+) -> tuple[str, str | None]:
+    """Log a training run and its model; register it when ``register``.
 
+    Returns
+    -------
+    tuple
+        The run ID and the registered version (``None`` when not registered). Aliases are
+        set afterwards by :func:`assign_alias`.
+    """
     import mlflow
 
     from blinaprofile.models.packaging import log_model
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    mlflow.set_experiment(config.experiment)
     client = mlflow.tracking.MlflowClient(uri)
+    _experiment(client, config.experiment)
     chosen = ev.chosen
     versions = package_versions()
     ts = int(time.time() * 1000)
+    cohort_tags = {
+        "blinaprofile.cohort": cohort.name,
+        "trained_on": cohort.trained_on,
+        "simulated": str(cohort.simulated).lower() if cohort.simulated is not None else "unknown",
+        "timepoint": cohort.timepoint or "all",
+        "design": label_design(ev.y, ev.groups),
+    }
     with mlflow.start_run(run_name=run_name) as run:
         run_id = run.info.run_id
         mlflow.set_tags(
             {
                 "blinaprofile.run_kind": "training",
-                "git_commit": _git_commit(),
+                "git_commit": meta["git_commit"],
                 "schema_version": SCHEMA_VERSION,
                 "chosen_family": chosen,
-                "trained_on": trained_on,
                 "registered_model": config.registered_model,
+                **cohort_tags,
                 **{f"version.{k}": v for k, v in versions.items()},
             }
         )
@@ -135,6 +330,8 @@ def log_run(
                 "n_permutations": config.n_permutations,
                 "threshold_rule": config.threshold.rule,
                 "threshold_value": config.threshold.value,
+                "promotion_min_auc_ci_low": config.promotion.min_auc_ci_low,
+                "promotion_max_perm_pvalue": config.promotion.max_perm_pvalue,
                 "select_by": config.select_by,
                 "seed": config.seed,
                 "n_samples": len(ev.y),
@@ -160,16 +357,11 @@ def log_run(
             mlflow.log_artifact(str(cfg_file), artifact_path="config")
         mlflow.log_dict(config.model_dump(), "config/train_config.validated.json")
         mlflow.log_dict(versions, "environment/versions.json")
-        # the feature table as a dataset: which samples, which schema version
-        _log_dataset(ev, table)
-        # out-of-fold predictions, leaderboard, importance, calibration
-        oof = _oof_table(ev)
-        mlflow.log_text(oof.to_csv(index=False), "cv/oof_predictions.csv")
-        mlflow.log_text(ev.leaderboard().to_csv(index=False), "cv/leaderboard.csv")
+        _log_dataset(ev, table, cohort)
+        _log_csv(_oof_table(ev), "cv/oof_predictions.csv")
+        _log_csv(ev.leaderboard(), "cv/leaderboard.csv")
         for fam, fe in ev.families.items():
-            mlflow.log_text(
-                fe.importance.to_csv(index=False), f"importance/oof_permutation_{fam}.csv"
-            )
+            _log_csv(fe.importance, f"importance/oof_permutation_{fam}.csv")
         contrib = meta["global_importance"]["mean_abs_contribution"]
         mlflow.log_dict(contrib, f"importance/mean_abs_contribution_{chosen}.json")
         for name, fig in _figures(ev, contrib).items():
@@ -177,7 +369,8 @@ def log_run(
             _close(fig)
         # one child run per family: comparable across trainings in the UI and `compare`
         for fam, fe in ev.families.items():
-            with mlflow.start_run(run_name=fam, nested=True) as child:
+            with mlflow.start_run(run_name=f"{fam} on {cohort.name}", nested=True) as child:
+                m = fe.metrics
                 mlflow.set_tags(
                     {
                         "blinaprofile.run_kind": "candidate",
@@ -185,7 +378,12 @@ def log_run(
                         "family": fam,
                         "chosen": str(fam == chosen).lower(),
                         "schema_version": SCHEMA_VERSION,
-                        "trained_on": trained_on,
+                        **cohort_tags,
+                        "mlflow.note.content": (
+                            f"{fam} on {cohort.name}: ROC AUC {_ci(m, 'roc_auc')}, balanced "
+                            f"accuracy {_ci(m, 'balanced_accuracy')}, Brier {_ci(m, 'brier')}, "
+                            f"permutation p {_p(m['perm_pvalue'], m['n_permutations'])}"
+                        ),
                     }
                 )
                 mlflow.log_params(
@@ -199,30 +397,19 @@ def log_run(
                     }
                 )
                 _log_batch(client, child.info.run_id, _metric_batch(fe.metrics, ts))
-                mlflow.log_text(fe.importance.to_csv(index=False), "importance_oof_permutation.csv")
+                _log_csv(fe.importance, "importance_oof_permutation.csv")
         info = log_model(
             final,
             meta,
             training_table=training_table,
             uncertainty=refits,
-            registered_model_name=config.registered_model,
+            registered_model_name=config.registered_model if register else None,
         )
-        version = str(info.registered_model_version)
-        client.set_registered_model_alias(config.registered_model, config.alias, version)
-        m = ev.families[chosen].metrics
-        client.set_model_version_tag(config.registered_model, version, "family", chosen)
-        client.set_model_version_tag(
-            config.registered_model,
-            version,
-            "cv_roc_auc",
-            f"{m['roc_auc']:.3f} [{m['roc_auc_ci_low']:.3f}, {m['roc_auc_ci_high']:.3f}]",
-        )
-        client.set_model_version_tag(config.registered_model, version, "trained_on", trained_on)
-        mlflow.set_tag("registered_version", version)
+    version = str(info.registered_model_version) if register else None
     return run_id, version
 
 
-def _log_dataset(ev: Evaluation, table: pd.DataFrame) -> None:
+def _log_dataset(ev: Evaluation, table: pd.DataFrame, cohort: CohortInfo) -> None:
     import mlflow
     from mlflow.data.pandas_dataset import from_pandas
 
@@ -234,11 +421,25 @@ def _log_dataset(ev: Evaluation, table: pd.DataFrame) -> None:
         versions = sorted(set(table["schema_version"].dropna().astype(str)))
     else:
         versions = [SCHEMA_VERSION]
-    dataset = from_pandas(ds, name=f"features-v{SCHEMA_VERSION}", targets="response")
+    with warnings.catch_warnings():
+        # a local path matches two equivalent local sources ("" and "file" schemes); MLflow
+        # warns and picks the first, which is the one we want
+        warnings.filterwarnings(
+            "ignore", message="The specified dataset source can be interpreted in multiple ways"
+        )
+        where = {"source": cohort.source} if cohort.source else {}
+        dataset = from_pandas(
+            ds, name=f"{cohort.name} features-v{SCHEMA_VERSION}", targets="response", **where
+        )
     mlflow.log_input(
         dataset,
         context="training",
-        tags={"schema_version": ",".join(versions), "n_samples": str(len(ds))},
+        tags={
+            "schema_version": ",".join(versions),
+            "n_samples": str(len(ds)),
+            "cohort": cohort.name,
+            "timepoint": cohort.timepoint or "all",
+        },
     )
 
 
@@ -252,6 +453,195 @@ def _oof_table(ev: Evaluation) -> pd.DataFrame:
     return out
 
 
+# --------------------------------------------------------------------------- registry
+@dataclass
+class AliasOutcome:
+    """Where the aliases stand after a training run registered a version.
+
+    Attributes
+    ----------
+    alias
+        The alias the new version holds (the serving alias or the candidate alias).
+    promoted
+        Whether the new version took the serving alias.
+    previous
+        Version that held the serving alias before (``None``: no version did).
+    serving
+        Version that holds the serving alias now.
+    reasons
+        Why the version was not promoted (empty when it was).
+    """
+
+    alias: str
+    promoted: bool
+    previous: str | None
+    serving: str | None
+    reasons: list[str] = field(default_factory=list)
+
+
+def alias_versions(client: Any, name: str) -> dict[str, str]:
+    """``{alias: version}`` of a registered model."""
+    rm = client.get_registered_model(name)
+    return {str(a): str(v) for a, v in (rm.aliases or {}).items()}
+
+
+def record_alias(client: Any, name: str, alias: str, version: str, *, by: str) -> None:
+    """Point ``name@alias`` at ``version`` and tag the version with who set it."""
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, f"{ALIAS_SET_BY}.{alias}", by)
+
+
+def assign_alias(
+    client: Any,
+    *,
+    name: str,
+    version: str,
+    serving_alias: str,
+    candidate_alias: str,
+    evidence_failures: list[str],
+    force: bool,
+) -> AliasOutcome:
+    """Give a freshly registered version the serving alias, or the candidate alias.
+
+    The serving alias moves only when the evidence meets the promotion rule
+    (``evidence_failures`` empty) and the version holding it now was put there by ``train``
+    (a hand-set alias, by ``promote`` or outside blinaprofile, moves only with ``force``).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client.get_model_version_by_alias(name, serving_alias)
+    except MlflowException:
+        current = None
+    previous = str(current.version) if current is not None else None
+    reasons = list(evidence_failures)
+    if not reasons and current is not None and not force:
+        set_by = current.tags.get(f"{ALIAS_SET_BY}.{serving_alias}")
+        if set_by != "train":
+            who = f"by {set_by}" if set_by else "outside 'train'"
+            reasons.append(
+                f"@{serving_alias} (version {previous}) was set {who}; train replaces a "
+                "hand-set alias only with --force"
+            )
+    client.set_registered_model_tag(name, SERVING_ALIAS_TAG, serving_alias)
+    if reasons:
+        record_alias(client, name, candidate_alias, version, by="train")
+        return AliasOutcome(candidate_alias, False, previous, previous, reasons)
+    record_alias(client, name, serving_alias, version, by="train")
+    return AliasOutcome(serving_alias, True, previous, version)
+
+
+def _registry_listing(client: Any, name: str) -> str:
+    versions = sorted(
+        (str(mv.version) for mv in client.search_model_versions(f"name = '{name}'")), key=int
+    )
+    aliases = alias_versions(client, name)
+    listing = ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+    return f"versions: {', '.join(versions) or 'none'}; aliases: {listing}"
+
+
+def promote(client: Any, name: str, ref: str, *, alias: str) -> tuple[str, str | None]:
+    """Point ``name@alias`` at a version by hand (recorded as set by ``promote``).
+
+    Parameters
+    ----------
+    client
+        An MLflow client.
+    name
+        Registered model name.
+    ref
+        A version number, or ``@other_alias`` for the version that alias points at.
+    alias
+        The alias to set.
+
+    Returns
+    -------
+    tuple
+        The version now holding ``alias`` and the one that held it before (``None``: none).
+
+    Raises
+    ------
+    ModelError
+        Unknown model, version or alias, or an alias name MLflow refuses; the message lists
+        the model's versions and aliases.
+    """
+    from mlflow.exceptions import MlflowException
+    from pydantic import TypeAdapter, ValidationError
+
+    from blinaprofile.config import AliasName
+    from blinaprofile.errors import ModelError
+
+    what = f"cannot promote {name} version {ref}"
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(rm.name for rm in client.search_registered_models())
+        raise ModelError(f"{what}: no registered model {name!r} (known: {known})") from None
+    try:
+        TypeAdapter(AliasName).validate_python(alias)
+    except ValidationError as err:
+        msg = err.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+        raise ModelError(
+            f"{what}: alias {alias!r} is not valid ({msg}); {_registry_listing(client, name)}"
+        ) from None
+    aliases = alias_versions(client, name)
+    if ref.startswith("@"):
+        if ref[1:] not in aliases:
+            raise ModelError(f"{what}: no alias {ref}; {_registry_listing(client, name)}")
+        version = aliases[ref[1:]]
+    else:
+        version = ref
+        try:
+            client.get_model_version(name, version)
+        except MlflowException:
+            raise ModelError(
+                f"{what}: no such version; {_registry_listing(client, name)}"
+            ) from None
+    before = aliases.get(alias)
+    record_alias(client, name, alias, version, by="promote")
+    describe_registered_model(client, name)
+    return version, before
+
+
+def describe_registered_model(client: Any, name: str) -> None:
+    """Set the registered model's description: its aliases, then the serving version's card."""
+    from mlflow.exceptions import MlflowException
+
+    rm = client.get_registered_model(name)
+    serving = (rm.tags or {}).get(SERVING_ALIAS_TAG, "champion")
+    aliases = alias_versions(client, name)
+    listing = ", ".join(f"@{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+    head = f"Aliases: {listing}. Serving alias: @{serving}.\n\n"
+    if serving in aliases:
+        try:
+            card = client.get_model_version(name, aliases[serving]).description or ""
+        except MlflowException:
+            card = ""
+    else:
+        card = f"No version holds @{serving}: none has met the promotion rule or been promoted.\n"
+    client.update_registered_model(name, description=head + card)
+
+
+def _log_csv(df: pd.DataFrame, artifact_file: str) -> None:
+    """Log a table as a CSV artifact of the active run, written by the one CSV writer.
+
+    :func:`blinaprofile.io.atomic.write_csv` neutralises spreadsheet formulas (a sample ID
+    such as ``=HYPERLINK(...)``) in text cells.
+    """
+    import tempfile
+
+    import mlflow
+
+    from blinaprofile.io.atomic import write_csv
+
+    where = Path(artifact_file)
+    with tempfile.TemporaryDirectory(prefix="blinaprofile-csv-") as tmp:
+        local = write_csv(df, Path(tmp) / where.name)
+        folder = where.parent.as_posix()
+        mlflow.log_artifact(str(local), artifact_path=None if folder == "." else folder)
+
+
+# --------------------------------------------------------------------------- figures
 def _close(fig: Any) -> None:
     import matplotlib.pyplot as plt
 

@@ -1,4 +1,4 @@
-"""Training with small-cohort-honest validation, tracked in MLflow.
+"""Training with small-cohort-honest validation, tracked in MLflow, promoted only on evidence.
 
 Design (see ``docs/models.md``)
 -------------------------------
@@ -6,46 +6,60 @@ Design (see ``docs/models.md``)
   median imputation -> standardisation -> optional univariate feature selection
   (``params: {select_k: K}`` or ``grid: {select__k: [...]}``) -> classifier.
 - Validation is **nested, repeated, patient-grouped, stratified** K-fold
-  (:func:`cross_validate`). Inside each outer training split an inner grouped CV picks the
-  hyper-parameters (and with them the selected features) and gives inner out-of-fold
-  probabilities, from which the **decision threshold** is chosen by the configured rule.
-  The outer test patients are predicted by a model that never saw them, and their call
-  uses that fold's threshold; sensitivity, specificity and balanced accuracy are therefore
-  honest too.
-- Metrics (:func:`blinaprofile.metrics.summarize`) come with patient-bootstrap 95% CIs; a
-  label-permutation test re-runs the *whole* procedure on permuted patient labels and
-  gives a p-value per family plus one adjusted for picking the best family (max-statistic).
-- Global importance is permutation importance on the outer test folds (AUC drop).
+  (:func:`blinaprofile.models.validation.evaluate`): all samples of a patient stay on one
+  side of every split, whatever their labels. Inside each outer training split an inner
+  grouped CV picks the hyper-parameters and the decision threshold.
+- Metrics come with patient-bootstrap 95% CIs; a label-permutation test re-runs the *whole*
+  procedure on permuted labels and gives a p-value per family plus one adjusted for picking
+  the best family.
 - The chosen family is tuned on all samples the same way, refit, given bootstrap refits for
-  a probability interval, packaged as an MLflow pyfunc (:mod:`blinaprofile.model`),
-  registered under a name, given an alias, and optionally exported.
+  a probability interval, packaged as an MLflow pyfunc, logged with a model card, and
+  registered. It takes the serving alias (``config.alias``, e.g. ``champion``) only when
+  the evidence meets ``config.promotion`` (default: CV AUC 95% CI lower bound above 0.5 and
+  permutation p below 0.05) and the alias was not set by hand; otherwise it is registered
+  under ``config.promotion.candidate_alias``.
 
-:func:`evaluate` is the validation alone (no MLflow); :func:`train` is everything.
+:func:`blinaprofile.models.validation.evaluate` is the validation alone (no MLflow);
+:func:`train` is everything.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import subprocess
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from blinaprofile.config import ModelSpec, TrainConfig, load_config
-from blinaprofile.errors import ConfigError, ManifestError, ModelError
-from blinaprofile.models.metrics import choose_threshold, permutation_pvalue, roc_auc, summarize
-from blinaprofile.features.schema import MODEL_FEATURES, SCHEMA_VERSION
+from blinaprofile.config import ModelSpec, PromotionRule, TrainConfig
+from blinaprofile.errors import ManifestError
+from blinaprofile.features.schema import SCHEMA_VERSION
+from blinaprofile.models.metrics import choose_threshold
+from blinaprofile.models.tracking import (
+    AliasOutcome,
+    CohortInfo,
+    assign_alias,
+    describe_registered_model,
+    git_commit,
+    headline_table,
+    log_run,
+    model_card,
+)
+from blinaprofile.models.validation import (
+    DEFAULT_UNCERTAINTY_MODELS,
+    Evaluation,
+    build_pipeline,
+    evaluate,
+    fit_with_params,
+    load_train_config,
+    tune,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
-from blinaprofile.models.validation import DEFAULT_UNCERTAINTY_MODELS, Evaluation, build_pipeline, evaluate, fit_with_params, load_train_config, tune
-from blinaprofile.models.tracking import log_run
+__all__ = ["TrainResult", "promotion_failures", "select_timepoint", "train"]
 
 
 # --------------------------------------------------------------------------- final model
@@ -99,37 +113,6 @@ def _training_stats(X: pd.DataFrame) -> dict[str, dict[str, Any]]:
     return stats
 
 
-@dataclass
-class TrainResult:
-    """What a training run produced."""
-
-    run_id: str
-    experiment: str
-    chosen: str
-    metrics: dict[str, dict[str, float]]
-    model_uri: str
-    registered_model: str
-    version: str
-    alias: str
-    export_dir: Path | None
-    feature_table: Path | None = None
-    selection_pvalue: float = float("nan")
-    leaderboard: pd.DataFrame | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "experiment": self.experiment,
-            "chosen": self.chosen,
-            "metrics": self.metrics,
-            "model_uri": self.model_uri,
-            "registered_model": self.registered_model,
-            "version": self.version,
-            "alias": self.alias,
-            "export_dir": str(self.export_dir) if self.export_dir else None,
-            "selection_pvalue": self.selection_pvalue,
-        }
-
 def _final_model(
     ev: Evaluation, spec: ModelSpec, config: TrainConfig
 ) -> tuple[Any, dict[str, Any], float, list[Any]]:
@@ -166,6 +149,150 @@ def _final_model(
     return final, params, float(threshold), refits
 
 
+# --------------------------------------------------------------------------- promotion
+def promotion_failures(
+    metrics: dict[str, float],
+    *,
+    selection_pvalue: float,
+    rule: PromotionRule,
+    n_permutations: int,
+) -> list[str]:
+    """Why a chosen model does not meet the promotion rule (empty list: it does).
+
+    Parameters
+    ----------
+    metrics
+        The chosen family's CV metrics (``roc_auc`` and its CI).
+    selection_pvalue
+        The permutation p-value of the chosen family adjusted for choosing it among the
+        families (equal to its own p-value with one family); this is the p-value tested.
+    rule
+        The configured rule; a criterion that is ``None`` is not required.
+    n_permutations
+        Permutations run (to say why a p-value is missing or cannot be small enough).
+    """
+    out: list[str] = []
+    lim = rule.min_auc_ci_low
+    if lim is not None:
+        auc, lo, hi = metrics["roc_auc"], metrics["roc_auc_ci_low"], metrics["roc_auc_ci_high"]
+        if not np.isfinite(lo):
+            out.append(f"CV AUC {auc:.3f} has no 95% CI (n_bootstrap: 0)")
+        elif lo <= lim:
+            out.append(f"CV AUC {auc:.3f} [{lo:.3f}, {hi:.3f}]: CI lower bound not above {lim:g}")
+    pmax = rule.max_perm_pvalue
+    if pmax is not None:
+        if n_permutations == 0 or not np.isfinite(selection_pvalue):
+            out.append(f"no permutation p-value (n_permutations: {n_permutations})")
+        elif 1.0 / (1 + n_permutations) >= pmax:
+            out.append(
+                f"{n_permutations} permutations cannot give p < {pmax:g} "
+                f"(p = {selection_pvalue:.3f}; use n_permutations >= {int(np.floor(1 / pmax))})"
+            )
+        elif selection_pvalue >= pmax:
+            out.append(f"permutation p {selection_pvalue:.3f} not below {pmax:g}")
+    return out
+
+
+def select_timepoint(
+    table: pd.DataFrame, timepoint: str, *, source: str | os.PathLike[str] | None = None
+) -> pd.DataFrame:
+    """The rows of a manifest or feature table at one ``timepoint``.
+
+    ``source`` (the table's file) is named in errors.
+
+    Raises
+    ------
+    ManifestError
+        The table has no ``timepoint`` column, or no row at that timepoint (the message
+        lists the timepoints it has).
+    """
+    if "timepoint" not in table.columns:
+        raise ManifestError(
+            f"the table has no 'timepoint' column; --timepoint {timepoint} needs one "
+            "(a manifest column 'timepoint', kept in the feature table)",
+            path=source,
+        )
+    tp = table["timepoint"].astype(str).str.strip()
+    rows = table[tp == str(timepoint)]
+    if rows.empty:
+        have = sorted(set(tp.dropna()))
+        raise ManifestError(
+            f"no samples at timepoint {timepoint!r}; the table has {have}", path=source
+        )
+    return rows.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    ``version`` is ``None`` and ``alias`` empty when the run was not registered; ``alias`` is
+    the alias the version holds (the serving alias when ``promoted``, else the candidate
+    alias). ``previous_version`` / ``serving_version`` say where the serving alias pointed
+    before and after; ``reasons`` why the version was not promoted.
+    """
+
+    run_id: str
+    experiment: str
+    chosen: str
+    metrics: dict[str, dict[str, float]]
+    model_uri: str
+    registered_model: str
+    version: str | None
+    alias: str
+    export_dir: Path | None
+    serving_alias: str = "champion"
+    promoted: bool = False
+    previous_version: str | None = None
+    serving_version: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    cohort: str = ""
+    model_card: str = ""
+    feature_table: Path | None = None
+    selection_pvalue: float = float("nan")
+    leaderboard: pd.DataFrame | None = None
+
+    @property
+    def registered(self) -> bool:
+        return self.version is not None
+
+    def promotion_line(self) -> str:
+        """One line: whether the serving alias moved (old -> new) and, if not, why."""
+        name, a = self.registered_model, self.serving_alias
+        before = f"v{self.previous_version}" if self.previous_version else "(none)"
+        if not self.registered:
+            verdict = "meets" if not self.reasons else "does not meet"
+            why = f": {'; '.join(self.reasons)}" if self.reasons else ""
+            return f"not registered (--no-register); the evidence {verdict} the promotion rule{why}"
+        if self.promoted:
+            return f"@{a} moved: {name} {before} -> v{self.version}"
+        return (
+            f"not promoted: {'; '.join(self.reasons)}; {name} v{self.version} is @{self.alias}, "
+            f"@{a} stays at {before}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "experiment": self.experiment,
+            "chosen": self.chosen,
+            "metrics": self.metrics,
+            "model_uri": self.model_uri,
+            "registered_model": self.registered_model,
+            "version": self.version,
+            "alias": self.alias,
+            "promoted": self.promoted,
+            "previous_version": self.previous_version,
+            "serving_version": self.serving_version,
+            "reasons": list(self.reasons),
+            "cohort": self.cohort,
+            "export_dir": str(self.export_dir) if self.export_dir else None,
+            "selection_pvalue": self.selection_pvalue,
+        }
+
+
+# --------------------------------------------------------------------------- train
 def train(
     table: pd.DataFrame,
     *,
@@ -175,8 +302,15 @@ def train(
     tracking_uri: str | None = None,
     trained_on: str = "unknown",
     run_name: str | None = None,
+    cohort: str | None = None,
+    simulated: bool | None = None,
+    source: str | os.PathLike[str] | None = None,
+    timepoint: str | None = None,
+    register: bool = True,
+    force: bool = False,
 ) -> TrainResult:
-    """Validate every configured family, refit the best, log it to MLflow and register it.
+    """Validate every configured family, refit the best, log it to MLflow, register it and
+    move the serving alias only on evidence.
 
     Parameters
     ----------
@@ -187,20 +321,36 @@ def train(
         Training configuration (default ``configs/train/default.yaml``). The YAML file, when
         given, is logged to the run as-is.
     export_dir
-        Also save the final model here (an MLflow model directory), atomically.
+        Also save the final model here (an MLflow model directory), atomically. Its
+        ``meta.json`` names the registered model and version, never an alias.
     tracking_uri
         MLflow tracking URI (default :attr:`Settings.tracking_uri`).
     trained_on
-        Free text stored with the model (e.g. ``"simulated cohort 'default', seed 20221"``).
+        Free text about the data's origin (e.g. ``"simulated cohort 'default', seed 20221"``).
     run_name
-        MLflow run name (default ``train-<chosen family>``).
+        MLflow run name (default ``<chosen family> on <cohort>``).
+    cohort
+        Cohort name for run names, tags and ``compare --cohort`` (default ``unnamed``).
+    simulated
+        Whether the data are simulated (``None``: not stated); shown in the model card.
+    source
+        The features file or manifest the table came from (the MLflow dataset's source).
+    timepoint
+        Train on the samples of this ``timepoint`` only.
+    register
+        Register the model (``False``: only log it to the run).
+    force
+        Let a model that meets the promotion rule replace a serving alias set by hand.
 
     Returns
     -------
     TrainResult
-        ``metrics[family][metric]`` for every family, the run, the registered version and
-        alias, and ``leaderboard`` (one row per family).
+        ``metrics[family][metric]`` for every family, the run, the registered version, the
+        alias it holds and whether it was promoted (with reasons), the model card and
+        ``leaderboard`` (one row per family).
     """
+    import mlflow
+
     from blinaprofile.models.packaging import global_contributions, save_model
     from blinaprofile.settings import settings
 
@@ -210,18 +360,27 @@ def train(
         config = load_train_config(cfg_file)
     else:
         cfg_file = Path(config_path) if config_path else None
+    if timepoint is not None:
+        table = select_timepoint(table, timepoint, source=source)
+    info = CohortInfo(
+        name=cohort or "unnamed",
+        trained_on=trained_on,
+        simulated=simulated,
+        source=str(Path(source).resolve()) if source is not None else None,
+        timepoint=timepoint,
+    )
     ev = evaluate(table, config=config)
     chosen = ev.chosen
     spec = next(s for s in config.models if s.family == chosen)
     final, final_params, threshold, refits = _final_model(ev, spec, config)
-    features = ev.features
     metrics = {f: dict(m) for f, m in ev.metrics.items()}
     for m in metrics.values():
         m["cv_auc_mean_of_repeats"] = m["roc_auc"]
     shap_global = global_contributions(final, ev.X)
     perm_imp = ev.families[chosen].importance
+    commit = git_commit()
     meta = {
-        "features": features,
+        "features": ev.features,
         "schema_version": SCHEMA_VERSION,
         "threshold": threshold,
         "threshold_rule": config.threshold.rule,
@@ -240,11 +399,22 @@ def train(
         "n_samples": len(ev.y),
         "n_patients": len(np.unique(ev.groups)),
         "trained_on": trained_on,
+        "simulated": simulated,
+        "cohort": info.name,
+        "timepoint": timepoint,
+        "git_commit": commit,
     }
+    failures = promotion_failures(
+        ev.families[chosen].metrics,
+        selection_pvalue=ev.selection_pvalue,
+        rule=config.promotion,
+        n_permutations=config.n_permutations,
+    )
     import pandas as pd
 
-    training_table = pd.DataFrame(ev.X, columns=features).assign(response=ev.y)
+    training_table = pd.DataFrame(ev.X, columns=ev.features).assign(response=ev.y)
     uri = tracking_uri or settings.tracking_uri
+    name = run_name or f"{chosen} on {info.name}"
     run_id, version = log_run(
         ev,
         config,
@@ -255,32 +425,102 @@ def train(
         training_table=training_table,
         table=table,
         uri=uri,
-        run_name=run_name or f"train-{chosen}",
-        trained_on=trained_on,
+        run_name=name,
+        cohort=info,
+        register=register,
     )
-    out = None
-    if export_dir is not None:
-        # the exported copy remembers where it is registered, for reports and scoring
-        exported_meta = {
-            **meta,
-            "registered_model": config.registered_model,
-            "version": str(version),
-            "alias": config.alias,
-            "run_id": run_id,
-        }
-        out = save_model(
-            export_dir, final, exported_meta, training_table=training_table, uncertainty=refits
+    client = mlflow.tracking.MlflowClient(uri)
+    outcome = (
+        assign_alias(
+            client,
+            name=config.registered_model,
+            version=version,
+            serving_alias=config.alias,
+            candidate_alias=config.promotion.candidate_alias,
+            evidence_failures=failures,
+            force=force,
         )
-    return TrainResult(
+        if version is not None
+        else AliasOutcome("", False, None, None, failures)
+    )
+    res = TrainResult(
         run_id=run_id,
         experiment=config.experiment,
         chosen=chosen,
         metrics=metrics,
-        model_uri=f"models:/{config.registered_model}@{config.alias}",
+        model_uri=(
+            f"models:/{config.registered_model}@{config.alias}"
+            if outcome.promoted
+            else f"models:/{config.registered_model}/{version}"
+            if version is not None
+            else f"runs:/{run_id}/model"
+        ),
         registered_model=config.registered_model,
         version=version,
-        alias=config.alias,
-        export_dir=out,
+        alias=outcome.alias,
+        export_dir=None,
+        serving_alias=config.alias,
+        promoted=outcome.promoted,
+        previous_version=outcome.previous,
+        serving_version=outcome.serving,
+        reasons=outcome.reasons,
+        cohort=info.name,
         selection_pvalue=ev.selection_pvalue,
         leaderboard=ev.leaderboard(),
     )
+    title = (
+        f"{config.registered_model} v{version}"
+        if version is not None
+        else f"{config.registered_model} (unregistered, run {run_id})"
+    )
+    res.model_card = model_card(
+        ev,
+        cohort=info,
+        meta=meta,
+        title=title,
+        status=res.promotion_line(),
+        run_id=run_id,
+        commit=commit,
+    )
+    _record_outcome(client, res, ev, info)
+    if export_dir is not None:
+        # the exported copy names the version it holds; aliases move, so none is stored
+        exported_meta = {
+            **meta,
+            "registered_model": config.registered_model if version is not None else None,
+            "version": version,
+            "run_id": run_id,
+            "model_card": res.model_card,
+        }
+        res.export_dir = save_model(
+            export_dir, final, exported_meta, training_table=training_table, uncertainty=refits
+        )
+    return res
+
+
+def _record_outcome(client: Any, res: TrainResult, ev: Evaluation, info: CohortInfo) -> None:
+    """Write the decision into the run (tags, description) and the registry (cards)."""
+    status = "promoted" if res.promoted else ("candidate" if res.registered else "unregistered")
+    client.set_tag(res.run_id, "blinaprofile.promotion", status)
+    client.set_tag(res.run_id, "blinaprofile.promotion_reason", "; ".join(res.reasons)[:5000])
+    description = (
+        f"**{res.chosen} on {res.cohort}** - {res.promotion_line()}\n\n{headline_table(ev)}"
+    )
+    client.set_tag(res.run_id, "mlflow.note.content", description)
+    if res.version is None:
+        return
+    name, v = res.registered_model, res.version
+    client.update_model_version(name, v, description=res.model_card)
+    m = ev.families[res.chosen].metrics
+    for key, value in {
+        "family": res.chosen,
+        "cv_roc_auc": f"{m['roc_auc']:.3f} [{m['roc_auc_ci_low']:.3f}, {m['roc_auc_ci_high']:.3f}]",
+        "perm_pvalue": f"{ev.selection_pvalue:.3f}",
+        "trained_on": info.trained_on,
+        "simulated": str(info.simulated).lower() if info.simulated is not None else "unknown",
+        "blinaprofile.cohort": res.cohort,
+        "blinaprofile.promotion": status,
+    }.items():
+        client.set_model_version_tag(name, v, key, value)
+    client.set_tag(res.run_id, "registered_version", v)
+    describe_registered_model(client, name)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blinaprofile.config import ModelSpec, TrainConfig, load_config
-from blinaprofile.errors import ConfigError, ManifestError, ModelError
+from blinaprofile.errors import ConfigError, ManifestError, ModelError, one_line
 from blinaprofile.models.metrics import choose_threshold, permutation_pvalue, roc_auc, summarize
 from blinaprofile.features.schema import MODEL_FEATURES, SCHEMA_VERSION
 
@@ -33,10 +33,20 @@ RESERVED_PARAMS = ("select_k",)
 
 
 def load_train_config(path: str | os.PathLike[str] | None = None) -> TrainConfig:
-    """The training configuration at ``path`` (default ``configs/train/default.yaml``)."""
+    """The training configuration at ``path`` (default ``configs/train/default.yaml``).
+
+    Raises
+    ------
+    ConfigError
+        The file is invalid, including a hyper-parameter value the estimator refuses
+        (``FILE: models.0.grid.clf__C: -1 is not valid: ...``), found before any fitting.
+    """
     from blinaprofile.settings import settings
 
-    return load_config(TrainConfig, path or settings.default_train)
+    source = path or settings.default_train
+    config = load_config(TrainConfig, source)
+    check_hyperparameters(config, source=source)
+    return config
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -118,34 +128,128 @@ def build_pipeline(spec: ModelSpec, *, seed: int = 0) -> Any:
     )
 
 
-def _check_spec(spec: ModelSpec, n_features: int) -> None:
+def check_hyperparameters(
+    config: TrainConfig, *, source: str | os.PathLike[str] | None = None
+) -> None:
+    """Refuse, before any fitting, a hyper-parameter value an estimator would refuse.
+
+    Every ``params`` value and every ``grid`` value is set, one at a time, on an unfitted
+    pipeline of its family and checked by the estimators' own parameter validation
+    (scikit-learn's constraints; XGBoost's by a one-round fit on four synthetic rows).
+
+    Parameters
+    ----------
+    config
+        The training configuration.
+    source
+        The YAML file it came from (named in the error).
+
+    Raises
+    ------
+    ConfigError
+        Naming the key: ``models.0.grid.clf__C: -1 is not valid: ...``.
+    """
+    n_features = len(config.features or MODEL_FEATURES)
+    for i, spec in enumerate(config.models):
+        _check_spec(spec, n_features, where=f"models.{i}", source=source)
+
+
+def _check_spec(
+    spec: ModelSpec,
+    n_features: int,
+    *,
+    where: str,
+    source: str | os.PathLike[str] | None = None,
+) -> None:
     ks = list(spec.grid.get("select__k", []))
     if "select_k" in spec.params:
         ks.append(spec.params["select_k"])
     for k in ks:
         if k != "all" and not (isinstance(k, int) and 1 <= k <= n_features):
             raise ConfigError(
-                f"models.{spec.family}: select k must be 'all' or an integer in 1..{n_features} "
-                f"(the number of features), got {k!r}"
+                f"{where} ({spec.family}): select k must be 'all' or an integer in "
+                f"1..{n_features} (the number of features), got {k!r}",
+                path=source,
             )
-    try:
-        pipe = build_pipeline(spec)
-        from sklearn.model_selection import ParameterGrid
+    values = {("params", k): [v] for k, v in spec.params.items() if k not in RESERVED_PARAMS}
+    values.update({("grid", k): list(v) for k, v in spec.grid.items() if k != "select__k"})
+    for (kind, key), candidates in values.items():
+        for value in candidates:
+            try:
+                if kind == "params":
+                    pipe = build_pipeline(spec.model_copy(update={"params": {key: value}}))
+                else:
+                    pipe = build_pipeline(spec).set_params(**{key: value})
+                _validate_estimator(pipe)
+            except (TypeError, ValueError) as err:  # sklearn's InvalidParameterError is both
+                raise ConfigError(
+                    f"{where}.{kind}.{key}: {value!r} is not valid for {spec.family}: "
+                    f"{one_line(str(err))}",
+                    path=source,
+                ) from None
 
-        for cand in ParameterGrid(spec.grid) if spec.grid else [{}]:
-            pipe.set_params(**cand)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"models.{spec.family}: {err}") from None
+
+def _validate_estimator(est: Any) -> None:
+    """Run an unfitted estimator's own parameter checks, and those of the ones it holds."""
+    if est is None or isinstance(est, str):  # "passthrough"
+        return
+    steps = getattr(est, "steps", None)
+    if isinstance(steps, list):
+        for _, step in steps:
+            _validate_estimator(step)
+        return
+    if type(est).__module__.startswith("xgboost"):
+        from sklearn.base import clone
+
+        X = np.array([[0.0, 1.0], [1.0, 0.0], [0.2, 0.9], [0.8, 0.1]])
+        clone(est).set_params(n_estimators=1, n_jobs=1).fit(X, np.array([0, 1, 0, 1]))
+        return
+    if hasattr(est, "_parameter_constraints"):
+        # scikit-learn's check run at the start of fit(), here without any data
+        est._validate_params()
+    for value in est.get_params(deep=False).values():
+        if hasattr(value, "get_params") and hasattr(value, "fit"):
+            _validate_estimator(value)
 
 
 # --------------------------------------------------------------------------- nested CV
 def _n_splits(y: np.ndarray, groups: np.ndarray, wanted: int) -> int:
-    """Folds for stratified grouped CV: at most the patients of the rarer class."""
-    pat_label: dict[Any, int] = {}
-    for g, lab in zip(groups, y, strict=True):
-        pat_label.setdefault(g, int(lab))
-    counts = Counter(pat_label.values())
+    """Folds for stratified grouped CV: at most the patients with samples of the rarer class.
+
+    A patient counts for every class among its samples, so designs whose label varies within
+    a patient (each patient sampled in two states) are counted correctly.
+    """
+    counts = Counter(lab for _, lab in {(g, int(lab)) for g, lab in zip(groups, y, strict=True)})
     return min(wanted, counts.get(0, 0), counts.get(1, 0))
+
+
+def label_design(y: np.ndarray, groups: np.ndarray) -> str:
+    """Name the labelling design: ``one label per patient`` or ``labels vary within patients``."""
+    per_patient = {(g, int(lab)) for g, lab in zip(groups, y, strict=True)}
+    varying = len(per_patient) > len({g for g, _ in per_patient})
+    return "labels vary within patients" if varying else "one label per patient"
+
+
+#: Fold splits per (folds, seed, labels, patients). Splits are stratified on the labels, so
+#: every labelling (each permutation) has its own; within one, all families share them.
+_SPLITS: dict[tuple[int, int, bytes, bytes], list[tuple[np.ndarray, np.ndarray]]] = {}
+
+
+def grouped_splits(
+    y: np.ndarray, groups: np.ndarray, *, n_splits: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``StratifiedGroupKFold(n_splits, shuffle, seed)`` splits of ``(y, groups)``, memoised."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    key = (n_splits, seed, np.ascontiguousarray(y).tobytes(), np.asarray(groups).tobytes())
+    splits = _SPLITS.get(key)
+    if splits is None:
+        if len(_SPLITS) >= 256:
+            _SPLITS.clear()
+        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        splits = list(cv.split(np.zeros(len(y)), y, groups))
+        _SPLITS[key] = splits
+    return splits
 
 
 def fit_with_params(pipe: Any, params: dict[str, Any], X: np.ndarray, y: np.ndarray) -> Any:
@@ -164,22 +268,37 @@ def tune(
     seed: int,
     need_oof: bool,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Pick hyper-parameters by inner grouped CV (pooled OOF AUC); return them and their OOF."""
-    from sklearn.model_selection import ParameterGrid, StratifiedGroupKFold
+    """Pick hyper-parameters by inner grouped CV (pooled OOF AUC); return them and their OOF.
+
+    The leading pipeline steps no grid key touches (imputer, scaler...) are fitted once per
+    inner split and shared by all grid points: the same fits the full pipeline would repeat.
+    """
+    from sklearn.base import clone
+    from sklearn.model_selection import ParameterGrid
+    from sklearn.pipeline import Pipeline
 
     candidates: list[dict[str, Any]] = list(ParameterGrid(spec.grid)) if spec.grid else [{}]
     k = _n_splits(y, groups, inner_folds)
     if k < 2 or (len(candidates) == 1 and not need_oof):
         return candidates[0], None
     pipe = build_pipeline(spec, seed=seed)
-    splits = list(
-        StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(X, y, groups)
-    )
+    splits = grouped_splits(y, groups, n_splits=k, seed=seed)
+    tuned = {key.split("__", 1)[0] for cand in candidates for key in cand}
+    last = len(pipe.steps) - 1
+    n_fixed = next(i for i, (name, _) in enumerate(pipe.steps) if name in tuned or i == last)
+    tail = Pipeline(pipe.steps[n_fixed:])
+    folds: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for tr, te in splits:
+        if n_fixed:
+            head = clone(Pipeline(pipe.steps[:n_fixed]))
+            folds.append((tr, te, head.fit_transform(X[tr], y[tr]), head.transform(X[te])))
+        else:
+            folds.append((tr, te, X[tr], X[te]))
     best: tuple[float, dict[str, Any], np.ndarray | None] = (-np.inf, candidates[0], None)
     for cand in candidates:
         oof = np.full(len(y), np.nan)
-        for tr, te in splits:
-            oof[te] = fit_with_params(pipe, cand, X[tr], y[tr]).predict_proba(X[te])[:, 1]
+        for tr, te, Xtr_t, Xte_t in folds:
+            oof[te] = fit_with_params(tail, cand, Xtr_t, y[tr]).predict_proba(Xte_t)[:, 1]
         score = roc_auc(y, oof)
         if np.isfinite(score) and score > best[0] + 1e-12:
             best = (score, cand, oof)
@@ -204,15 +323,17 @@ def _run_cv(
     *,
     importance: bool,
 ) -> _CVRun:
-    from sklearn.model_selection import StratifiedGroupKFold
     from threadpoolctl import threadpool_limits
 
     n, d = X.shape
     k = _n_splits(y, groups, config.outer_folds)
     if k < 2:
         raise ModelError(
-            "cross-validation needs at least 2 patients of each class; "
-            f"got {_n_splits(y, groups, 10**6)} in the rarer class"
+            "cross-validation needs at least 2 patients of each class (patients with samples "
+            "of that class); "
+            f"got {_n_splits(y, groups, 10**6)} in the rarer class "
+            f"({len(y)} samples, {int(np.sum(y == 1))} labelled 1, {int(np.sum(y == 0))} "
+            f"labelled 0; design: {label_design(y, groups)})"
         )
     need_oof = config.threshold.rule != "fixed"
     R = config.repeats
@@ -224,8 +345,7 @@ def _run_cv(
     rng = np.random.default_rng(config.seed + 7919)
     with threadpool_limits(limits=1):
         for r in range(R):
-            outer = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=config.seed + r)
-            for tr, te in outer.split(X, y, groups):
+            for tr, te in grouped_splits(y, groups, n_splits=k, seed=config.seed + r):
                 cand, inner_oof = tune(
                     spec,
                     X[tr],
@@ -259,22 +379,53 @@ def _run_cv(
     return _CVRun(oof, calls, thresholds, params, perm_oof)
 
 
-def _permuted_labels(y: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Permute labels between *patients* (all samples of a patient keep one label)."""
+def permuted_labels(y: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Permute labels as the design allows.
+
+    One label per patient: labels are permuted between *patients* (all samples of a patient
+    keep one label). Labels varying within patients (each patient sampled in several
+    states): each such patient's labels are shuffled among its own samples, and the labels of
+    single-label patients are permuted between those patients.
+    """
     uniq, first, inv = np.unique(groups, return_index=True, return_inverse=True)
-    lab = y[first]
-    return lab[rng.permutation(len(uniq))][inv]
+    lo = np.full(len(uniq), 1, dtype=int)
+    hi = np.zeros(len(uniq), dtype=int)
+    np.minimum.at(lo, inv, y)
+    np.maximum.at(hi, inv, y)
+    varying = lo != hi
+    if not varying.any():
+        lab = y[first]
+        return lab[rng.permutation(len(uniq))][inv]
+    out = y.copy()
+    fixed = np.flatnonzero(~varying)
+    pat_lab = lo.copy()
+    pat_lab[fixed] = pat_lab[fixed][rng.permutation(len(fixed))]
+    single = ~varying[inv]
+    out[single] = pat_lab[inv[single]]
+    for p in np.flatnonzero(varying):
+        idx = np.flatnonzero(inv == p)
+        out[idx] = y[idx][rng.permutation(len(idx))]
+    return out
 
 
-def _null_auc(
-    spec: ModelSpec,
+def _null_aucs(
+    specs: list[ModelSpec],
     X: np.ndarray,
     y_perm: np.ndarray,
     groups: np.ndarray,
     config: TrainConfig,
-) -> float:
-    run = _run_cv(spec, X, y_perm, groups, config, importance=False)
-    return float(np.nanmean([roc_auc(y_perm, o) for o in run.oof]))
+) -> list[float]:
+    """The AUC of the whole procedure of every family on one permuted labelling.
+
+    The families share the fold splits of the labelling (:func:`grouped_splits`). Estimator
+    parameters were validated by the run on the real labels, so scikit-learn's per-fit
+    parameter validation is skipped here; everything else is the identical procedure.
+    """
+    import sklearn
+
+    with sklearn.config_context(skip_parameter_validation=True):
+        runs = [_run_cv(s, X, y_perm, groups, config, importance=False) for s in specs]
+    return [float(np.nanmean([roc_auc(y_perm, o) for o in run.oof])) for run in runs]
 
 
 # --------------------------------------------------------------------------- results
@@ -502,15 +653,15 @@ def evaluate(
     dup = sorted({f for f in fams if fams.count(f) > 1})
     if dup:
         raise ConfigError(f"models: family listed more than once: {dup}")
-    for spec in config.models:
-        _check_spec(spec, len(features))
+    check_hyperparameters(config, source=config_path)
     X, y, groups, usable, n_dropped = prepare_training_data(table, features)
     Xa = X.to_numpy(dtype=float)
     rng = np.random.default_rng(config.seed + 104729)
-    perms = [_permuted_labels(y, groups, rng) for _ in range(config.n_permutations)]
+    perms = [permuted_labels(y, groups, rng) for _ in range(config.n_permutations)]
     jobs = n_jobs or _n_jobs()
-    tasks = [delayed(_run_cv)(s, Xa, y, groups, config, importance=True) for s in config.models]
-    tasks += [delayed(_null_auc)(s, Xa, yp, groups, config) for yp in perms for s in config.models]
+    specs = list(config.models)
+    tasks = [delayed(_run_cv)(s, Xa, y, groups, config, importance=True) for s in specs]
+    tasks += [delayed(_null_aucs)(specs, Xa, yp, groups, config) for yp in perms]
     # worker processes pay off only for permutation tests (each worker re-imports the stack)
     if jobs > 1 and perms:
         out = Parallel(n_jobs=min(jobs, len(tasks)))(tasks)

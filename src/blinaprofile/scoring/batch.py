@@ -14,52 +14,104 @@ Output folder layout (``out_dir``)::
 
 A sample's row is written as soon as it is finished, so killing a run loses no finished
 result; rerunning skips finished samples (error rows are retried unless
-``retry_errors=False``) and never duplicates a sample. A sample that cannot be scored
-becomes an error row whose message names the file; the batch goes on.
+``retry_errors=False``) and never duplicates a sample. A part is keyed on the sample (or
+file path) *and the SHA-256 of the file's bytes*, so a file corrected under the same name
+is scored again while an unchanged one is skipped. A sample that cannot be scored becomes
+an error row whose message names the sample (its ``sample_id`` or pseudonym; the file only
+with ``keep_file_names=True``); the batch goes on.
 
-Work is bounded: at most ``2 x workers`` samples are in flight, and each worker holds one
-sample at a time, so memory does not grow with the number of samples.
+Nothing waits forever: a file that is not a regular file (a FIFO, a link to a device) is
+refused before it is read, a sample still running after ``sample_timeout`` seconds becomes
+an error row (its worker process is killed and replaced), and an unreachable Dask scheduler
+is an error after :data:`SCHEDULER_CONNECT_TIMEOUT` seconds, before the output folder is
+made.
+
+Work is bounded: each worker holds one sample at a time, so memory does not grow with the
+number of samples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blinaprofile.config import QCConfig
-from blinaprofile.errors import BlinaprofileError, InputError
+from blinaprofile.errors import BlinaprofileError, InputError, OutputError, one_line
 from blinaprofile.io.atomic import atomic_path, write_csv, write_text
-from blinaprofile.parallel import run_parallel
+from blinaprofile.parallel import ItemTimeoutError, WorkerDiedError, run_parallel
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["BatchJob", "score_samples"]
+    from blinaprofile.io.read import FCSReadOptions
+
+__all__ = ["DEFAULT_SAMPLE_TIMEOUT", "SCHEDULER_CONNECT_TIMEOUT", "BatchJob", "score_samples"]
 
 FLOW_SUFFIXES = (".fcs", ".lmd")
 SC_SUFFIXES = (".h5ad", ".h5")
 _RUN_FILE = "run.json"
+#: Seconds one sample may take before it becomes an error row (``score-batch --sample-timeout``).
+DEFAULT_SAMPLE_TIMEOUT = 600.0
+#: Seconds to wait for a Dask scheduler to answer before giving up.
+SCHEDULER_CONNECT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
 class BatchJob:
-    """One sample to score: its resume key, given sample ID (or ``None``) and file."""
+    """One sample to score.
+
+    Attributes
+    ----------
+    key
+        Resume key: the sample ID (or resolved path) and the SHA-256 of the file's bytes.
+    sample_id
+        The given sample ID, or ``None`` (a pseudonym from the checksum is used).
+    path
+        The file (resolved), or ``""`` when none was given.
+    sha256
+        SHA-256 of the file's bytes, ``""`` when it cannot be read (it then fails with a
+        message when scored).
+    keep_file_names
+        Whether the job's error row may name the file (``score_samples(keep_file_names=)``);
+        otherwise it names the sample (its ID or pseudonym).
+    """
 
     key: str
     sample_id: str | None
     path: str
+    sha256: str = ""
+    keep_file_names: bool = False
 
 
 def _key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def _content_sha256(path: str) -> str:
+    """The file's SHA-256 (its type checked first), or ``""`` if it cannot be used."""
+    from blinaprofile.scoring.score import file_checksum
+
+    if not path:
+        return ""
+    try:
+        return file_checksum(path)
+    except InputError:  # missing, a FIFO or device...: scoring it gives the error row
+        return ""
+
+
+def _job(label: str, sample_id: str | None, path: str) -> BatchJob:
+    """A job keyed on ``label`` and the content of ``path``."""
+    sha = _content_sha256(path)
+    return BatchJob(_key(label + "\0sha256:" + sha), sample_id, path, sha)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -67,15 +119,16 @@ def _jobs_from_paths(paths: Sequence[str | os.PathLike[str]]) -> list[BatchJob]:
     jobs = []
     for p in paths:
         ap = str(Path(p).resolve())
-        jobs.append(BatchJob(_key("path:" + ap), None, ap))
+        jobs.append(_job("path:" + ap, None, ap))
     return jobs
 
 
 def _folder_inputs(folder: Path) -> list[Path]:
+    # anything but a folder: a FIFO or device named *.fcs becomes an error row, not a hang
     return sorted(
         q
         for q in folder.iterdir()
-        if q.is_file() and q.name.lower().endswith(FLOW_SUFFIXES + SC_SUFFIXES)
+        if not q.is_dir() and q.name.lower().endswith(FLOW_SUFFIXES + SC_SUFFIXES)
     )
 
 
@@ -89,8 +142,8 @@ def _jobs_from_frame(df: pd.DataFrame, *, source: str) -> list[BatchJob]:
     jobs = []
     for sid, f in zip(df["sample_id"].astype(str), df[col].astype(str), strict=True):
         ap = str(Path(f).resolve()) if f.strip() else ""
-        # keyed by sample and file: a corrected file for the same sample is scored again
-        jobs.append(BatchJob(_key("sample:" + sid + "\0" + ap), sid, ap))
+        # keyed by sample, file and content: a corrected file for the same sample is scored again
+        jobs.append(_job("sample:" + sid + "\0" + ap, sid, ap))
     return jobs
 
 
@@ -98,7 +151,9 @@ def collect_jobs(paths_or_manifest: Any) -> list[BatchJob]:
     """The samples to score from a manifest CSV, a folder, a file, a list of files or a table.
 
     A manifest keeps its ``sample_id`` values; files given directly (or found in a folder)
-    get pseudonymous IDs from their checksums when scored.
+    get pseudonymous IDs from their checksums when scored. Every file's type is checked
+    and its bytes hashed here (the resume key includes the SHA-256); a file that is
+    missing or not a regular file gets an empty checksum and fails when scored.
     """
     import pandas as pd
 
@@ -131,30 +186,20 @@ def _looks_like_10x(p: Path) -> bool:
 
 # --------------------------------------------------------------------------- worker
 def _error_row(job: BatchJob, message: str) -> dict[str, Any]:
-    from blinaprofile.scoring.score import RESULT_COLUMNS
+    from blinaprofile.io.privacy import WITHHELD_FILE_NAME, withhold_file_name
+    from blinaprofile.scoring.score import RESULT_COLUMNS, pseudonymous_id
 
+    sid = job.sample_id or (pseudonymous_id(job.sha256) if job.sha256 else "")
+    if not job.keep_file_names:  # the row names the sample, never its file
+        message = withhold_file_name(message, job.path, label=sid or WITHHELD_FILE_NAME)
     row: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
-    row.update(
-        sample_id=job.sample_id or _pseudonym_or_blank(job.path),
-        call="error",
-        qc_pass=None,
-        reasons="",
-        error=message,
-    )
+    row.update(sample_id=sid, call="error", qc_pass=None, reasons="", error=one_line(message))
     return row
-
-
-def _pseudonym_or_blank(path: str) -> str:
-    from blinaprofile.scoring.score import file_checksum, pseudonymous_id
-
-    try:
-        return pseudonymous_id(file_checksum(path)) if path and Path(path).is_file() else ""
-    except OSError:
-        return ""
 
 
 def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
     """Score one job; never raises for a bad sample (returns an error row instead)."""
+    from blinaprofile.io.read import fcs_read_options
     from blinaprofile.scoring.score import score_sample
     from blinaprofile.settings import settings
 
@@ -163,22 +208,27 @@ def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
     if not job.path:
         return _error_row(job, f"sample {job.sample_id!r}: no file given")
     try:
-        res = score_sample(
-            job.path,
-            model=options["model"],
-            strategy=options["strategy"],
-            adaptive=options["adaptive"],
-            qc=options["qc"],
-            sample_id=job.sample_id,
-            threshold=options["threshold"],
-            interval=options["interval"],
-        )
-        return res.to_row()
+        with fcs_read_options(options.get("fcs_options")):
+            res = score_sample(
+                job.path,
+                model=options["model"],
+                strategy=options["strategy"],
+                adaptive=options["adaptive"],
+                qc=options["qc"],
+                sample_id=job.sample_id,
+                threshold=options["threshold"],
+                interval=options["interval"],
+            )
+        row = res.to_row()
     except BlinaprofileError as err:
         msg = str(err) if err.path else f"{job.path}: {err}"
         return _error_row(job, msg)
     except Exception as err:
         return _error_row(job, f"{job.path}: internal error: {type(err).__name__}: {err}")
+    if job.sha256 and row.get("input_sha256") != job.sha256:
+        # the part is keyed on the content read when the batch started
+        return _error_row(job, f"{job.path}: the file changed while the batch ran; run it again")
+    return row
 
 
 # --------------------------------------------------------------------------- parts
@@ -210,7 +260,8 @@ def _check_run_file(out: Path, settings_record: dict[str, Any]) -> None:
             old = None
         if old != settings_record:
             diff = (
-                sorted(k for k in settings_record if not old or old.get(k) != settings_record[k])
+                # keys of either record: a setting only the old run had differs too
+                sorted(k for k in {*settings_record, *old} if old.get(k) != settings_record.get(k))
                 if isinstance(old, dict)
                 else ["run.json unreadable"]
             )
@@ -237,6 +288,7 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         else:
             df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     df["error"] = df["error"].fillna("")
+    df["warnings"] = df["warnings"].fillna("")  # error rows, and parts from older versions
     return df
 
 
@@ -247,24 +299,68 @@ def _write_results(df: pd.DataFrame, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- runners
-def _run_local(
-    todo: list[BatchJob], options: dict[str, Any], n_jobs: int
-) -> Iterator[tuple[BatchJob, dict[str, Any]]]:
-    def failed(job: BatchJob, err: Exception) -> dict[str, Any]:
-        return _error_row(job, f"{job.path}: worker failed: {type(err).__name__}: {err}")
+def _worker_failed(job: BatchJob, err: Exception) -> dict[str, Any]:
+    """The error row of a sample whose worker timed out, died or raised."""
+    if isinstance(err, ItemTimeoutError | WorkerDiedError):
+        return _error_row(job, f"{job.path}: {err.message}")
+    return _error_row(job, f"{job.path}: worker failed: {type(err).__name__}: {err}")
 
+
+def _run_local(
+    todo: list[BatchJob], options: dict[str, Any], n_jobs: int, timeout: float | None
+) -> Generator[tuple[BatchJob, dict[str, Any]]]:
     yield from run_parallel(
-        functools.partial(score_job, options=options), todo, n_jobs=n_jobs, on_error=failed
+        functools.partial(score_job, options=options),
+        todo,
+        n_jobs=n_jobs,
+        on_error=_worker_failed,
+        timeout=timeout,
     )
 
 
-def _run_dask(
-    todo: list[BatchJob], options: dict[str, Any], scheduler: Any
-) -> Iterator[tuple[BatchJob, dict[str, Any]]]:
-    from distributed import Client, as_completed
+def _connect(scheduler: Any) -> tuple[Any, bool]:
+    """A ``distributed.Client`` for ``scheduler`` and whether this module made it.
 
-    own = not isinstance(scheduler, Client)
-    client = Client(scheduler, set_as_default=False) if own else scheduler
+    Raises
+    ------
+    InputError
+        The address is malformed or no scheduler answered within
+        :data:`SCHEDULER_CONNECT_TIMEOUT` seconds.
+    """
+    from distributed import Client
+
+    if isinstance(scheduler, Client):
+        return scheduler, False
+    from distributed.comm.addressing import parse_address
+    from distributed.comm.registry import backends
+
+    address = str(scheduler)
+    try:
+        scheme, _ = parse_address(address)
+    except ValueError as err:
+        raise InputError(f"not a Dask scheduler address {address!r}: {err}") from None
+    if scheme not in backends:
+        raise InputError(
+            f"not a Dask scheduler address {address!r}: unknown scheme {scheme!r} "
+            "(use tcp://HOST:PORT)"
+        )
+    try:
+        client = Client(address, timeout=SCHEDULER_CONNECT_TIMEOUT, set_as_default=False)
+    except OSError as err:  # TimeoutError included
+        raise InputError(
+            f"cannot reach the Dask scheduler at {address} within "
+            f"{SCHEDULER_CONNECT_TIMEOUT:g} s ({one_line(str(err)) or type(err).__name__})"
+        ) from None
+    return client, True
+
+
+def _run_dask(
+    todo: list[BatchJob], options: dict[str, Any], client: Any
+) -> Generator[tuple[BatchJob, dict[str, Any]]]:
+    from distributed import as_completed
+
+    if not todo:
+        return
     try:
         n_workers = max(
             1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
@@ -287,15 +383,15 @@ def _run_dask(
             try:
                 row = fut.result()
             except Exception as err:
-                row = _error_row(job, f"{job.path}: worker failed: {type(err).__name__}: {err}")
+                row = _worker_failed(job, err)
             fut.release()
             nxt = next(it, None)
             if nxt is not None:
                 ac.add(submit(nxt))
             yield job, row
     finally:
-        if own:
-            client.close()
+        for fut in futures:  # stopped early (an output error): leave nothing running
+            fut.cancel()
 
 
 # --------------------------------------------------------------------------- API
@@ -307,12 +403,15 @@ def score_samples(
     scheduler: Any = None,
     out_dir: str | os.PathLike[str] | None = None,
     strategy: str | os.PathLike[str] | None = None,
-    adaptive: bool = False,
+    adaptive: bool = True,
     qc: QCConfig | None = None,
     threshold: float | None = None,
     interval: bool = True,
     retry_errors: bool = True,
     progress: bool | None = None,
+    fcs_options: FCSReadOptions | None = None,
+    sample_timeout: float | None = DEFAULT_SAMPLE_TIMEOUT,
+    keep_file_names: bool = False,
 ) -> pd.DataFrame:
     """Score many samples; one row per sample, in input order.
 
@@ -324,37 +423,67 @@ def score_samples(
     model
         ``models:/NAME@ALIAS``, ``runs:/...`` or a model folder (default: shipped model).
     n_jobs
-        Local worker processes (default :attr:`Settings.n_jobs`, 2); ``1`` runs in this
-        process. Ignored when ``scheduler`` is given.
+        Local worker processes (default :attr:`Settings.n_jobs`, 2). Ignored when
+        ``scheduler`` is given.
     scheduler
         A Dask scheduler address (``"tcp://HOST:PORT"``) or a ``distributed.Client``: the
-        same per-sample function runs on that cluster.
+        same per-sample function runs on that cluster. An address that does not answer
+        within :data:`SCHEDULER_CONNECT_TIMEOUT` seconds is an :class:`InputError`.
     out_dir
         Folder for per-sample parts and ``results.parquet``/``results.csv``. Rerunning into
-        the same folder skips finished samples. ``None``: nothing is kept on disk.
+        the same folder skips finished samples whose file content is unchanged. ``None``:
+        nothing is kept on disk. A folder this call creates is removed again when the run
+        fails before any sample finished.
     strategy, adaptive, qc, threshold, interval
         As for :func:`blinaprofile.scoring.score.score_sample`.
     retry_errors
         Rerun samples whose stored row is an error.
     progress
         Show a progress bar (default: only when stderr is a terminal).
+    fcs_options
+        Relaxations of the FCS reader's integrity checks for every sample (default: the
+        enclosing :func:`blinaprofile.io.read.fcs_read_options` block's, else strict).
+        Non-default options are part of the run's settings (``run.json``).
+    sample_timeout
+        Seconds one sample may take (default 600); a sample still running then becomes an
+        error row and its worker process is killed and replaced. ``None``: no limit, and
+        ``n_jobs=1`` then runs in this process. Local workers only: with ``scheduler``, use
+        the cluster's own limits.
+    keep_file_names
+        Let error rows name the input file. By default they name the sample instead (its
+        ``sample_id``, else the pseudonym ``S-<12 hex>``): file names often name the patient.
 
     Returns
     -------
     DataFrame
         Columns :data:`blinaprofile.scoring.score.RESULT_COLUMNS`; ``call`` is ``responder``,
         ``nonresponder``, ``no call`` or ``error`` (then ``error`` says why and names the
-        file). ``df.attrs['batch']`` counts scored, skipped and failed samples.
+        sample, or the file with ``keep_file_names``); ``warnings`` lists what the FCS reader tolerated in the sample's file. ``df.attrs['batch']`` counts scored, skipped and failed samples.
 
     Raises
     ------
     InputError
-        The input cannot be read, or ``out_dir`` holds results made with other settings.
+        The input cannot be read, ``out_dir`` holds results made with other settings, or the
+        Dask scheduler cannot be reached.
+    OutputError
+        A folder or file cannot be written (disk full...); the message names it, and no
+        temporary file is left behind.
+    ConfigError
+        ``sample_timeout`` is not a positive number of seconds.
     """
     from blinaprofile.features.flow import load_qc
+    from blinaprofile.io.read import current_fcs_read_options
     from blinaprofile.settings import settings
 
+    if sample_timeout is not None and not 0 < sample_timeout < float("inf"):
+        from blinaprofile.errors import ConfigError
+
+        raise ConfigError(
+            f"sample_timeout must be a positive number of seconds, got {sample_timeout!r}"
+        )
     jobs = collect_jobs(paths_or_manifest)
+    if keep_file_names:
+        jobs = [replace(j, keep_file_names=True) for j in jobs]
     keys = [j.key for j in jobs]
     if len(set(keys)) != len(keys):
         raise InputError("the same sample (or file) is listed more than once")
@@ -370,6 +499,7 @@ def score_samples(
         "threshold": threshold,
         "interval": bool(interval),
         "tracking_uri": settings.tracking_uri,
+        "fcs_options": fcs_options or current_fcs_read_options(),
     }
     from blinaprofile.scoring.score import load_scoring_model
 
@@ -386,16 +516,34 @@ def score_samples(
         "threshold": threshold,
         "interval": options["interval"],
     }
+    if not options["fcs_options"].is_strict:  # strict runs keep the record they always had
+        record["fcs_options"] = options["fcs_options"].as_dict()
+    # the scheduler must answer before anything is made on disk
+    client, own_client = _connect(scheduler) if scheduler is not None else (None, False)
     tmpdir = None
-    if out_dir is None:
-        tmpdir = tempfile.TemporaryDirectory(prefix="blinaprofile-batch-")
-        out = Path(tmpdir.name)
-    else:
-        out = Path(out_dir)
+    out: Path | None = None
+    made = False
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if out_dir is None:
+            try:
+                tmpdir = tempfile.TemporaryDirectory(prefix="blinaprofile-batch-")
+            except OSError as err:
+                raise OutputError(
+                    f"cannot create a temporary folder: {err.strerror or err}",
+                    path=err.filename or tempfile.gettempdir(),
+                ) from None
+            out = Path(tmpdir.name)
+        else:
+            out = Path(out_dir)
+            made = not out.exists()
         parts = out / "parts"
-        parts.mkdir(exist_ok=True)
+        try:
+            parts.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(
+                f"cannot create the output folder: {err.strerror or err}",
+                path=err.filename or parts,
+            ) from None
         _check_run_file(out, record)
         todo = []
         for job in jobs:
@@ -405,24 +553,29 @@ def score_samples(
         n_skipped = len(jobs) - len(todo)
         show = (sys.stderr.isatty() if progress is None else bool(progress)) and bool(todo)
         bar = None
-        try:
-            if scheduler is not None:
-                runner = _run_dask(todo, options, scheduler)
-            else:
-                runner = _run_local(todo, options, settings.n_jobs if n_jobs is None else n_jobs)
-            for job, row in runner:
-                _write_part(parts, job, row)
-                if show and bar is None:
-                    # created after the workers started, so that they are forked before
-                    # tqdm's monitor thread exists
-                    from tqdm import tqdm
+        runner = (
+            _run_dask(todo, options, client)
+            if client is not None
+            else _run_local(
+                todo, options, settings.n_jobs if n_jobs is None else n_jobs, sample_timeout
+            )
+        )
+        # closing: a failure here (disk full) stops the workers at once
+        with contextlib.closing(runner):
+            try:
+                for job, row in runner:
+                    _write_part(parts, job, row)
+                    if show and bar is None:
+                        # created after the workers started, so that they are started
+                        # before tqdm's monitor thread exists
+                        from tqdm import tqdm
 
-                    bar = tqdm(total=len(todo), desc="scoring", unit="sample", file=sys.stderr)
+                        bar = tqdm(total=len(todo), desc="scoring", unit="sample", file=sys.stderr)
+                    if bar is not None:
+                        bar.update(1)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
+                    bar.close()
         rows = []
         for job in jobs:
             row = _read_part(parts, job.key)
@@ -438,6 +591,32 @@ def score_samples(
             "out_dir": None if out_dir is None else str(out),
         }
         return df
+    except BaseException as err:
+        if made and out is not None:
+            try:
+                _remove_unused_output(out)
+            except OSError as cleanup:  # the run's own error is the one to report
+                err.add_note(f"{out}: could not be removed: {cleanup.strerror or cleanup}")
+        raise
     finally:
+        if own_client and client is not None:
+            client.close()
         if tmpdir is not None:
             tmpdir.cleanup()
+
+
+def _remove_unused_output(out: Path) -> None:
+    """Remove ``out`` (made by this run) when the run failed before any sample finished.
+
+    Only what a run writes is removed (``run.json``, an empty ``parts/``), and ``out`` only
+    if that leaves it empty; a folder holding finished parts is kept for resuming.
+    """
+    parts = out / "parts"
+    if parts.is_dir() and any(parts.iterdir()):
+        return
+    run_file = out / _RUN_FILE
+    if run_file.is_file():
+        run_file.unlink()
+    for d in (parts, out):
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()

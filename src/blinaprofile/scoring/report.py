@@ -49,9 +49,9 @@ _TEMPLATE = "report.html.j2"
 
 
 # --------------------------------------------------------------------------- figures
-def _png(fig: Figure) -> str:
+def _png(fig: Figure, *, dpi: int = 80) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -120,7 +120,9 @@ def training_figure(result: ScoreResult, training: pd.DataFrame, features: list[
     return fig
 
 
-def gating_figure(path: str | os.PathLike[str], tree: GateTree, gres: GatingResult) -> Figure:
+def gating_figure(
+    path: str | os.PathLike[str], tree: GateTree, gres: GatingResult, *, width_px: int = 1050
+) -> Figure:
     """Every gate of ``tree`` drawn on the sample's events (count and % of parent).
 
     Parameters
@@ -129,6 +131,9 @@ def gating_figure(path: str | os.PathLike[str], tree: GateTree, gres: GatingResu
         The sample's FCS file (read again for its events; its name is not shown).
     tree, gres
         The bound gating strategy and its result on this sample.
+    width_px
+        Width of the figure saved at :data:`blinaprofile.gating.plot.DPI`: the report's
+        content width (1,140 px page less margins), so the PNG is shown unscaled.
 
     Returns
     -------
@@ -136,6 +141,7 @@ def gating_figure(path: str | os.PathLike[str], tree: GateTree, gres: GatingResu
         From :func:`blinaprofile.gating.plot.gating_figure`, titled with the strategy.
     """
     from blinaprofile.gating.events import fcs_scaling
+    from blinaprofile.gating.plot import DPI
     from blinaprofile.gating.plot import gating_figure as plot_gates
     from blinaprofile.io.read import read_flow
 
@@ -149,6 +155,7 @@ def gating_figure(path: str | os.PathLike[str], tree: GateTree, gres: GatingResu
         spillover=data.spillover,
         scaling=fcs_scaling(data),
         title=f"Gating strategy '{tree.name}' on this sample",
+        width=width_px / DPI,
     )
 
 
@@ -395,7 +402,7 @@ def write_report(
     gating_png = None
     ctx = result.context
     if ctx is not None and ctx.tree is not None and ctx.gating is not None:
-        gating_png = _png(gating_figure(ctx.path, ctx.tree, ctx.gating))
+        gating_png = _png(gating_figure(ctx.path, ctx.tree, ctx.gating), dpi=150)
     elif result.modality == "flow":
         notes.append("Gating plots need score_sample(..., keep_gating=True).")
     text = render_report(result, training_png=training_png, gating_png=gating_png, notes=notes)

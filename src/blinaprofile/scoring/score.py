@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blinaprofile.config import QCConfig
-from blinaprofile.errors import BlinaprofileError, ModelError, PanelMismatchError
+from blinaprofile.errors import BlinaprofileError, InputError, ModelError, PanelMismatchError
+from blinaprofile.io.read import join_warnings, split_warnings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,14 +57,39 @@ INTERVAL_LEVEL = 0.95
 
 
 def file_checksum(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file (of every file, sorted, for a folder)."""
+    """SHA-256 of a file (of every regular file below it, sorted, for a folder).
+
+    The file type is checked before a byte is read, so a FIFO, a device (a link to
+    ``/dev/zero``) or a socket is refused at once instead of blocking or never ending.
+
+    Parameters
+    ----------
+    path
+        A sample file, or a folder (10x matrix folder).
+
+    Returns
+    -------
+    str
+        64 hex digits.
+
+    Raises
+    ------
+    InputError
+        The file is missing, not a regular file (``"FILE: not a regular file (FIFO)"``)
+        or cannot be read.
+    """
+    from blinaprofile.io.read import ensure_file, open_regular
+
     h = hashlib.sha256()
-    p = Path(path)
+    p = ensure_file(path)
     files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
     for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        with open_regular(f) as fh:
+            try:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            except OSError as err:
+                raise InputError(f"cannot read file: {err.strerror or err}", path=f) from None
     return h.hexdigest()
 
 
@@ -105,6 +131,9 @@ class ScoreResult:
     model, input
         Model name, version, alias, URI, family...; the input's checksum, modality, panel
         and gating strategy (never its file name or TEXT keywords).
+    warnings
+        What the FCS reader tolerated in the input (a DATA remainder smaller than one
+        event, Latin-1 TEXT, an accepted ``$TOT`` mismatch...); never TEXT keyword values.
     """
 
     sample_id: str
@@ -124,6 +153,7 @@ class ScoreResult:
     interval: dict[str, Any] = field(default_factory=dict)
     qc: dict[str, Any] = field(default_factory=dict)
     gating: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     context: ScoreContext | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -160,6 +190,7 @@ class ScoreResult:
             "input_sha256": self.input.get("sha256"),
             "interval_method": self.interval.get("method"),
             "error": "",
+            "warnings": join_warnings(self.warnings),
         }
         for k in _feature_and_qc_columns():
             v = self.features.get(k)
@@ -182,6 +213,8 @@ class ScoreResult:
         lines.append(f"call          {self.call}")
         for r in self.reasons:
             lines.append(f"  reason: {r}")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
         if self.top_features:
             lines.append("key features  (value, contribution to log-odds)")
             for t in self.top_features:
@@ -230,6 +263,7 @@ _BASE_RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("input_sha256", "text"),
     ("interval_method", "text"),
     ("error", "text"),
+    ("warnings", "text"),
 )
 
 #: Text columns of a result table; every other column but ``qc_pass`` is numeric.
@@ -271,7 +305,9 @@ class ScoringModel:
     uri
         What it was loaded from (``models:/NAME@ALIAS``, ``runs:/...`` or a folder).
     pyfunc, runtime
-        The MLflow pyfunc and its :class:`blinaprofile.models.packaging.ResponderModel`.
+        The checked model (:class:`blinaprofile.models.loading.PackagedModel`, whose
+        ``predict(table, params=...)`` answers like the served MLflow pyfunc; MLflow's own
+        loader is never used) and its :class:`blinaprofile.models.packaging.ResponderModel`.
     info
         ``name``, ``version``, ``alias``, ``uri``, ``family``, ``schema_version``,
         ``trained_on``, ``threshold_rule``, ``model_uuid``, ``run_id``.
@@ -308,15 +344,15 @@ def load_scoring_model(uri: str | os.PathLike[str] | None = None) -> ScoringMode
 def _load(key: str) -> ScoringModel:
     import pandas as pd
 
-    from blinaprofile.models.packaging import load_model
+    from blinaprofile.models.loading import load_packaged_model
 
-    pyfunc, runtime = load_model(key)
+    model = load_packaged_model(key)  # checked folder; none of its code is run
     training = None
-    inner = pyfunc.unwrap_python_model()
-    tpath = getattr(inner, "training_features_path", None)
-    if tpath and Path(tpath).is_file():
+    tpath = model.training_features_path
+    if tpath is not None:
         training = pd.read_csv(tpath)
-    return ScoringModel(key, pyfunc, runtime, _model_info(key, pyfunc, runtime), training)
+    runtime = model.runtime
+    return ScoringModel(key, model, runtime, _model_info(key, model, runtime), training)
 
 
 def _model_info(key: str, pyfunc: Any, runtime: Any) -> dict[str, Any]:
@@ -494,6 +530,7 @@ def score_features(
         probability_high=high,
         interval=iv,
         qc=qc_info,
+        warnings=split_warnings(row.get("warnings")),
     )
 
 
@@ -521,7 +558,7 @@ def score_sample(
     *,
     model: str | None = None,
     strategy: str | os.PathLike[str] | None = None,
-    adaptive: bool = False,
+    adaptive: bool = True,
     qc: QCConfig | None = None,
     sample_id: str | None = None,
     threshold: float | None = None,
@@ -540,7 +577,8 @@ def score_sample(
     model
         ``models:/NAME@ALIAS``, ``runs:/...`` or a model folder (default: shipped model).
     strategy, adaptive
-        Gating YAML (default: the shipped T-cell strategy) and adaptive placement.
+        Gating YAML (default: the shipped T-cell strategy) and per-sample gate placement
+        (default; ``False`` keeps the configured thresholds, see :mod:`blinaprofile.gating.placement`).
     qc
         QC and abstention thresholds (default ``configs/qc.yaml``).
     sample_id

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from blinaprofile.config import PanelConfig, SimulationConfig
+from blinaprofile.config import PanelConfig, SimulationConfig, validate_config
 from blinaprofile.io.atomic import atomic_path, write_csv, write_text
 from blinaprofile.simulate.cohort import bayes_optimal_auc, draw_cohort
 
@@ -348,6 +348,11 @@ def simulate_cohort(
     Returns
     -------
     SimulatedCohort
+
+    Raises
+    ------
+    ConfigError
+        An override is out of range (``n_patients`` below 2...); the message names the key.
     """
     from blinaprofile.io.fcs_write import write_fcs
 
@@ -361,7 +366,12 @@ def simulate_cohort(
     if brightness_shift is not None:
         updates["brightness_shift"] = brightness_shift
     if updates:
-        config = SimulationConfig.model_validate({**config.model_dump(), **updates})
+        # a bad override is a ConfigError naming the key, before anything is written
+        config = validate_config(
+            SimulationConfig,
+            {**config.model_dump(), **updates},
+            source=f"scenario {config.name!r} with {', '.join(sorted(updates))} overridden",
+        )
     out = Path(out_dir)
     (out / "fcs").mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ import scipy.sparse as sp
 
 from blinaprofile.config import SimulationConfig
 from blinaprofile.errors import ConfigError
+from blinaprofile.io.atomic import write_csv
 from blinaprofile.simulate.cohort import draw_cohort
 
 __all__ = [
@@ -654,7 +655,7 @@ def simulate_single_cell_cohort(
             "response": cohort["response_label"].astype(str),
         }
     )
-    manifest.to_csv(out / "manifest.csv", index=False)
+    write_csv(manifest, out / "manifest.csv")
     meta = {
         "scenario": config.name,
         "seed": int(seed_eff),

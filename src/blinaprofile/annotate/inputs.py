@@ -1,0 +1,232 @@
+"""What the annotator reads from an AnnData (without modifying it) and the per-cell QC."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from blinaprofile.annotate.config import SingleCellConfig
+from blinaprofile.errors import SingleCellInputError
+from blinaprofile.io.singlecell import (
+    ANTIBODY_TYPES,
+    MatrixInfo,
+    find_obsm_protein,
+    gene_symbols,
+    linear_values,
+    protein_frame,
+    rna_matrix,
+)
+
+__all__ = ["CellInput", "CellQC", "cell_qc", "prepare"]
+
+
+@dataclass
+class CellInput:
+    """What the annotator needs, extracted without modifying the caller's object."""
+
+    source: str | None
+    n_obs: int
+    matrix: sp.csr_matrix | None  # RNA genes only: raw counts or normalised (``info``)
+    info: MatrixInfo | None
+    symbols: np.ndarray  # upper-case gene symbol per RNA column
+    symbol_source: str
+    protein: pd.DataFrame | None  # canonical names, raw counts
+    protein_source: str
+    sample: np.ndarray  # int code per cell
+    sample_names: list[str]
+    sample_key: str | None
+    patient_of_sample: list[str]
+    patient_key: str | None
+
+    @property
+    def x_kind(self) -> str:
+        return self.info.kind if self.info is not None else "none"
+
+
+def _source_of(adata: ad.AnnData) -> str | None:
+    info = adata.uns.get("blinaprofile", {})
+    src = info.get("source") if isinstance(info, Mapping) else None
+    return str(src) if src else None
+
+
+def _resolve_key(
+    adata: ad.AnnData,
+    key: str | None,
+    candidates: Sequence[str],
+    what: str,
+    source: str | None,
+) -> str | None:
+    if key is not None:
+        if key not in adata.obs.columns:
+            cols = ", ".join(map(str, adata.obs.columns)) or "no columns"
+            raise SingleCellInputError(
+                f"{what} key {key!r} is not an obs column (obs has: {cols})", path=source
+            )
+        return key
+    return next((c for c in candidates if c in adata.obs.columns), None)
+
+
+def _signature_genes(cfg: SingleCellConfig) -> list[str]:
+    out = [g for s in cfg.rna.signatures.values() for g in (*s.up, *s.down, *s.secondary)]
+    return [*out, *(f"{cfg.cell_qc.mito_prefix}{g}" for g in ("CO1", "CO2", "ND1", "ATP6"))]
+
+
+def prepare(
+    adata: ad.AnnData,
+    cfg: SingleCellConfig,
+    *,
+    sample_key: str | None,
+    patient_key: str | None,
+    default_sample: str,
+    x_kind: str = "auto",
+) -> CellInput:
+    """Extract samples, patients, the RNA matrix (and its kind), gene symbols and protein.
+
+    Raises
+    ------
+    SingleCellInputError
+        No cells, an unknown key, a sample spanning several patients, a cytometry object,
+        an unusable matrix, or neither genes nor protein.
+    """
+    source = _source_of(adata)
+    if adata.n_obs == 0:
+        raise SingleCellInputError("the object has no cells", path=source)
+    skey = _resolve_key(adata, sample_key, cfg.sample_key_candidates, "sample", source)
+    pkey = _resolve_key(adata, patient_key, cfg.patient_key_candidates, "patient", source)
+    if skey is not None:
+        svals = adata.obs[skey]
+        if svals.isna().any():
+            raise SingleCellInputError(
+                f"sample key {skey!r} has {int(svals.isna().sum())} missing values", path=source
+            )
+        codes, uniq = pd.factorize(svals.astype(str), sort=False)
+        names = [str(u) for u in uniq]
+    else:
+        codes = np.zeros(adata.n_obs, dtype=np.int64)
+        names = [default_sample]
+    patients: list[str] = []
+    pvals = adata.obs[pkey].astype(str).to_numpy() if pkey is not None else None
+    for i, s in enumerate(names):
+        if pvals is None:
+            patients.append(s)
+            continue
+        pv = pd.unique(pvals[codes == i])
+        if len(pv) != 1:
+            raise SingleCellInputError(
+                f"sample {s!r} maps to {len(pv)} patients in obs[{pkey!r}]: {sorted(pv)[:5]}",
+                path=source,
+            )
+        patients.append(str(pv[0]))
+
+    protein, _, pkey_src = find_obsm_protein(adata, cfg.protein.obsm_keys, source)
+    prot_src = f"obsm[{pkey_src!r}]" if pkey_src else ""
+    mat, var, info = rna_matrix(adata, x_kind=x_kind, source=source)
+    keep = np.ones(var.shape[0], dtype=bool)
+    if "feature_types" in var:
+        ft = var["feature_types"].astype(str).str.strip().str.lower()
+        ab = ft.isin(ANTIBODY_TYPES).to_numpy()
+        if ab.any() and protein is None:
+            protein = protein_frame(
+                sp.csr_matrix(mat)[:, np.flatnonzero(ab)],
+                [str(n) for n in var.index[ab]],
+                adata.obs_names,
+            )
+            prot_src = "Antibody Capture features"
+        keep = (ft == "gene expression").to_numpy()
+    matrix: sp.csr_matrix | None = None
+    symbols = np.array([], dtype=object)
+    sym_src = ""
+    if keep.any():
+        m = mat if keep.all() else sp.csr_matrix(mat)[:, np.flatnonzero(keep)]
+        matrix = m if isinstance(m, sp.csr_matrix) else sp.csr_matrix(m)
+        vsub = var if keep.all() else var[keep]
+        symbols, sym_src = gene_symbols(vsub, _signature_genes(cfg))
+    if matrix is None and protein is None:
+        raise SingleCellInputError("the object has no genes and no protein", path=source)
+    return CellInput(
+        source=source,
+        n_obs=adata.n_obs,
+        matrix=matrix,
+        info=info if matrix is not None else None,
+        symbols=symbols,
+        symbol_source=sym_src,
+        protein=protein,
+        protein_source=prot_src,
+        sample=np.asarray(codes, dtype=np.int64),
+        sample_names=names,
+        sample_key=skey,
+        patient_of_sample=patients,
+        patient_key=pkey,
+    )
+
+
+@dataclass
+class CellQC:
+    """Per-cell QC: which cells pass, the rules applied and the cells each rule fails."""
+
+    passed: np.ndarray
+    rules: list[str]
+    fails: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def per_sample(self, inp: CellInput) -> dict[str, dict[str, Any]]:
+        """Per sample: cells read, passed, and removed by each rule (a cell can fail several)."""
+        out: dict[str, dict[str, Any]] = {}
+        for i, s in enumerate(inp.sample_names):
+            sel = inp.sample == i
+            out[s] = {
+                "n_cells": int(sel.sum()),
+                "n_pass": int((self.passed & sel).sum()),
+                "n_removed": int((~self.passed & sel).sum()),
+                "removed_by_rule": {r: int((m & sel).sum()) for r, m in self.fails.items()},
+            }
+        return out
+
+
+def cell_qc(inp: CellInput, cfg: SingleCellConfig) -> CellQC:
+    """Apply ``cell_qc``: detected genes, counts (raw counts only) and mitochondrial share.
+
+    The rules apply only when the RNA matrix has at least ``min_panel_genes`` genes. With
+    normalised data the counts rule is skipped and the mitochondrial share is computed on the
+    values brought back to the linear scale.
+    """
+    q = cfg.cell_qc
+    ok = np.ones(inp.n_obs, dtype=bool)
+    if inp.matrix is None or inp.info is None:
+        return CellQC(ok, ["none (no RNA)"])
+    mat, info = inp.matrix, inp.info
+    rules: list[str] = []
+    fails: dict[str, np.ndarray] = {}
+    n_genes_total = mat.shape[1]
+    if n_genes_total < q.min_panel_genes:
+        rules.append(
+            f"gene/count rules skipped: {n_genes_total} genes < min_panel_genes {q.min_panel_genes}"
+        )
+        return CellQC(ok, rules)
+    ngen = np.diff(mat.indptr)
+    fails[f"genes >= {q.min_genes}"] = ngen < q.min_genes
+    if info.is_counts:
+        lib = np.asarray(mat.sum(axis=1)).ravel()
+        fails[f"counts >= {q.min_counts}"] = lib < q.min_counts
+    else:
+        rules.append(f"counts rule skipped: {info.kind} data, not raw counts")
+    mito = np.flatnonzero(np.char.startswith(inp.symbols.astype(str), q.mito_prefix.upper()))
+    if mito.size:
+        if info.is_counts:
+            mt = np.asarray(mat[:, mito].sum(axis=1)).ravel()
+            tot = lib
+        else:
+            lin = mat.copy()
+            lin.data = linear_values(lin.data, info)
+            mt = np.asarray(lin[:, mito].sum(axis=1)).ravel()
+            tot = np.asarray(lin.sum(axis=1)).ravel()
+        rule = f"mitochondrial % <= {q.max_mito_pct:g} ({mito.size} genes)"
+        fails[rule] = ~(100.0 * mt / np.maximum(tot, 1.0) <= q.max_mito_pct)
+    for m in fails.values():
+        ok &= ~m
+    return CellQC(ok, [*fails, *rules], fails)
