@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from blinaprofile.errors import InputError
-from blinaprofile.scoring.score import RESULT_COLUMNS, file_checksum
+from blinaprofile.io.files import file_checksum
+from blinaprofile.scoring.score import RESULT_COLUMNS
 from conftest_scoring_helpers import scoring_model, write_fcs_like
 
 

@@ -34,7 +34,7 @@ import pandas as pd
 import pytest
 
 from blinaprofile.errors import ConfigError, InputError, OutputError
-from blinaprofile.scoring.score import file_checksum
+from blinaprofile.io.files import file_checksum
 from conftest_scoring_helpers import scoring_model
 
 CLI_TIMEOUT = 600  # seconds; a hang becomes a failure, never a stuck CI run
@@ -231,8 +231,8 @@ def test_file_type_is_checked_before_reading_or_hashing(
         f"""
         import json
         from blinaprofile.errors import InputError
-        from blinaprofile.io.read import ensure_file, open_regular
-        from blinaprofile.scoring.score import file_checksum
+        from blinaprofile.io.files import ensure_file, open_regular
+        from blinaprofile.io.files import file_checksum
         out = {{}}
         for name, path in {json.dumps({k: str(v) for k, v in specials.items()})}.items():
             msgs = []
@@ -252,7 +252,7 @@ def test_file_type_is_checked_before_reading_or_hashing(
     for kind, path in specials.items():
         assert got[kind] == [f"{path}: not a regular file ({kind})"] * 3
     # folders are allowed where the single-cell path takes one (10x), and can be refused
-    from blinaprofile.io.read import ensure_file
+    from blinaprofile.io.files import ensure_file
 
     assert ensure_file(tmp_path) == tmp_path
     with pytest.raises(InputError, match=r"not a regular file \(directory\)"):

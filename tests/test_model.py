@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -19,14 +20,13 @@ from blinaprofile.models.loading import (
     check_skops_file,
     skops_nodes,
 )
-from blinaprofile.models.packaging import (
+from blinaprofile.models.packaging import load_model, save_model
+from blinaprofile.models.runtime import (
     NO_CALL,
     ResponderModel,
     check_threshold,
     contributions,
-    load_model,
     probability_interval,
-    save_model,
     tree_shap,
 )
 from blinaprofile.models.validation import build_pipeline
@@ -227,7 +227,8 @@ def test_threshold_must_be_a_probability(tmp_path):
     X, y = _data()
     pipe = build_pipeline(ModelSpec(family="logreg_l2")).fit(X, y)
     runtime = ResponderModel(pipe, _meta(list(X.columns), X))
-    for bad in (7, -1, float("nan"), float("inf"), "0.5", True, [0.5]):
+    bads: list[Any] = [7, -1, float("nan"), float("inf"), "0.5", True, [0.5]]
+    for bad in bads:
         with pytest.raises(ModelError, match=r"threshold must be a probability in \[0, 1\]"):
             runtime.predict(X.head(3), threshold=bad)
     assert check_threshold(None) is None
@@ -278,7 +279,12 @@ def test_skops_check_refuses_sklearn_functions_and_unlisted_estimators(tmp_path)
     assert not marker.exists()
 
 
-def _family_pipelines(X: pd.DataFrame, y: np.ndarray) -> list[tuple[str, object]]:
+def _families() -> set[str]:
+    """Every model family the training configuration accepts."""
+    return set(get_args(ModelSpec.model_fields["family"].annotation))
+
+
+def _family_pipelines(X: pd.DataFrame, y: np.ndarray) -> list[tuple[str, Any]]:
     """A fitted pipeline for every family and grid point in configs/train/*.yaml."""
     from sklearn.model_selection import ParameterGrid
 
@@ -291,8 +297,8 @@ def _family_pipelines(X: pd.DataFrame, y: np.ndarray) -> list[tuple[str, object]
     specs = [spec for cfg in configs for spec in load_train_config(cfg).models]
     # the optional SelectKBest step for every family (params.select_k is allowed for all)
     specs += [
-        ModelSpec(family=f, params={"select_k": 3})
-        for f in ModelSpec.model_fields["family"].annotation.__args__
+        ModelSpec.model_validate({"family": f, "params": {"select_k": 3}})
+        for f in sorted(_families())
     ]
     for spec in specs:
         for cand in ParameterGrid(spec.grid) if spec.grid else [{}]:
@@ -318,7 +324,7 @@ def test_skops_allow_list_is_what_training_produces(tmp_path):
         assert len(runtime.uncertainty) == 2, name
         for f in ("pipeline.skops", "uncertainty.skops"):
             seen |= skops_nodes(out / "artifacts" / f)
-    assert families == set(ModelSpec.model_fields["family"].annotation.__args__)
+    assert families == _families()
     allowed = {(loader, t) for loader, types in SKOPS_ALLOW_LIST.items() for t in types}
     assert seen == allowed, (
         f"only in the files: {sorted(seen - allowed)}; never produced: {sorted(allowed - seen)}"

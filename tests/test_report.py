@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from blinaprofile.io.files import file_checksum
 from blinaprofile.scoring.report import write_report
-from blinaprofile.scoring.score import NO_CALL, file_checksum, score_sample
+from blinaprofile.scoring.score import NO_CALL, score_sample
 from conftest_scoring_helpers import scoring_model, write_fcs_like
 
 IDENT = {

@@ -12,13 +12,8 @@ import pandas as pd
 import pytest
 
 from blinaprofile.config import QCConfig
-from blinaprofile.scoring.score import (
-    NO_CALL,
-    RESULT_COLUMNS,
-    file_checksum,
-    score_features,
-    score_sample,
-)
+from blinaprofile.io.files import file_checksum
+from blinaprofile.scoring.score import NO_CALL, RESULT_COLUMNS, score_features, score_sample
 from conftest_scoring_helpers import scoring_model, set_tracking, write_fcs_like
 
 IDENTIFYING = {

@@ -443,8 +443,9 @@ def cmd_featurize(a: argparse.Namespace) -> int:
     import pandas as pd
 
     from blinaprofile.features.flow import featurize_manifest
+    from blinaprofile.io.files import ensure_file
     from blinaprofile.io.privacy import file_pseudonym, manifest_columns
-    from blinaprofile.io.read import ensure_file, read_manifest, split_warnings
+    from blinaprofile.io.read import read_manifest, split_warnings
 
     if a.manifest:
         df = read_manifest(a.manifest)
@@ -570,7 +571,8 @@ def _print_train(res: Any) -> None:
     print(res.promotion_line())
     print(f"score with     --model {res.model_uri}")
     if res.export_dir:
-        print(f"exported to    {res.export_dir} ({res.registered_model} v{res.version})")
+        held = f"{res.registered_model} v{res.version}" if res.version else f"run {res.run_id}"
+        print(f"exported to    {res.export_dir} ({held})")
 
 
 def cmd_score(a: argparse.Namespace) -> int:

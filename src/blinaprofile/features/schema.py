@@ -24,6 +24,7 @@ from typing import Literal
 __all__ = [
     "FEATURES",
     "MODEL_FEATURES",
+    "PARENT_LABELS",
     "QC_COLUMNS",
     "SCHEMA_VERSION",
     "Feature",
@@ -38,15 +39,57 @@ Unit = Literal["pct_of_parent", "ratio", "median_intensity", "count"]
 Modality = Literal["flow", "single_cell"]
 
 
+#: plain-language names of the parent populations, for :attr:`Feature.units`
+PARENT_LABELS: dict[str, str] = {
+    "live": "live lymphocytes",
+    "cd3": "CD3",
+    "cd4": "CD4",
+    "cd8": "CD8",
+}
+
+
 @dataclass(frozen=True)
 class Feature:
-    """One column of the feature schema."""
+    """One column of the feature schema.
+
+    Attributes
+    ----------
+    name
+        The column's code name (``cd8_em_pct_cd8``).
+    definition
+        What is counted, in cytometry terms.
+    unit
+        One of the units in the module docstring.
+    parent
+        The parent population (a gate id: ``live``, ``cd3``, ``cd4``, ``cd8``).
+    modalities
+        The data types that provide the feature.
+    label
+        A plain-language name for readers of reports ("Effector-memory CD8 T cells").
+    """
 
     name: str
     definition: str
     unit: Unit
     parent: str
     modalities: tuple[Modality, ...] = ("flow", "single_cell")
+    label: str = ""
+
+    @property
+    def units(self) -> str:
+        """The unit in plain language: ``% of CD8``, ``ratio of counts``..."""
+        if self.unit == "pct_of_parent":
+            return f"% of {PARENT_LABELS.get(self.parent, self.parent)}"
+        if self.unit == "ratio":
+            return "ratio of counts"
+        if self.unit == "median_intensity":
+            return "transformed median intensity"
+        return "count"
+
+    @property
+    def title(self) -> str:
+        """Label, units and code name: ``Effector-memory CD8 T cells, % of CD8 (cd8_em_pct_cd8)``."""
+        return f"{self.label or self.name}, {self.units} ({self.name})"
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -55,35 +98,89 @@ FEATURES: tuple[Feature, ...] = (
         "CD3+ T cells as % of live single lymphocytes (single-cell: of QC-passed non-myeloid cells)",
         "pct_of_parent",
         "live",
-    ),
-    Feature("cd4_pct_cd3", "CD4+CD8- as % of CD3+ T cells", "pct_of_parent", "cd3"),
-    Feature("cd8_pct_cd3", "CD8+CD4- as % of CD3+ T cells", "pct_of_parent", "cd3"),
-    Feature("cd4_cd8_ratio", "CD4+ count divided by CD8+ count", "ratio", "cd3"),
-    Feature("cd8_naive_pct_cd8", "CCR7+ CD45RA+ as % of CD8+", "pct_of_parent", "cd8"),
-    Feature(
-        "cd8_cm_pct_cd8", "CCR7+ CD45RA- (central memory) as % of CD8+", "pct_of_parent", "cd8"
+        label="CD3+ T cells",
     ),
     Feature(
-        "cd8_em_pct_cd8", "CCR7- CD45RA- (effector memory) as % of CD8+", "pct_of_parent", "cd8"
-    ),
-    Feature("cd8_temra_pct_cd8", "CCR7- CD45RA+ (TEMRA) as % of CD8+", "pct_of_parent", "cd8"),
-    Feature("cd4_naive_pct_cd4", "CCR7+ CD45RA+ as % of CD4+", "pct_of_parent", "cd4"),
-    Feature(
-        "cd4_cm_pct_cd4", "CCR7+ CD45RA- (central memory) as % of CD4+", "pct_of_parent", "cd4"
+        "cd4_pct_cd3", "CD4+CD8- as % of CD3+ T cells", "pct_of_parent", "cd3", label="CD4+ T cells"
     ),
     Feature(
-        "cd4_em_pct_cd4", "CCR7- CD45RA- (effector memory) as % of CD4+", "pct_of_parent", "cd4"
+        "cd8_pct_cd3", "CD8+CD4- as % of CD3+ T cells", "pct_of_parent", "cd3", label="CD8+ T cells"
     ),
-    Feature("cd4_temra_pct_cd4", "CCR7- CD45RA+ (TEMRA) as % of CD4+", "pct_of_parent", "cd4"),
+    Feature(
+        "cd4_cd8_ratio", "CD4+ count divided by CD8+ count", "ratio", "cd3", label="CD4/CD8 ratio"
+    ),
+    Feature(
+        "cd8_naive_pct_cd8",
+        "CCR7+ CD45RA+ as % of CD8+",
+        "pct_of_parent",
+        "cd8",
+        label="Naive CD8 T cells",
+    ),
+    Feature(
+        "cd8_cm_pct_cd8",
+        "CCR7+ CD45RA- (central memory) as % of CD8+",
+        "pct_of_parent",
+        "cd8",
+        label="Central-memory CD8 T cells",
+    ),
+    Feature(
+        "cd8_em_pct_cd8",
+        "CCR7- CD45RA- (effector memory) as % of CD8+",
+        "pct_of_parent",
+        "cd8",
+        label="Effector-memory CD8 T cells",
+    ),
+    Feature(
+        "cd8_temra_pct_cd8",
+        "CCR7- CD45RA+ (TEMRA) as % of CD8+",
+        "pct_of_parent",
+        "cd8",
+        label="TEMRA CD8 T cells",
+    ),
+    Feature(
+        "cd4_naive_pct_cd4",
+        "CCR7+ CD45RA+ as % of CD4+",
+        "pct_of_parent",
+        "cd4",
+        label="Naive CD4 T cells",
+    ),
+    Feature(
+        "cd4_cm_pct_cd4",
+        "CCR7+ CD45RA- (central memory) as % of CD4+",
+        "pct_of_parent",
+        "cd4",
+        label="Central-memory CD4 T cells",
+    ),
+    Feature(
+        "cd4_em_pct_cd4",
+        "CCR7- CD45RA- (effector memory) as % of CD4+",
+        "pct_of_parent",
+        "cd4",
+        label="Effector-memory CD4 T cells",
+    ),
+    Feature(
+        "cd4_temra_pct_cd4",
+        "CCR7- CD45RA+ (TEMRA) as % of CD4+",
+        "pct_of_parent",
+        "cd4",
+        label="TEMRA CD4 T cells",
+    ),
     Feature(
         "cd8_tim3_pct_cd8",
         "TIM3+ as % of CD8+ (single-cell: checkpoint-high state from a gene-set or protein)",
         "pct_of_parent",
         "cd8",
+        label="TIM-3+ CD8 T cells",
     ),
-    Feature("cd8_pd1_pct_cd8", "PD-1+ as % of CD8+", "pct_of_parent", "cd8"),
     Feature(
-        "cd4_treg_pct_cd4", "CD25+ CD127lo regulatory T cells as % of CD4+", "pct_of_parent", "cd4"
+        "cd8_pd1_pct_cd8", "PD-1+ as % of CD8+", "pct_of_parent", "cd8", label="PD-1+ CD8 T cells"
+    ),
+    Feature(
+        "cd4_treg_pct_cd4",
+        "CD25+ CD127lo regulatory T cells as % of CD4+",
+        "pct_of_parent",
+        "cd4",
+        label="Regulatory CD4 T cells (Treg)",
     ),
     Feature(
         "cd8_tim3_median",
@@ -91,6 +188,7 @@ FEATURES: tuple[Feature, ...] = (
         "median_intensity",
         "cd8",
         ("flow",),
+        label="TIM-3 on CD8 T cells",
     ),
     Feature(
         "cd8_pd1_median",
@@ -98,6 +196,7 @@ FEATURES: tuple[Feature, ...] = (
         "median_intensity",
         "cd8",
         ("flow",),
+        label="PD-1 on CD8 T cells",
     ),
 )
 
@@ -139,12 +238,13 @@ def feature_columns() -> list[str]:
 
 
 def schema_table():  # -> pandas.DataFrame (pandas imported lazily)
-    """The schema as a DataFrame (name, definition, unit, parent, modalities, version)."""
+    """The schema as a DataFrame (name, label, definition, unit, parent, modalities, version)."""
     import pandas as pd
 
     return pd.DataFrame(
         {
             "name": [f.name for f in FEATURES],
+            "label": [f.label for f in FEATURES],
             "definition": [f.definition for f in FEATURES],
             "unit": [f.unit for f in FEATURES],
             "parent": [f.parent for f in FEATURES],

@@ -30,7 +30,7 @@ from blinaprofile.gating.gates import (
     Ratio,
     make_transform,
 )
-from blinaprofile.gating.panel import resolve_markers
+from blinaprofile.gating.panel import AbsentGate, plan_gates, resolve_markers
 from blinaprofile.gating.placement import place_thresholds
 from blinaprofile.io.atomic import atomic_path
 
@@ -56,6 +56,15 @@ class GateTree:
     aliases
         names that are not markers but stand for a channel (e.g. a GatingML matrix's
         fluorochrome names) -> channel.
+    partial
+        :meth:`bind` leaves out the gates whose markers a sample lacks, as their policy
+        says (``if_absent``), instead of refusing the sample (pre-gated exports).
+    if_absent
+        gate id -> ``skip``/``omit``/``error`` (see
+        :data:`blinaprofile.gating.panel.DEFAULT_IF_ABSENT` for gates not listed).
+    skipped
+        After a partial :meth:`bind`: gate id -> :class:`~blinaprofile.gating.panel.AbsentGate`
+        for every gate left out.
     """
 
     name: str
@@ -66,6 +75,9 @@ class GateTree:
     bound: bool = False
     aliases: dict[str, str] = field(default_factory=dict)
     source: str = ""
+    partial: bool = False
+    if_absent: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, AbsentGate] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ structure
     def gate(self, gate_id: str) -> Gate:
@@ -113,6 +125,7 @@ class GateTree:
         *,
         path: str | None = None,
         overrides: Mapping[str, str] | None = None,
+        partial: bool | None = None,
     ) -> GateTree:
         """Resolve every dimension's marker to the sample's channel.
 
@@ -121,10 +134,16 @@ class GateTree:
         GatingML fluorochrome), an exact ``$PnS`` label, then a marker through the
         panel synonyms (case, spaces and punctuation ignored).
 
+        With ``partial`` (default: :attr:`partial`) a gate whose markers the sample lacks
+        is skipped, omitted or refused as its ``if_absent`` policy says
+        (:func:`blinaprofile.gating.panel.plan_gates`); the bound tree lists the gates
+        left out in :attr:`skipped`.
+
         Raises
         ------
         PanelMismatchError
-            A needed marker is missing or ambiguous (the message lists the file's channels).
+            A needed marker is missing or ambiguous (the message lists the file's channels);
+            with ``partial``, only a marker of a required gate, or when no gate can be bound.
         """
         chans = list(channels)
         hints: dict[str, str] = {}
@@ -143,7 +162,23 @@ class GateTree:
             elif len(pns.get(name, ())) == 1:
                 hints[name] = pns[name][0]
         hints.update(overrides or {})
-        mapping = resolve_markers(self.needed_names(), chans, markers, path=path, overrides=hints)
+        gates, skipped = self.gates, dict(self.skipped)
+        if self.partial if partial is None else partial:
+            plan = plan_gates(
+                self.gates,
+                chans,
+                markers,
+                policies=self.if_absent,
+                path=path,
+                overrides=hints,
+                strategy=self.name,
+            )
+            mapping, gates = plan.mapping, plan.gates
+            skipped.update(plan.absent)
+        else:
+            mapping = resolve_markers(
+                self.needed_names(), chans, markers, path=path, overrides=hints
+            )
 
         def bind_dim(d: Dim) -> Dim:
             if d.ratio is not None:
@@ -153,8 +188,8 @@ class GateTree:
                 return replace(d, ratio=r, channel=r.channels[0] if r.channels else None)
             return replace(d, channel=mapping[d.name])
 
-        gates = [replace(g, dims=tuple(bind_dim(d) for d in g.dims)) for g in self.gates]
-        return replace(self, gates=gates, bound=True)
+        gates = [replace(g, dims=tuple(bind_dim(d) for d in g.dims)) for g in gates]
+        return replace(self, gates=gates, bound=True, skipped=skipped)
 
     def channel_map(self) -> dict[str, str]:
         """Dimension name -> channel (after :meth:`bind`)."""

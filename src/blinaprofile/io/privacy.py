@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from blinaprofile.gating.panel import REDACTED_MARKER, redact_markers
+
 if TYPE_CHECKING:
     from blinaprofile.io.fcs import FCSData
 
@@ -218,48 +220,6 @@ def identifying_values(keywords: Mapping[str, str]) -> dict[str, str]:
 
 
 #: How a ``$PnS`` label that may not leave the reader is shown (``index`` is the ``n``).
-REDACTED_MARKER = "<unrecognised $P{index}S>"
-
-
-def redact_markers(
-    channels: Sequence[str], markers: Sequence[str], *, declared: Iterable[str] = ()
-) -> list[str]:
-    """The ``$PnS`` labels that may leave the reader, aligned with ``channels``.
-
-    Parameters
-    ----------
-    channels, markers
-        A sample's ``$PnN`` and ``$PnS`` values.
-    declared
-        Names the caller declares as markers (e.g. the names its gating strategy reads);
-        the active panel's markers, the panel synonyms, CD antigens and the sample's own
-        channel names are always known.
-
-    Returns
-    -------
-    list of str
-        Per channel: ``""`` where there is no label, the label when it names a known marker,
-        the canonical marker it resolves to when it only contains one (``'Jane Roe CD3'``
-        -> ``'CD3'``), else :data:`REDACTED_MARKER` (``'<unrecognised $P5S>'``). A redacted
-        label resolves to the same marker as the original (see
-        :func:`blinaprofile.gating.panel.marker_label`), so gating is unchanged; applying
-        the function twice changes nothing.
-    """
-    from blinaprofile.gating.panel import marker_label
-
-    if len(markers) != len(channels):
-        raise ValueError(f"{len(markers)} markers for {len(channels)} channels")
-    known = [*declared, *channels]
-    out: list[str] = []
-    for i, label in enumerate(markers, start=1):
-        if not label.strip():
-            out.append("")
-            continue
-        shown = marker_label(label, declared=known)
-        out.append(shown if shown is not None else REDACTED_MARKER.format(index=i))
-    return out
-
-
 def redact_fcs(
     data: FCSData, *, allow_identifying: bool = False, declared_markers: Iterable[str] = ()
 ) -> FCSData:
@@ -298,7 +258,7 @@ def file_pseudonym(path: str | os.PathLike[str]) -> str:
     the exact file without revealing the file's name.
     """
     from blinaprofile.errors import InputError
-    from blinaprofile.scoring.score import file_checksum, pseudonymous_id
+    from blinaprofile.io.files import file_checksum, pseudonymous_id
 
     p = Path(path)
     if not os.fspath(path) or not p.exists():

@@ -1,7 +1,7 @@
 """Loading a packaged model for scoring without running any code it carries.
 
 A model folder is checked against this project's own layout *before* any of its bytes are
-imported or deserialised, then the runtime (:class:`~blinaprofile.models.packaging.ResponderModel`)
+imported or deserialised, then the runtime (:class:`~blinaprofile.models.runtime.ResponderModel`)
 is built here from ``artifacts/meta.json`` and the skops files. MLflow's pyfunc import
 machinery is never used on the scoring path: for ``models:/`` and ``runs:/`` URIs MLflow only
 resolves and downloads the artifact folder, which then gets the same checks. Scoring a local
@@ -45,7 +45,7 @@ from typing import Any
 import pandas as pd
 
 from blinaprofile.errors import ModelError, one_line
-from blinaprofile.models.packaging import ResponderModel
+from blinaprofile.models.runtime import ResponderModel
 
 __all__ = [
     "ARTIFACT_FILES",
@@ -450,7 +450,7 @@ class PackagedModel:
     source
         What it was loaded from (folder, ``models:/...`` or ``runs:/...``).
     runtime
-        The :class:`~blinaprofile.models.packaging.ResponderModel`.
+        The :class:`~blinaprofile.models.runtime.ResponderModel`.
     metadata
         Provenance from ``MLmodel``.
     """

@@ -129,6 +129,11 @@ class CohortInfo:
     timepoint: str | None = None
 
     @property
+    def simulated_tag(self) -> str:
+        """``true``, ``false`` or ``unknown`` (tag value)."""
+        return "unknown" if self.simulated is None else str(self.simulated).lower()
+
+    @property
     def origin(self) -> str:
         kind = {True: "simulated", False: "patient data", None: "origin not stated"}
         return f"{self.trained_on} ({kind[self.simulated]})"
@@ -303,7 +308,7 @@ def log_run(
     cohort_tags = {
         "blinaprofile.cohort": cohort.name,
         "trained_on": cohort.trained_on,
-        "simulated": str(cohort.simulated).lower() if cohort.simulated is not None else "unknown",
+        "simulated": cohort.simulated_tag,
         "timepoint": cohort.timepoint or "all",
         "design": label_design(ev.y, ev.groups),
     }

@@ -351,7 +351,9 @@ def train(
     """
     import mlflow
 
-    from blinaprofile.models.packaging import global_contributions, save_model
+    from blinaprofile.models.runtime import global_contributions
+
+    from blinaprofile.models.packaging import save_model
     from blinaprofile.settings import settings
 
     cfg_file: Path | None
@@ -517,7 +519,7 @@ def _record_outcome(client: Any, res: TrainResult, ev: Evaluation, info: CohortI
         "cv_roc_auc": f"{m['roc_auc']:.3f} [{m['roc_auc_ci_low']:.3f}, {m['roc_auc_ci_high']:.3f}]",
         "perm_pvalue": f"{ev.selection_pvalue:.3f}",
         "trained_on": info.trained_on,
-        "simulated": str(info.simulated).lower() if info.simulated is not None else "unknown",
+        "simulated": info.simulated_tag,
         "blinaprofile.cohort": res.cohort,
         "blinaprofile.promotion": status,
     }.items():

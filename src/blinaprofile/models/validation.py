@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from blinaprofile.config import ModelSpec, TrainConfig, load_config
 from blinaprofile.errors import ConfigError, ManifestError, ModelError, one_line
+from blinaprofile.features.schema import MODEL_FEATURES
 from blinaprofile.models.metrics import choose_threshold, permutation_pvalue, roc_auc, summarize
-from blinaprofile.features.schema import MODEL_FEATURES, SCHEMA_VERSION
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -98,7 +98,7 @@ def _key(text: str) -> str:
 
 def _content_sha256(path: str) -> str:
     """The file's SHA-256 (its type checked first), or ``""`` if it cannot be used."""
-    from blinaprofile.scoring.score import file_checksum
+    from blinaprofile.io.files import file_checksum
 
     if not path:
         return ""
@@ -186,8 +186,9 @@ def _looks_like_10x(p: Path) -> bool:
 
 # --------------------------------------------------------------------------- worker
 def _error_row(job: BatchJob, message: str) -> dict[str, Any]:
+    from blinaprofile.io.files import pseudonymous_id
     from blinaprofile.io.privacy import WITHHELD_FILE_NAME, withhold_file_name
-    from blinaprofile.scoring.score import RESULT_COLUMNS, pseudonymous_id
+    from blinaprofile.scoring.score import RESULT_COLUMNS
 
     sid = job.sample_id or (pseudonymous_id(job.sha256) if job.sha256 else "")
     if not job.keep_file_names:  # the row names the sample, never its file

@@ -2,11 +2,19 @@
 
 One file that opens offline: CSS is inline, figures are base64 PNGs, nothing refers to an
 external URL. It shows the call (or "no call" and why), the responder probability with
-its interval and the decision threshold, the QC verdict against the configured thresholds,
-the out-of-distribution check, the features that contributed most, the sample placed
-against the training cohort (responders vs nonresponders), every gate of the gating
-strategy drawn on the sample's events, and the provenance (model name, version, alias;
-input checksum; panel; gating strategy).
+its interval and the decision threshold, the QC verdict against the configured thresholds
+with the absolute counts, the out-of-distribution check, every feature with its count and
+its contribution, the sample placed against the training cohort (responders vs
+nonresponders), every gate of the gating strategy drawn on the sample's events, and the
+provenance (model name, version, alias; input checksum; panel; gating strategy).
+
+Features are named in plain language with their units beside the code name
+("Effector-memory CD8 T cells, % of CD8 (cd8_em_pct_cd8)"), from the one list of labels in
+:data:`blinaprofile.features.schema.FEATURES`.
+
+Printed (or saved as PDF from a browser) the report takes at most two pages: the headline,
+QC, features and the cohort comparison on the first, the gating plots with the gate counts
+and the provenance on the second, ending with a line for the reviewer's name and date.
 
 The page is the Jinja2 template ``templates/report.html.j2`` rendered with autoescaping:
 every value from the result is HTML-escaped and nothing is marked safe (the figures are
@@ -19,6 +27,9 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
+import textwrap
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -28,10 +39,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from blinaprofile.features.schema import FEATURES, MODEL_FEATURES, Feature
 from blinaprofile.io.atomic import write_text
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
     from blinaprofile.gating.gates import GatingResult
@@ -42,14 +55,24 @@ __all__ = ["gating_figure", "render_report", "training_figure", "write_report"]
 
 _RESPONDER = "#1b7837"
 _NONRESPONDER = "#b2182b"
-_NOCALL = "#6b6b6b"
-_CALL_COLORS = {"responder": _RESPONDER, "nonresponder": _NONRESPONDER}
+_SAMPLE = "#2166ac"
+_CALL_CLASSES = {"responder": "responder", "nonresponder": "nonresponder"}
 #: the report template, in ``blinaprofile/scoring/templates/``
 _TEMPLATE = "report.html.j2"
+#: resolution of the embedded figures (dots per inch); each is drawn at the width it is shown
+_FIGURE_DPI = 150
+#: width of the cohort figure in inches: the report's content width at :data:`_FIGURE_DPI`
+_TRAINING_WIDTH = 7.0
+_TITLE_PT = 6.3
+_TICK_PT = 6.0
+_CHAR_EM = 0.56  # mean glyph width of DejaVu Sans, in em
+#: a sample farther than this many training ranges beyond them is drawn as an arrow at the edge
+_REACH = 1.0
+_SCHEMA: dict[str, Feature] = {f.name: f for f in FEATURES}
 
 
 # --------------------------------------------------------------------------- figures
-def _png(fig: Figure, *, dpi: int = 80) -> str:
+def _png(fig: Figure, *, dpi: int = _FIGURE_DPI) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -61,62 +84,220 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def training_figure(result: ScoreResult, training: pd.DataFrame, features: list[str]) -> Figure:
-    """The sample's value of each model feature against the training cohort by class.
+def _feature_title(name: str) -> str:
+    """``Label, units (code)`` from the schema; the code name alone for a feature it lacks."""
+    f = _SCHEMA.get(name)
+    return f.title if f is not None else name
+
+
+def _fmt_value(name: str, value: float) -> str:
+    """A feature value as the report prints it: percentages with one decimal, else two."""
+    f = _SCHEMA.get(name)
+    return f"{value:.1f}" if f is not None and f.unit == "pct_of_parent" else f"{value:.2f}"
+
+
+def _axis_range(
+    values: np.ndarray, sample: float | None, *, reach: float = _REACH, pad: float = 0.07
+) -> tuple[float, float, str | None]:
+    """The value axis of a cohort panel, and where the sample lies off it.
+
+    Parameters
+    ----------
+    values
+        The training cohort's finite values of the feature.
+    sample
+        The sample's value (``None`` or non-finite: not drawn).
+    reach
+        A sample at most ``reach`` training ranges beyond the training values extends the
+        axis (it is drawn at its true position); a sample farther is off the axis.
+    pad
+        Margin added on both sides, as a fraction of the range.
+
+    Returns
+    -------
+    tuple
+        ``(low, high, off)``; ``off`` is ``"above"`` or ``"below"`` for a sample drawn as
+        an arrow at that edge, ``None`` otherwise.
+    """
+    has_sample = sample is not None and bool(np.isfinite(sample))
+    if values.size:
+        lo, hi = float(values.min()), float(values.max())
+    elif has_sample:
+        lo = hi = float(sample)  # type: ignore[arg-type]
+    else:
+        lo, hi = 0.0, 1.0
+    span = hi - lo if hi > lo else max(abs(hi), 1.0) * 0.1
+    off = None
+    if has_sample:
+        s = float(sample)  # type: ignore[arg-type]
+        if lo - reach * span <= s <= hi + reach * span:
+            lo, hi = min(lo, s), max(hi, s)
+        else:
+            off = "above" if s > hi else "below"
+    span = hi - lo if hi > lo else max(abs(hi), 1.0) * 0.1
+    return lo - pad * span, hi + pad * span, off
+
+
+def _cohort_panel(
+    ax: Axes,
+    name: str,
+    values: np.ndarray,
+    response: np.ndarray | None,
+    sample: float | None,
+    z: float | None,
+    z_limit: float | None,
+    rng: np.random.Generator,
+    title_chars: int,
+) -> None:
+    """One feature: training responders and nonresponders (boxes, every sample a dot) and
+    this sample as a line at its value, or an arrow at the edge when it is far off."""
+    finite = np.isfinite(values)
+    if response is not None:
+        groups = [(1, "R", _RESPONDER), (0, "NR", _NONRESPONDER)]
+    else:
+        groups = [(-1, "all", "#555555")]
+    ticks = []
+    for pos, (cls, lab, color) in enumerate(groups):
+        keep = finite if response is None else finite & (response == cls)
+        v = values[keep]
+        ticks.append(f"{lab}\nn={v.size}")
+        if v.size:
+            ax.boxplot(
+                [v],
+                positions=[pos],
+                widths=0.55,
+                showfliers=False,
+                medianprops={"color": color, "lw": 1.2},
+                boxprops={"color": color, "lw": 0.8},
+                whiskerprops={"color": color, "lw": 0.8},
+                capprops={"color": color, "lw": 0.8},
+            )
+            jitter = rng.uniform(-0.2, 0.2, v.size)
+            ax.scatter(pos + jitter, v, s=5, color=color, alpha=0.6, lw=0, zorder=2)
+    lo, hi, off = _axis_range(values[finite], sample)
+    ax.set_ylim(lo, hi)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_xticks(range(len(groups)), ticks)
+    if sample is not None and np.isfinite(sample):
+        label = _fmt_value(name, sample)
+        box = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85}
+        if off is None:
+            ax.axhline(sample, color=_SAMPLE, lw=1.6, zorder=3)
+            ax.annotate(
+                label,
+                xy=(1.0, sample),
+                xycoords=("axes fraction", "data"),
+                xytext=(-1, 1.5),
+                textcoords="offset points",
+                ha="right",
+                va="bottom",
+                fontsize=_TICK_PT,
+                color=_SAMPLE,
+                fontweight="bold",
+                bbox=box,
+                zorder=4,
+            )
+        else:
+            edge = 1.0 if off == "above" else 0.0
+            ax.axhline(hi if off == "above" else lo, color=_SAMPLE, lw=1.0, ls="--", zorder=3)
+            ax.annotate(
+                f"{label} off scale",
+                xy=(0.5, edge),
+                xycoords="axes fraction",
+                xytext=(0.5, 0.72 if off == "above" else 0.28),
+                textcoords="axes fraction",
+                ha="center",
+                va="center",
+                fontsize=_TICK_PT,
+                color=_SAMPLE,
+                fontweight="bold",
+                bbox=box,
+                arrowprops={"arrowstyle": "-|>", "color": _SAMPLE, "lw": 1.4},
+                zorder=4,
+            )
+    if z is not None and np.isfinite(z):
+        far = z_limit is not None and abs(z) > float(z_limit)
+        ax.text(
+            0.02,
+            0.98,
+            f"z {z:+.1f}",
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            fontsize=_TICK_PT,
+            color=_NONRESPONDER if far else "#444444",
+            fontweight="bold" if far else "normal",
+            zorder=4,
+        )
+    ax.set_title("\n".join(textwrap.wrap(_feature_title(name), title_chars)), fontsize=_TITLE_PT)
+    ax.tick_params(labelsize=_TICK_PT, length=2, pad=1.5)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def training_figure(
+    result: ScoreResult,
+    training: pd.DataFrame,
+    features: Sequence[str],
+    *,
+    ncols: int = 5,
+    width: float = _TRAINING_WIDTH,
+) -> Figure:
+    """The sample's value of each feature against the training cohort by class.
+
+    Each panel is one feature, titled with its plain-language name, units and code name:
+    box plots of the training responders (R) and nonresponders (NR) with every training
+    sample as a dot, and this sample as a blue line labelled with its value. The value axis
+    covers every training sample; a sample outside them extends it (drawn at its true
+    position), unless it lies more than one training range beyond, when it is an arrow at
+    the edge with its value printed. The robust z against the cohort is in the corner (red
+    beyond the OOD limit ``result.qc['ood_max_z']``).
 
     Parameters
     ----------
     result
         The scored sample (its features and robust z against the cohort).
     training
-        The training cohort's features, with a ``response`` column (1 responder).
+        The training cohort's features, with a ``response`` column (1 responder); without
+        it the cohort is drawn as one group.
     features
         The features to draw, one panel each.
+    ncols
+        Panels per row.
+    width
+        Figure width in inches (drawn to be shown at that size; saved at 150 dpi).
 
     Returns
     -------
     Figure
-        Box plots of responders and nonresponders per feature, the sample as a line.
+        Constrained layout, no pyplot state.
     """
     n = len(features)
-    ncol = 5
-    nrow = int(np.ceil(n / ncol))
-    fig = _new_figure(2.4 * ncol, 2.1 * nrow)
+    ncol = max(1, min(ncols, n))
+    nrow = max(1, int(np.ceil(n / ncol)))
+    fig = _new_figure(width, 1.0 * nrow)
+    fig.set_layout_engine("constrained", w_pad=0.02, h_pad=0.02, wspace=0.04, hspace=0.04)
     axes = fig.subplots(nrow, ncol, squeeze=False)
     rng = np.random.default_rng(0)
-    y = training["response"].astype(int).to_numpy() if "response" in training else None
+    response = training["response"].astype(int).to_numpy() if "response" in training else None
+    limit = result.qc.get("ood_max_z")
+    chars = max(12, int(width / ncol * 72 / (_CHAR_EM * _TITLE_PT)))  # title characters a line
     for k, ax in enumerate(axes.ravel()):
         if k >= n:
             ax.set_visible(False)
             continue
         f = features[k]
-        vals = training[f].astype(float).to_numpy()
-        groups = [(1, "R", _RESPONDER), (0, "NR", _NONRESPONDER)] if y is not None else []
-        for pos, (cls, _lab, color) in enumerate(groups):
-            v = vals[(y == cls) & np.isfinite(vals)]
-            ax.boxplot(
-                [v],
-                positions=[pos],
-                widths=0.5,
-                showfliers=False,
-                medianprops={"color": color},
-                boxprops={"color": color},
-                whiskerprops={"color": color},
-                capprops={"color": color},
-            )
-            ax.scatter(pos + rng.uniform(-0.18, 0.18, v.size), v, s=6, color=color, alpha=0.55)
-        sv = result.features.get(f)
-        if sv is not None and np.isfinite(sv):
-            ax.axhline(sv, color="#2166ac", lw=2)
-        ax.set_xticks([0, 1], ["R", "NR"])
-        z = result.ood_z.get(f)
-        ztxt = f" (z={z:+.1f})" if z is not None and np.isfinite(z) else ""
-        ax.set_title(f"{f}{ztxt}", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.suptitle(
-        "This sample (blue line) vs the training cohort: R responders, NR nonresponders",
-        fontsize=9,
-    )
+        _cohort_panel(
+            ax,
+            f,
+            training[f].astype(float).to_numpy(),
+            response,
+            result.features.get(f),
+            result.ood_z.get(f),
+            limit,
+            rng,
+            chars,
+        )
     return fig
 
 
@@ -181,12 +362,18 @@ class _Ood:
 
 
 @dataclass(frozen=True)
-class _Contribution:
-    """One row of the top-contributions table, with its bar."""
+class _FeatureRow:
+    """One row of the features table: names, value, counts, z and contribution."""
 
-    feature: str
-    value: float
-    contribution: float
+    name: str
+    label: str
+    units: str
+    value: str
+    counts: str
+    z: float | None
+    z_far: bool
+    contribution: float | None
+    rank: int | None
     width: float
     color: str
     direction: str
@@ -206,17 +393,19 @@ class _GateRow:
 class _View:
     """Values the template shows that take more than formatting to derive from a result."""
 
-    call_color: str
+    call_class: str
     interval_level: int
     has_interval: bool
     gauge: _Gauge | None
     straddles: bool
     interval_method: str
+    reasons: list[str]
     qc_counts: list[dict[str, Any]]
     flags: list[str]
     ood: _Ood | None
     qc_thresholds: dict[str, Any]
-    contributions: list[_Contribution]
+    features: list[_FeatureRow]
+    n_contributions: int
     training_src: str | None
     gating_src: str | None
     gates: list[_GateRow]
@@ -230,6 +419,16 @@ def _num(x: Any, nd: int = 3) -> str:
     if isinstance(x, float):
         return "-" if not np.isfinite(x) else f"{x:.{nd}f}"
     return str(x)
+
+
+def _count(x: Any) -> str:
+    """A count with thousands separators (``15,830``); ``-`` when missing."""
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "-"
+    try:
+        return f"{int(x):,d}"
+    except (TypeError, ValueError):
+        return str(x)
 
 
 def _none_as_empty(x: Any) -> Any:
@@ -249,12 +448,85 @@ def _environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["num"] = _num
+    env.filters["count"] = _count
     return env
 
 
 def _data_uri(png: str | None) -> str | None:
     """A data URI of a base64 PNG; autoescaping leaves it unchanged, so it is not marked safe."""
     return f"data:image/png;base64,{png}" if png else None
+
+
+@cache
+def _feature_pattern() -> re.Pattern[str]:
+    """The schema's code names as whole words, longest first."""
+    names = sorted(_SCHEMA, key=len, reverse=True)
+    return re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+
+
+def _name_features(text: str) -> str:
+    """``text`` with every feature code name given its plain-language name and units."""
+    return _feature_pattern().sub(lambda m: _feature_title(m.group(1)), text)
+
+
+def _feature_counts(name: str, counts: Mapping[str, Any], qc: Mapping[str, Any]) -> str:
+    """The absolute counts behind a feature: ``347 of 1,447`` (subset of its parent).
+
+    The subset of a percentage ``<gate>_pct_<parent>`` is the gate named before ``_pct_``;
+    a ratio ``<a>_<b>_ratio`` is the count of ``a`` over that of ``b``. Counts come from the
+    gating (flow) or the QC columns ``n_<population>``; what neither has is left out.
+    """
+    f = _SCHEMA.get(name)
+    if f is None:
+        return ""
+
+    def n(pop: str) -> Any:
+        v = counts.get(pop)
+        return v if v is not None else qc.get(f"n_{pop}")
+
+    if f.unit == "ratio" and name.endswith("_ratio"):
+        a, _, b = name.removesuffix("_ratio").partition("_")
+        na, nb = n(a), n(b)
+        return f"{_count(na)} / {_count(nb)}" if na is not None and nb is not None else ""
+    parent = n(f.parent)
+    if parent is None:
+        return ""
+    sub = counts.get(name.split("_pct_")[0]) if f.unit == "pct_of_parent" else None
+    return f"{_count(sub)} of {_count(parent)}" if sub is not None else f"of {_count(parent)}"
+
+
+def _feature_rows(r: ScoreResult) -> list[_FeatureRow]:
+    """Every schema feature the sample has, in schema order, with counts, z and contribution."""
+    contrib = {str(t["feature"]): float(t["contribution"]) for t in r.top_features}
+    ranks = {f: i + 1 for i, f in enumerate(sorted(contrib, key=lambda k: -abs(contrib[k])))}
+    largest = max((abs(c) for c in contrib.values()), default=0.0) or 1.0
+    limit = r.qc.get("ood_max_z")
+    counts = r.gating.get("counts") or {}
+    rows = []
+    for f in FEATURES:
+        v = r.features.get(f.name)
+        if v is None or not np.isfinite(v):
+            continue
+        z = r.ood_z.get(f.name)
+        z = float(z) if z is not None and np.isfinite(z) else None
+        c = contrib.get(f.name)
+        rows.append(
+            _FeatureRow(
+                name=f.name,
+                label=f.label or f.name,
+                units=f.units,
+                value=_fmt_value(f.name, float(v)),
+                counts=_feature_counts(f.name, counts, r.features),
+                z=z,
+                z_far=z is not None and limit is not None and abs(z) > float(limit),
+                contribution=c,
+                rank=ranks.get(f.name),
+                width=0.0 if c is None else 60 * abs(c) / largest,
+                color=_RESPONDER if (c or 0) > 0 else _NONRESPONDER,
+                direction="" if c is None else ("to R" if c > 0 else "to NR"),
+            )
+        )
+    return rows
 
 
 def _view(result: ScoreResult, training_png: str | None, gating_png: str | None) -> _View:
@@ -278,39 +550,28 @@ def _view(result: ScoreResult, training_png: str | None, gating_png: str | None)
     if z:
         worst = max(z, key=lambda k: abs(z[k]))
         limit = r.qc.get("ood_max_z")
-        ood = _Ood(worst, abs(z[worst]), limit, abs(z[worst]) <= float(limit or np.inf))
-    contributions = []
-    if r.top_features:
-        mx = max(abs(float(t["contribution"])) for t in r.top_features) or 1.0
-        for t in r.top_features:
-            c = float(t["contribution"])
-            contributions.append(
-                _Contribution(
-                    feature=str(t["feature"]),
-                    value=float(t["value"]),
-                    contribution=c,
-                    width=120 * abs(c) / mx,
-                    color=_RESPONDER if c > 0 else _NONRESPONDER,
-                    direction="towards responder" if c > 0 else "towards nonresponder",
-                )
-            )
+        ood = _Ood(
+            _feature_title(worst), abs(z[worst]), limit, abs(z[worst]) <= float(limit or np.inf)
+        )
     counts = r.gating.get("counts") or {}
     pct = r.gating.get("percent_of_parent", {})
     parents = r.gating.get("parents", {})
     gates = [_GateRow(g, parents.get(g, ""), int(n), pct.get(g)) for g, n in counts.items()]
     cmap = r.input.get("channel_map") or {}
     return _View(
-        call_color=_CALL_COLORS.get(r.call, _NOCALL),
+        call_class=_CALL_CLASSES.get(r.call, "nocall"),
         interval_level=int(100 * float(r.interval.get("level", 0.95))),
         has_interval=has_interval,
         gauge=gauge,
         straddles=straddles,
         interval_method=r.interval.get("description") or r.interval.get("note") or "",
+        reasons=[_name_features(x) for x in r.reasons],
         qc_counts=r.qc.get("counts") or [],
         flags=r.gating.get("flags") or [],
         ood=ood,
         qc_thresholds=r.qc.get("thresholds") or {},
-        contributions=contributions,
+        features=_feature_rows(r),
+        n_contributions=len(r.top_features),
         training_src=_data_uri(training_png),
         gating_src=_data_uri(gating_png),
         gates=gates,
@@ -393,8 +654,6 @@ def write_report(
         training = load_scoring_model(result.model["uri"]).training
     feats = [f for f in (result.ood_z or {}) if training is not None and f in training.columns]
     if not feats and training is not None:
-        from blinaprofile.features.schema import MODEL_FEATURES
-
         feats = [f for f in MODEL_FEATURES if f in training.columns]
     training_png = (
         _png(training_figure(result, training, feats)) if training is not None and feats else None
@@ -402,7 +661,7 @@ def write_report(
     gating_png = None
     ctx = result.context
     if ctx is not None and ctx.tree is not None and ctx.gating is not None:
-        gating_png = _png(gating_figure(ctx.path, ctx.tree, ctx.gating), dpi=150)
+        gating_png = _png(gating_figure(ctx.path, ctx.tree, ctx.gating))
     elif result.modality == "flow":
         notes.append("Gating plots need score_sample(..., keep_gating=True).")
     text = render_report(result, training_png=training_png, gating_png=gating_png, notes=notes)

@@ -19,7 +19,6 @@ gets a pseudonymous one derived from its checksum (``S-<first 12 hex of sha256>`
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from dataclasses import dataclass, field, fields
@@ -29,8 +28,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blinaprofile.config import QCConfig
-from blinaprofile.errors import BlinaprofileError, InputError, ModelError, PanelMismatchError
+from blinaprofile.errors import BlinaprofileError, ModelError, PanelMismatchError
+from blinaprofile.io.files import ensure_file, file_checksum, pseudonymous_id
 from blinaprofile.io.read import join_warnings, split_warnings
+from blinaprofile.models.runtime import NO_CALL
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -44,58 +45,13 @@ __all__ = [
     "ScoreContext",
     "ScoreResult",
     "ScoringModel",
-    "file_checksum",
     "load_scoring_model",
-    "pseudonymous_id",
     "score_features",
     "score_sample",
 ]
 
-NO_CALL = "no call"
 #: bootstrap refits behind the probability interval (when the model gives none itself)
 INTERVAL_LEVEL = 0.95
-
-
-def file_checksum(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file (of every regular file below it, sorted, for a folder).
-
-    The file type is checked before a byte is read, so a FIFO, a device (a link to
-    ``/dev/zero``) or a socket is refused at once instead of blocking or never ending.
-
-    Parameters
-    ----------
-    path
-        A sample file, or a folder (10x matrix folder).
-
-    Returns
-    -------
-    str
-        64 hex digits.
-
-    Raises
-    ------
-    InputError
-        The file is missing, not a regular file (``"FILE: not a regular file (FIFO)"``)
-        or cannot be read.
-    """
-    from blinaprofile.io.read import ensure_file, open_regular
-
-    h = hashlib.sha256()
-    p = ensure_file(path)
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    for f in files:
-        with open_regular(f) as fh:
-            try:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            except OSError as err:
-                raise InputError(f"cannot read file: {err.strerror or err}", path=f) from None
-    return h.hexdigest()
-
-
-def pseudonymous_id(checksum: str) -> str:
-    """A sample ID that reveals nothing about the file: ``S-`` + 12 hex of its SHA-256."""
-    return f"S-{checksum[:12]}"
 
 
 # --------------------------------------------------------------------------- results
@@ -307,7 +263,7 @@ class ScoringModel:
     pyfunc, runtime
         The checked model (:class:`blinaprofile.models.loading.PackagedModel`, whose
         ``predict(table, params=...)`` answers like the served MLflow pyfunc; MLflow's own
-        loader is never used) and its :class:`blinaprofile.models.packaging.ResponderModel`.
+        loader is never used) and its :class:`blinaprofile.models.runtime.ResponderModel`.
     info
         ``name``, ``version``, ``alias``, ``uri``, ``family``, ``schema_version``,
         ``trained_on``, ``threshold_rule``, ``model_uuid``, ``run_id``.
@@ -599,7 +555,7 @@ def score_sample(
     """
     from blinaprofile.features.flow import featurize_fcs, load_qc
     from blinaprofile.gating.strategy import load_strategy
-    from blinaprofile.io.read import ensure_file, modality_of
+    from blinaprofile.io.read import modality_of
 
     p = ensure_file(path)
     qc = qc or load_qc()
