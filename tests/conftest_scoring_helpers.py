@@ -45,7 +45,7 @@ def _configs():
 
 
 def _build(root: Path) -> None:
-    from blinaprofile.config import ModelSpec, TrainConfig
+    from blinaprofile.config import ModelSpec, PromotionRule, TrainConfig
     from blinaprofile.features.flow import featurize_manifest
     from blinaprofile.models.train import train
     from blinaprofile.simulate.flow import simulate_cohort
@@ -66,6 +66,9 @@ def _build(root: Path) -> None:
         repeats=1,
         n_bootstrap=0,
         seed=3,
+        # fixture models are small and unpermuted: these tests exercise scoring by alias,
+        # not the promotion rule (tests/test_promotion.py does)
+        promotion=PromotionRule(min_auc_ci_low=None, max_perm_pvalue=None),
     )
     train(
         table,

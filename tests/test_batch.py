@@ -15,7 +15,7 @@ import pytest
 
 from blinaprofile.errors import InputError
 from blinaprofile.io.files import file_checksum
-from blinaprofile.scoring.score import RESULT_COLUMNS
+from blinaprofile.scoring.score import CALL_STATES, RESULT_COLUMNS
 from conftest_scoring_helpers import scoring_model, write_fcs_like
 
 
@@ -79,7 +79,11 @@ def test_batch_rows_columns_and_error_rows(batch_run, manifest):
     assert good["probability"].between(0, 1).all()
     assert (good["probability_low"] <= good["probability"]).all()
     assert (good["probability"] <= good["probability_high"]).all()
-    assert set(good["call"]) <= {"responder", "nonresponder", "no call"}
+    assert set(good["call"]) <= set(CALL_STATES)
+    # every call says why; error rows say it in `error`
+    assert (df.loc[df["call"] != "error", "call_reason"].str.len() > 0).all()
+    assert (df.loc[df["call"] == "error", "call_reason"] == "").all()
+    assert err.loc["NOPANEL", "call_reason"].startswith("QC failed: panel mismatch")
     assert (
         good["model_family"].eq("logreg_l2").all() and good["input_sha256"].str.len().eq(64).all()
     )

@@ -172,14 +172,21 @@ def test_qc_rejects(tmp_path: Path, change: dict[str, Any], phrase: str) -> None
             {"threshold": {"rule": "fixed", "value": -0.1}},
             "threshold.value: Input should be greater",
         ),
-        ({"threshold": {"rule": "youden"}}, "threshold.rule: Input should be"),
+        (
+            {"threshold": {"rule": "youden"}},
+            "threshold.rule: 'youden' is not allowed: use `max_balanced_accuracy`, "
+            "`min_sensitivity` or `fixed`",
+        ),
         ({"models": []}, "models: List should have at least 1 item"),
         ({"models": [{"family": "logreg_l2", "grid": {"clf__C": []}}]}, "models.0.grid.clf__C"),
         (
             {"models": [{"family": "logreg_l2", "params": {"C value": 1}}]},
             "not valid parameter names",
         ),
-        ({"select_by": "accuracy"}, "select_by: Input should be 'roc_auc' or 'brier'"),
+        (
+            {"select_by": "accuracy"},
+            "select_by: 'accuracy' is not allowed: use `roc_auc` or `brier`",
+        ),
     ],
 )
 def test_train_rejects(tmp_path: Path, change: dict[str, Any], phrase: str) -> None:
@@ -210,7 +217,7 @@ def test_gating_tree_order_and_transforms(tmp_path: Path) -> None:
         ({"type": "hyperlog", "w": 0.0}, "hyperlog needs w > 0"),
         ({"type": "logicle", "t": 0}, "t: Input should be greater than 0"),
         ({"type": "log", "m": float("inf")}, "m: Input should be a finite number"),
-        ({"type": "sqrt"}, "type: Input should be"),
+        ({"type": "sqrt"}, "type: 'sqrt' is not allowed: use `linear`, `log`"),
     ],
 )
 def test_transform_parameters(spec: dict[str, Any], phrase: str) -> None:
@@ -319,3 +326,135 @@ def test_configs_are_frozen_and_strict() -> None:
         cfg.min_events = 3  # type: ignore[misc]
     with pytest.raises(ConfigError, match="min_evnts: unknown key"):
         validate_config(QCConfig, {"min_evnts": 3}, source="q.yaml")
+
+
+# --------------------------------------------------------------------------- suggestions
+@pytest.mark.parametrize(
+    ("change", "phrase"),
+    [
+        ({"compensaton": "file"}, "compensaton: unknown key; did you mean `compensation`?"),
+        (
+            {"chanel_transforms": {}},
+            "chanel_transforms: unknown key; did you mean `channel_transforms`?",
+        ),
+        ({"colour": "blue"}, "colour: unknown key"),
+        (
+            {"compensation": "fil"},
+            "compensation: 'fil' is not allowed (did you mean `file`?): use `file` or `none`; "
+            "`file` to compensate with the file's spillover matrix ($SPILLOVER, SPILL), "
+            "`none` for data without spillover",
+        ),
+    ],
+)
+def test_bad_keys_and_choices_suggest_the_right_one(
+    tmp_path: Path, change: dict[str, Any], phrase: str
+) -> None:
+    data = {**_mapping("gating/default_tcell.yaml"), **change}
+    msg = _error(GatingConfig, data, tmp_path)
+    assert phrase in msg, msg
+    if change == {"colour": "blue"}:
+        assert "did you mean" not in msg
+
+
+def test_nested_keys_are_suggested_from_their_own_model(tmp_path: Path) -> None:
+    data = _mapping("gating/default_tcell.yaml")
+    i, gate = next((i, g) for i, g in enumerate(data["gates"]) if g["id"] == "cd3")
+    gate["ranges"]["CD3"] = {"mni": 0.4}
+    gate["if_absnet"] = "skip"
+    data["transforms"]["fluor"]["cofactr"] = 5
+    msg = _error(GatingConfig, data, tmp_path)
+    assert f"gates.{i}.ranges.CD3.mni: unknown key; did you mean `min`?" in msg
+    assert f"gates.{i}.if_absnet: unknown key; did you mean `if_absent`?" in msg
+    assert "transforms.fluor.cofactr: unknown key; did you mean `cofactor`?" in msg
+    data = _mapping("train/default.yaml")
+    data["promotion"] = {"min_auc_ci_lo": 0.5}
+    assert "promotion.min_auc_ci_lo: unknown key; did you mean `min_auc_ci_low`?" in _error(
+        TrainConfig, data, tmp_path
+    )
+    data = _mapping("gating/default_tcell.yaml")
+    data["gates"][0]["if_absent"] = "skp"
+    assert (
+        "gates.0.if_absent: 'skp' is not allowed (did you mean `skip`?): use `skip`, `omit` "
+        "or `error`; `skip` leaves it out" in _error(GatingConfig, data, tmp_path)
+    )
+
+
+# --------------------------------------------------------------------------- transforms
+def test_arcsinh_with_cofactor_is_asinh_of_x_over_cofactor() -> None:
+    import numpy as np
+
+    from blinaprofile.gating.gates import make_transform
+
+    x = np.array([-20.0, 0.0, 1.0, 5.0, 50.0, 500.0, 5000.0])
+    for cofactor in (5.0, 150.0):
+        spec = validate_config(TransformSpec, {"type": "arcsinh", "cofactor": cofactor})
+        engine = spec.engine_spec()
+        assert engine is not None and engine.type == "asinh" and engine.a == 0.0
+        got = make_transform(engine).apply(x)
+        np.testing.assert_allclose(got, np.arcsinh(x / cofactor), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(make_transform(engine).inverse(got), x, rtol=1e-9, atol=1e-9)
+    assert validate_config(TransformSpec, {"type": "none"}).engine_spec() is None
+    logicle = validate_config(TransformSpec, {"type": "logicle"})
+    assert logicle.engine_spec() is logicle
+
+
+@pytest.mark.parametrize(
+    ("spec", "phrase"),
+    [
+        ({"type": "arcsinh"}, "arcsinh needs a cofactor (5 for mass cytometry, 150 spectral)"),
+        ({"type": "arcsinh", "cofactor": 5, "t": 100}, "arcsinh takes only `cofactor`; drop ['t']"),
+        ({"type": "arcsinh", "cofactor": 0}, "cofactor: Input should be greater than 0"),
+        ({"type": "logicle", "cofactor": 5}, "`cofactor` is for type arcsinh, not logicle"),
+        ({"type": "none", "m": 4}, "type none takes no parameters; drop ['m']"),
+    ],
+)
+def test_arcsinh_and_none_parameters(spec: dict[str, Any], phrase: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(TransformSpec, spec, source="t.yaml")
+    assert phrase in str(info.value)
+
+
+def test_none_and_arcsinh_in_a_strategy(tmp_path: Path) -> None:
+    from blinaprofile.gating.strategy import load_strategy
+
+    tree = load_strategy(CONFIGS / "gating" / "cytof_tcell.yaml")
+    dims = {d.name: d for g in tree.gates for d in g.dims}
+    assert dims["Event_length"].transform is None  # `none`: values as stored
+    ions = tree.transforms[dims["CD3"].transform]
+    assert ions.type == "asinh" and ions.t == pytest.approx(5 * 1.1752011936438014)
+    assert all(d.compensation == "uncompensated" for d in dims.values())
+    assert tree.if_absent == {"cells": "error", "cd4_treg": "omit"}
+
+
+# --------------------------------------------------------------------------- reference page
+def _reference_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "config_reference", ROOT / "scripts" / "config_reference.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_config_reference_page_is_generated_from_the_models() -> None:
+    """docs/config_reference.md is exactly what scripts/config_reference.py writes now."""
+    page = (ROOT / "docs" / "config_reference.md").read_text(encoding="utf-8")
+    assert _reference_script().render() == page, (
+        "docs/config_reference.md is stale: run .venv/bin/python scripts/config_reference.py"
+    )
+
+
+def test_config_reference_lists_every_key_of_every_model() -> None:
+    ref = _reference_script()
+    page = ref.render()
+    for _title, _where, top, nested in ref.SECTIONS:
+        for model in (top, *nested):
+            assert f"### {model.__name__}" in page
+            for key, info in model.model_fields.items():
+                assert f"| `{key}` |" in page, (model.__name__, key)
+                assert info.description, f"{model.__name__}.{key} has no description"
+    assert "| `cofactor` | number or null | `null` | > 0, <= 1e+06 |" in page
+    assert "`none` for data without spillover" in page

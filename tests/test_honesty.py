@@ -128,7 +128,7 @@ def test_signal_cohort_approaches_the_bayes_optimal_auc(sim_config):
     n = 300
     table = cohort_features(sim_config, n_patients=n, seed=202)
     bayes = bayes_optimal_auc(sim_config)
-    ev = evaluate(table, config=_default_config(), n_jobs=1)
+    ev = evaluate(table, config=_default_config(n_permutations=0), n_jobs=1)
     m = ev.families[ev.chosen].metrics
     oracle = _oracle_auc(sim_config, n, seed=202)
     print(

@@ -234,6 +234,7 @@ TRAIN_YAML = """\
 experiment: privacy-test
 registered_model: privacy-model
 alias: champion
+promotion: {min_auc_ci_low: null, max_perm_pvalue: null}
 outer_folds: 3
 inner_folds: 2
 repeats: 1

@@ -12,8 +12,17 @@ import pandas as pd
 import pytest
 
 from blinaprofile.config import QCConfig
+from blinaprofile.errors import ModelError
 from blinaprofile.io.files import file_checksum
-from blinaprofile.scoring.score import NO_CALL, RESULT_COLUMNS, score_features, score_sample
+from blinaprofile.models.runtime import call_state
+from blinaprofile.scoring.score import (
+    CALL_STATES,
+    NO_CALL,
+    RESULT_COLUMNS,
+    UNCERTAIN,
+    score_features,
+    score_sample,
+)
 from conftest_scoring_helpers import scoring_model, set_tracking, write_fcs_like
 
 IDENTIFYING = {
@@ -73,7 +82,9 @@ def test_score_result_is_complete_and_pseudonymous(sm, identifying_file):
     assert contribs == sorted(contribs, reverse=True)
     # an exported folder remembers its registry entry
     assert res.model["family"] == "logreg_l2" and res.model["version"].isdigit()
-    assert res.model["name"] == "scoring-test-model" and res.model["alias"] == "champion"
+    assert res.model["name"] == "scoring-test-model"
+    # an exported folder names the version it holds, never an alias that may have moved
+    assert res.model["alias"] is None
     assert res.gating["counts"]["cd8"] > 0 and "cd8" in res.gating["percent_of_parent"]
     # nothing identifying reaches the result
     text = _strings_in(res.as_dict()) + res.summary() + json.dumps(res.to_row(), default=str)
@@ -94,18 +105,21 @@ def test_interval_comes_from_model_refits_and_is_stable(sm, new_files):
     )
 
 
-def test_new_cohort_mostly_called_and_no_call_always_has_a_reason(sm, new_files):
+def test_new_cohort_mostly_called_and_every_call_says_why(sm, new_files):
     results = [score_sample(f, model=str(sm.model_dir)) for f in new_files]
     called = [r for r in results if r.call != NO_CALL]
     for r in results:
+        assert r.call in CALL_STATES and r.call_reason, r
         if r.call == NO_CALL:
             assert r.reasons, r
-        else:
+        elif r.call != UNCERTAIN:
             assert r.call == ("responder" if r.probability >= r.threshold else "nonresponder")
             assert not r.reasons and r.qc_pass
+            # a label only when the interval lies on one side of the threshold
+            assert not r.probability_low < r.threshold <= r.probability_high
     print(
-        f"\n{len(called)}/{len(results)} new samples called; no-call reasons: "
-        f"{[r.reasons for r in results if r.call == NO_CALL]}"
+        f"\n{len(called)}/{len(results)} new samples scored: "
+        f"{[(r.call, r.call_reason) for r in results]}"
     )
     assert len(called) >= len(results) // 2
 
@@ -129,22 +143,27 @@ def test_panel_mismatch_is_no_call_not_a_crash(sm, new_files, tmp_path):
     assert str(tmp_path) not in res.reasons[0]
 
 
-def test_out_of_distribution_is_no_call_with_threshold_reported(sm):
+def test_out_of_distribution_is_uncertain_with_threshold_reported(sm):
     table = pd.read_csv(sm.features_csv)
     row = table.iloc[0].to_dict()
     row.update(sample_id="ood", qc_pass=True, qc_reasons="")
     base = score_features(row, model=str(sm.model_dir))
     weird = dict(row, cd8_em_pct_cd8=99.0, cd4_treg_pct_cd4=60.0)
     res = score_features(weird, model=str(sm.model_dir))
-    assert res.call == NO_CALL and res.qc_pass
+    assert res.call == UNCERTAIN and res.qc_pass
     assert (
         len(res.reasons) == 1 and "outside the training cohort (|robust z| > 4)" in res.reasons[0]
     )
+    assert res.call_reason.startswith(res.reasons[0])
     assert "cd8_em_pct_cd8" in res.reasons[0] and abs(res.ood_z["cd8_em_pct_cd8"]) > 4
     assert res.probability is not None  # computed, but no label is given
-    # the limit is configurable: a looser one gives a label for the same sample
+    # the limit is configurable: a looser one leaves only the interval to decide
     loose = score_features(weird, model=str(sm.model_dir), qc=QCConfig(ood_max_z=1e6))
-    assert loose.call in {"responder", "nonresponder"} and loose.qc["ood_max_z"] == 1e6
+    assert loose.qc["ood_max_z"] == 1e6 and not loose.reasons
+    expected = call_state(
+        loose.probability, loose.probability_low, loose.probability_high, loose.threshold
+    )
+    assert (loose.call, loose.call_reason) == (expected.state, expected.reason)
     print(
         f"\nOOD: in-cohort max|z| {max(abs(v) for v in base.ood_z.values()):.1f}; "
         f"shifted sample {res.reasons[0]}"
@@ -204,8 +223,9 @@ def test_cli_score_writes_report_json_and_summary(sm, identifying_file, tmp_path
     js = tmp_path / "out" / f"{sid}.score.json"
     assert html.is_file() and js.is_file()
     d = json.loads(js.read_text())
-    assert d["sample_id"] == sid and d["call"] in {"responder", "nonresponder", NO_CALL}
-    assert "probability" in out.stdout and "call" in out.stdout and sid in out.stdout
+    assert d["sample_id"] == sid and d["call"] in CALL_STATES and d["call_reason"]
+    assert out.stdout.startswith(f"call          {d['call']} ({d['call_reason']})\n")
+    assert "probability" in out.stdout and sid in out.stdout
     for text in (out.stdout, js.read_text(), visible_text(html.read_text())):
         for value in [*IDENTIFYING.values(), identifying_file.name, "MRN"]:
             assert value not in text
@@ -269,9 +289,12 @@ def test_single_cell_sample_is_scored_with_its_own_qc(sm, tmp_path):
     first = a.obs["sample_id"].iloc[0]
     one = tmp_path / "one.h5ad"
     a[a.obs["sample_id"] == first].copy().write_h5ad(one)
-    res = score_sample(one, model=str(sm.model_dir), keep_gating=True)
+    # the model was trained on flow cytometry: refused unless asked for, then uncertain at best
+    with pytest.raises(ModelError, match="trained on flow cytometry; this sample is single-cell"):
+        score_sample(one, model=str(sm.model_dir))
+    res = score_sample(one, model=str(sm.model_dir), keep_gating=True, allow_other_modality=True)
     assert res.modality == "single_cell" and res.sample_id == f"S-{file_checksum(one)[:12]}"
-    assert res.probability is not None and res.call in {"responder", "nonresponder", NO_CALL}
+    assert res.probability is not None and res.call in {UNCERTAIN, NO_CALL}
     assert all(c["minimum"] is None and c["pass"] is None for c in res.qc["counts"])
     assert res.qc_pass == (res.qc["verdict"] == "PASS")
     html = write_report(res, tmp_path / "sc.html").read_text()

@@ -159,6 +159,32 @@ def test_rest_request_and_answer(sm, server):
     assert status == 200 and hi["predictions"][0]["call"] == "nonresponder"
 
 
+def test_rest_interval_straddling_the_threshold_is_uncertain(sm, server):
+    """REST has no QC, but its call comes from the same decision: a threshold inside the
+    row's interval makes it ``uncertain``, with the reason, exactly as the local model says."""
+    from blinaprofile.scoring.score import load_scoring_model
+
+    request = _request(sm)
+    local = load_scoring_model(str(sm.model_dir)).pyfunc.predict(
+        pd.DataFrame(request["dataframe_split"]["data"], columns=list(MODEL_FEATURES))
+    )
+    p, lo, hi = (
+        float(local[c].iloc[0]) for c in ("probability", "probability_low", "probability_high")
+    )
+    assert lo < p < hi
+    status, answer = _post(f"{server}/invocations", {**request, "params": {"threshold": p}})
+    assert status == 200, answer
+    pred = answer["predictions"][0]
+    print("\nstraddling threshold:", pred["call"], "-", pred["call_reason"])
+    assert pred["call"] == "uncertain"
+    assert pred["call_reason"] == f"95% interval {lo:.3f}-{hi:.3f} straddles the threshold {p:.3f}"
+    # a threshold below the whole interval gives a label, and says why
+    status, answer = _post(f"{server}/invocations", {**request, "params": {"threshold": lo / 2}})
+    pred = answer["predictions"][0]
+    assert status == 200 and pred["call"] == "responder"
+    assert pred["call_reason"].startswith(f"probability {p:.3f} >= threshold {lo / 2:.3f}")
+
+
 def test_rest_schema_is_enforced(server):
     cols = list(MODEL_FEATURES)[:-1]  # one feature missing
     status, text = _post_raw(
@@ -212,6 +238,7 @@ def test_rest_missing_features_get_no_call(sm, server):
     preds = json.loads(text)["predictions"]
     print("\nmissing features:", [(p["call"], p["probability"]) for p in preds])
     assert [p["call"] for p in preds] == ["responder", "no call", "no call", "no call"]
+    assert preds[1]["call_reason"] == f"model feature(s) {MODEL_FEATURES[3]} missing"
     assert 0.0 <= preds[0]["probability"] <= 1.0
     for p in preds[1:]:  # NaN (MLflow writes the JSON extension NaN) or null: never a number
         numbers = [p["probability"], p["probability_low"], p["probability_high"]]

@@ -137,7 +137,7 @@ def test_features_match_truth(small_cohort):
 def trained(tmp_path_factory, small_cohort):
     import os
 
-    from blinaprofile.config import ModelSpec, TrainConfig
+    from blinaprofile.config import ModelSpec, PromotionRule, TrainConfig
     from blinaprofile.models.train import train
 
     tmp = tmp_path_factory.mktemp("spine_train")
@@ -155,6 +155,9 @@ def trained(tmp_path_factory, small_cohort):
         n_bootstrap=50,
         experiment="spine-test",
         registered_model="spine-model",
+        # fixture models are small and unpermuted: these tests exercise scoring by alias,
+        # not the promotion rule (tests/test_promotion.py does)
+        promotion=PromotionRule(min_auc_ci_low=None, max_perm_pvalue=None),
     )
     res = train(
         table, config=cfg, export_dir=tmp / "model", tracking_uri=uri, trained_on="test cohort"

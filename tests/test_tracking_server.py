@@ -100,7 +100,7 @@ def test_train_register_promote_compare_against_the_team_server(
     import psycopg2
 
     from blinaprofile.cli import main
-    from blinaprofile.config import ModelSpec, TrainConfig
+    from blinaprofile.config import ModelSpec, PromotionRule, TrainConfig
     from blinaprofile.features.schema import MODEL_FEATURES
     from blinaprofile.models.packaging import load_model
     from blinaprofile.models.train import train
@@ -127,6 +127,9 @@ def test_train_register_promote_compare_against_the_team_server(
         repeats=1,
         n_bootstrap=200,
         n_permutations=3,
+        # fixture models are small and unpermuted: these tests exercise scoring by alias,
+        # not the promotion rule (tests/test_promotion.py does)
+        promotion=PromotionRule(min_auc_ci_low=None, max_perm_pvalue=None),
     )
     t0 = time.perf_counter()
     res = train(table, config=cfg, tracking_uri=uri, trained_on="tracking-server test")

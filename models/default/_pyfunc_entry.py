@@ -30,7 +30,8 @@ logger = logging.getLogger("blinaprofile.serve")
 
 
 class BlinaprofilePyfunc(PythonModel):
-    """pyfunc wrapper: feature table in; probability (with interval), call, contributions out."""
+    """pyfunc wrapper: feature table in; probability (with interval), call and call_reason
+    (``responder``, ``nonresponder``, ``uncertain``, ``no call``), contributions out."""
 
     def load_context(self, context: Any) -> None:
         folder = Path(__file__).resolve().parent  # the model folder MLflow is loading

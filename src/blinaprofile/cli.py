@@ -21,12 +21,14 @@ COMMANDS: dict[str, str] = {
     "gate": "gate one FCS file and print population counts (optionally save .h5ad)",
     "featurize": "build the per-sample feature table from FCS files or a manifest",
     "train": "cross-validate models, log to MLflow, register and export the best",
-    "score": "score one sample: HTML report, JSON, probability with interval, call or no call",
+    "score": "score one sample: HTML report, JSON, probability with interval, call "
+    "(responder, nonresponder, uncertain or no call) and why",
     "score-batch": "score many samples (manifest or folder) in parallel; resumable Parquet/CSV",
     "promote": "point a registry alias (e.g. champion) at a model version",
     "compare": "leaderboard of training runs (metrics with 95 percent CIs, p-values) from MLflow",
     "schema": "print the versioned feature schema",
     "export-gating": "write the gating strategy bound to a sample as GatingML 2.0",
+    "convert": "write a CSV/TSV table of events (one column per marker) as an FCS file",
 }
 
 
@@ -57,7 +59,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_fcs_options(p: argparse.ArgumentParser) -> None:
-    """The documented relaxations of the FCS reader's integrity checks (off by default)."""
+    """The documented relaxations of the FCS reader's integrity checks (off by default), and
+    how to label and scale channels (gate, featurize, score, score-batch)."""
     g = p.add_argument_group("FCS integrity overrides (each use is reported as a warning)")
     g.add_argument(
         "--accept-tot-mismatch",
@@ -72,16 +75,55 @@ def _add_fcs_options(p: argparse.ArgumentParser) -> None:
         help="which DATA offsets to trust when the HEADER and $BEGINDATA/$ENDDATA disagree "
         "(refused by default)",
     )
+    g = p.add_argument_group("channel labels and scale")
+    g.add_argument(
+        "--panel",
+        default=None,
+        metavar="PANEL.yaml",
+        help="the lab's panel: labels the channels it lists whose $PnS is empty, declares its "
+        "markers and checks the gating strategy's required markers are in it",
+    )
+    g.add_argument(
+        "--marker",
+        action="append",
+        default=[],
+        metavar="CHANNEL=MARKER",
+        help="label a channel with a marker whatever its $PnS says (repeatable), e.g. "
+        "Pt195Di=Viability; declares the marker",
+    )
+    g.add_argument(
+        "--display-scale",
+        action="store_true",
+        help="the values are display-scale channel numbers (0-$PnR, e.g. 0-1023), not "
+        "intensities: map them back through FlowJo's default logicle before gating",
+    )
 
 
 def _fcs_options(a: argparse.Namespace) -> Any:
     """The :class:`blinaprofile.io.read.FCSReadOptions` the command line asks for."""
     from blinaprofile.io.read import FCSReadOptions
 
+    given = list(getattr(a, "marker", None) or [])
+    pairs = [m.split("=", 1) for m in given]
+    bad = [m for m, p in zip(given, pairs, strict=True) if len(p) != 2 or not all(p)]
+    if bad:
+        raise _usage(f"--marker takes CHANNEL=MARKER, got {bad}")
     return FCSReadOptions(
         allow_tot_mismatch=bool(getattr(a, "accept_tot_mismatch", False)),
         data_offsets=getattr(a, "data_offsets", None) or "strict",
+        markers=tuple((c.strip(), m.strip()) for c, m in pairs),
+        panel=getattr(a, "panel", None),
+        display_scale=bool(getattr(a, "display_scale", False)),
     )
+
+
+def _check_panel(a: argparse.Namespace, tree: Any = None) -> None:
+    """With ``--panel``: the strategy's required markers must be in it (one error if not)."""
+    if not getattr(a, "panel", None):
+        return
+    from blinaprofile.gating.strategy import check_panel, load_strategy
+
+    check_panel(tree if tree is not None else load_strategy(a.strategy), a.panel)
 
 
 def _print_warnings(file: str, warnings: Sequence[str]) -> None:
@@ -109,6 +151,60 @@ def _add_privacy_options(p: argparse.ArgumentParser, *, keep_column: bool = Fals
             help="also copy this manifest column into the feature table (repeatable); only "
             "sample_id, patient_id, response, timepoint and batch are copied otherwise",
         )
+
+
+def _add_modality_option(p: argparse.ArgumentParser) -> None:
+    """Score a sample of another modality than the model's training data (as uncertain)."""
+    p.add_argument(
+        "--allow-other-modality",
+        action="store_true",
+        help="score a sample of another modality than the model was trained on (e.g. "
+        "single-cell on a flow model) with the call 'uncertain' instead of refusing it",
+    )
+
+
+def _add_qc_option(p: argparse.ArgumentParser) -> None:
+    """``--qc FILE``: QC thresholds for both modalities (featurize, train, score, score-batch)."""
+    p.add_argument(
+        "--qc",
+        default=None,
+        metavar="QC.yaml",
+        help="QC thresholds (keys of configs/qc.yaml; default: that file); a 'single_cell:' "
+        "section sets the single-cell minimums min_cells, min_cd3, min_cd4, min_cd8 "
+        "(default: sample_qc of the annotator's configs/single_cell.yaml)",
+    )
+
+
+def _add_single_cell_options(p: argparse.ArgumentParser, *, labels: bool) -> None:
+    """Keys and matrix kind of a single-cell cohort object (featurize, train --h5ad)."""
+    g = p.add_argument_group("single-cell objects (.h5ad, 10x .h5 or 10x folder)")
+    g.add_argument(
+        "--sample-key",
+        default=None,
+        metavar="KEY",
+        help="obs column naming each cell's sample (default: sample_id or sample if present)",
+    )
+    g.add_argument(
+        "--patient-key",
+        default=None,
+        metavar="KEY",
+        help="obs column naming each sample's patient: CV keeps a patient's samples together "
+        "(default: patient_id, patient, donor_id or donor if present, else each sample)",
+    )
+    if labels:
+        g.add_argument(
+            "--label-key",
+            default=None,
+            metavar="KEY",
+            help="obs column with each sample's response (responder/nonresponder, R/NR, 1/0, "
+            "true/false, yes/no; any case) -> column 'response' 1/0",
+        )
+    g.add_argument(
+        "--x-kind",
+        choices=("auto", "counts", "log1p-cp10k", "log-tpm", "tpm"),
+        default="auto",
+        help="what the RNA matrix holds (default: detected)",
+    )
 
 
 def _add_placement(p: argparse.ArgumentParser) -> None:
@@ -188,12 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("featurize", help=COMMANDS["featurize"])
-    p.add_argument("files", nargs="*")
+    p.add_argument("files", nargs="*", help="FCS files, or one single-cell cohort object")
     p.add_argument("--manifest", default=None)
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--strategy", default=None)
     _add_placement(p)
     p.add_argument("--jobs", type=int, default=None)
+    _add_qc_option(p)
+    _add_single_cell_options(p, labels=True)
+    ann = p.add_mutually_exclusive_group()
+    ann.add_argument(
+        "--annotator",
+        default=None,
+        metavar="JSON",
+        help="single-cell: label cells with this fitted annotator (e.g. a model's "
+        "artifacts/single_cell_annotator.json) instead of fitting one on the object",
+    )
+    ann.add_argument(
+        "--annotator-out",
+        default=None,
+        metavar="JSON",
+        help="single-cell: write the annotator fitted on the object here",
+    )
     _add_fcs_options(p)
     _add_privacy_options(p, keep_column=True)
     _add_common(p)
@@ -202,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", help="manifest CSV with response labels (files are featurized)")
     src.add_argument("--features", help="feature table CSV (from 'featurize') with response")
+    src.add_argument(
+        "--h5ad",
+        metavar="OBJECT",
+        help="single-cell cohort (.h5ad, 10x .h5 or folder) with --sample-key and --label-key; "
+        "the annotator fitted on it is stored with the model",
+    )
     p.add_argument(
         "--config", default=None, help="training YAML (default: configs/train/default.yaml)"
     )
@@ -217,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timepoint", default=None, help="train on the samples of this timepoint only (e.g. D28)"
     )
+    _add_qc_option(p)
+    _add_single_cell_options(p, labels=True)
     p.add_argument("--run-name", default=None, help="MLflow run name")
     p.add_argument(
         "--no-register",
@@ -246,7 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sample-id", default=None, help="default: S-<first 12 hex of the file's sha256>"
     )
-    p.add_argument("--sample-key", default=None, help="single-cell: obs column naming the sample")
+    p.add_argument(
+        "--sample-key",
+        default=None,
+        help="single-cell: obs column naming the sample (the object must hold one; score-batch "
+        "scores every sample of a cohort object)",
+    )
+    _add_qc_option(p)
+    _add_modality_option(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     p.add_argument(
         "--out-dir",
@@ -276,6 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=_probability, default=None, help="decision threshold in [0, 1]"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument(
+        "--sample-key",
+        default=None,
+        metavar="KEY",
+        help="single-cell: obs column naming samples; a cohort object is scored sample by "
+        "sample (default: sample_id or sample if present); manifest rows pointing at an "
+        "object score the cells of their sample_id",
+    )
+    _add_qc_option(p)
+    _add_modality_option(p)
     p.add_argument(
         "--sample-timeout",
         type=_seconds,
@@ -336,6 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gating_source(p)
     p.add_argument("--out", required=True)
     _add_common(p)
+
+    p = sub.add_parser("convert", help=COMMANDS["convert"])
+    p.add_argument(
+        "table",
+        help="CSV/TSV of events: a header naming each column's channel or marker "
+        "(FlowJo's 'BV421-A :: CCR7' gives both), one row per event",
+    )
+    p.add_argument("--out", required=True, help="the FCS file to write")
+    _add_common(p)
     return parser
 
 
@@ -395,35 +541,57 @@ def _gating_source(a: argparse.Namespace) -> Any:
 
 
 def cmd_gate(a: argparse.Namespace) -> int:
-    from blinaprofile.gating.sample import gate_sample
+    from dataclasses import replace
+
+    from blinaprofile.gating.panel import absent_notes
+    from blinaprofile.gating.sample import gate_events, gating_summary, sample_label
+    from blinaprofile.gating.strategy import as_exported, scale_problems
     from blinaprofile.io.read import read_flow
 
-    tree = _gating_source(a)
+    # pre-gated exports: gates whose markers the file lacks are skipped or omitted
+    tree = replace(_gating_source(a), partial=True)
+    _check_panel(a, tree)
     # the strategy's marker names are declared: $PnS labels it reads stay verbatim
     data = read_flow(a.file, fcs_options=_fcs_options(a), declared_markers=tree.needed_names())
-    adata = gate_sample(data, tree, adaptive=a.adaptive, keep_file_names=a.keep_file_names)
-    g = adata.uns["gating"]
-    label = str(adata.uns["sample_id"])  # the pseudonym unless --keep-file-names
-    _print_warnings(label, data.warnings)
+    tree = as_exported(tree, data)
+    bound = tree.bind(data.channels, data.markers, path=data.path)  # as gate_sample binds it
+    adata = None
+    if a.h5ad:  # AnnData (and anndata's slow import) only when it is written
+        from blinaprofile.gating.sample import gate_sample
+
+        adata = gate_sample(data, tree, adaptive=a.adaptive, keep_file_names=a.keep_file_names)
+        g, n_events = adata.uns["gating"], adata.n_obs
+    else:
+        gated, res = gate_events(data, tree, adaptive=a.adaptive)
+        g, n_events = gating_summary(gated, res, adaptive=a.adaptive), res.n_events
+    problems = scale_problems(bound, data)
+    g["flags"] = [*g["flags"], *problems]
+    g["skipped_gates"] = {gid: gone.reason for gid, gone in bound.skipped.items()}
+    label = sample_label(data, keep_file_names=a.keep_file_names)  # the pseudonym by default
+    warned = [*data.warnings, *problems, *absent_notes(bound.skipped)]
+    _print_warnings(label, warned)
     if a.plot:
         from blinaprofile.gating.plot import plot_sample, save_gating_png
 
         title = f"{label}: {tree.name}"
         save_gating_png(plot_sample(data, tree, adaptive=a.adaptive, title=title), a.plot)
-    if a.h5ad:
+    if adata is not None:
         from blinaprofile.io.atomic import atomic_path
 
         with atomic_path(a.h5ad) as tmp:
             adata.write_h5ad(tmp)
     if a.json:
-        keys = ("strategy", "counts", "percent_of_parent", "thresholds", "flags")
-        out = {k: g[k] for k in keys} | {"warnings": list(data.warnings)}
+        keys = ("strategy", "counts", "percent_of_parent", "thresholds", "flags", "skipped_gates")
+        out = {k: g[k] for k in keys} | {"warnings": warned}
         print(json.dumps(out, indent=2, default=float))
         return 0
-    print(f"{label}: {adata.n_obs} events, strategy {g['strategy']}")
+    print(f"{label}: {n_events} events, strategy {g['strategy']}")
     print(f"{'gate':<14}{'count':>9}{'% parent':>10}")
     for gid, n in g["counts"].items():
         print(f"{gid:<14}{n:>9}{g['percent_of_parent'][gid]:>10.2f}")
+    for gid, gone in bound.skipped.items():
+        what = "skipped" if gone.policy == "skip" else "not evaluated"
+        print(f"gate {gid} {what}: {gone.reason}")
     for f in g["flags"]:
         print(f"QC flag: {f}")
     if a.h5ad:
@@ -439,16 +607,172 @@ def _write_csv_atomic(df: Any, path: str | os.PathLike[str]) -> None:
     write_csv(df, path)
 
 
+def _qc_files(a: argparse.Namespace) -> tuple[Any, Any]:
+    """``(QCConfig, SampleQCSpec)`` from ``--qc`` (``(None, None)`` without it)."""
+    if not getattr(a, "qc", None):
+        return None, None
+    from blinaprofile.features.singlecell import load_qc_file
+
+    return load_qc_file(a.qc)
+
+
+#: Printed by ``train --h5ad`` and recorded in the model's ``meta.json``.
+CV_ANNOTATOR_NOTE = (
+    "the CV features of every fold come from one annotator fitted on the whole training "
+    "cohort (thresholds, mixtures and rates; no labels), so each fold's test patients "
+    "informed them: a known limitation (docs/single_cell.md)"
+)
+NO_PATIENT_KEY = (
+    "no --patient-key: CV groups by sample; samples of one patient may land on both sides "
+    "of a split"
+)
+
+
+def _single_cell_table(
+    a: argparse.Namespace, path: str, *, annotator: Any = None, labels: bool
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Featurize a single-cell cohort object for ``featurize`` / ``train --h5ad``.
+
+    Prints one line each on the samples and the labels, and warns (stderr) when several
+    samples have no patient column or a sample fails QC. Returns the feature table (with
+    ``response`` 1/0 when ``--label-key`` is given), the :class:`SingleCellFeatures` and
+    what to record with a model.
+    """
+    import pandas as pd
+
+    from blinaprofile.features.singlecell import featurize_cells, sample_responses
+    from blinaprofile.io.singlecell import read_single_cell
+
+    _, sc_qc = _qc_files(a)
+    adata = read_single_cell(path, sample_key=a.sample_key, x_kind=a.x_kind)
+    feats = featurize_cells(
+        adata,
+        annotator=annotator,
+        sample_key=a.sample_key,
+        patient_key=a.patient_key,
+        x_kind=a.x_kind,
+        sample_qc=sc_qc,
+    )
+    table = feats.table
+    info = table.attrs["blinaprofile"]
+    skey, pkey, n = info["sample_key"], info["patient_key"], len(table)
+    name = Path(path).name
+    where = f"from obs {skey!r}" if skey else "(no sample column: the object is one sample)"
+    who = f"patients from obs {pkey!r}" if pkey else "no patient column: each sample its own"
+    print(f"samples       {n} {where}; {who}")
+    if not pkey and n > 1:
+        print(f"warning: {name}: {NO_PATIENT_KEY}", file=sys.stderr)
+    fit = feats.annotator.state_
+    fitted = f"{fit.n_samples} samples, {fit.n_cells} cells"
+    if labels and getattr(a, "label_key", None):
+        codes = sample_responses(
+            adata, label_key=a.label_key, sample_key=skey or None, default_sample="sample"
+        )
+        table["response"] = pd.array([codes.get(str(s)) for s in table["sample_id"]], dtype="Int64")
+        r = table["response"]
+        missing = int(r.isna().sum())
+        print(
+            f"labels        obs {a.label_key!r}: {int((r == 1).sum())} responder, "
+            f"{int((r == 0).sum())} nonresponder"
+            + (f", {missing} without a label" if missing else "")
+        )
+    failing = table[~table["qc_pass"]]
+    for row in failing.head(5).itertuples():
+        print(f"warning: {row.sample_id}: fails QC: {row.qc_reasons}", file=sys.stderr)
+    if len(failing) > 5:
+        print(
+            f"warning: {len(failing) - 5} more of {n} samples fail QC (column qc_reasons)",
+            file=sys.stderr,
+        )
+    notes = {
+        "fitted": fitted,
+        "sample_key": skey,
+        "patient_key": pkey,
+        "cv_groups": "patient" if pkey else "sample (no patient column)",
+        "cv_annotator": CV_ANNOTATOR_NOTE,
+        "x_kind": info["x_kind"],
+        "simulated": "simulation" in adata.uns,
+    }
+    return table, feats, notes
+
+
+def _refuse_single_cell_manifest(df: Any, manifest: str, command: str) -> None:
+    """Point manifest rows naming single-cell objects to the commands that take them."""
+    from blinaprofile.errors import ManifestError
+    from blinaprofile.io.read import modality_of
+
+    sc = [
+        str(f)
+        for f, q in zip(df["file"], df["path"], strict=True)
+        if modality_of(q) == "single_cell"
+    ]
+    if not sc:
+        return
+    use = (
+        f"blinaprofile train --h5ad {sc[0]} --sample-key KEY --label-key KEY"
+        if command == "train"
+        else f"blinaprofile featurize {sc[0]} --sample-key KEY"
+    )
+    raise ManifestError(
+        f"{len(sc)} row(s) point at single-cell objects ({sc[0]}): {command} a single-cell "
+        f"cohort object with `{use}` (score such rows with `blinaprofile score-batch --manifest "
+        f"{manifest} --sample-key KEY`)",
+        path=manifest,
+    )
+
+
+def _featurize_single_cell(a: argparse.Namespace) -> int:
+    """``featurize OBJECT`` for a single-cell cohort object."""
+    from blinaprofile.io.atomic import atomic_path
+
+    if a.manifest or len(a.files) != 1:
+        raise _usage(
+            "featurize takes one single-cell object (FCS files and single-cell objects cannot "
+            "be mixed); combine samples into one .h5ad with a sample column, or featurize each "
+            "with --annotator JSON"
+        )
+    annotator = None
+    if a.annotator:
+        from blinaprofile.annotate.estimator import TCellAnnotator
+
+        annotator = TCellAnnotator.from_json(a.annotator)
+    table, feats, notes = _single_cell_table(a, a.files[0], annotator=annotator, labels=True)
+    if feats.fitted_on_input:
+        out = a.annotator_out
+        kept = f"written to {out}" if out else "--annotator-out keeps it"
+        print(
+            f"annotator     fitted on this object ({notes['fitted']}): features depend on its "
+            f"samples; {kept} (--annotator labels other samples the same way)"
+        )
+        if out:
+            with atomic_path(out) as tmp:
+                feats.annotator.to_json(tmp)
+    else:
+        print(f"annotator     {a.annotator} (fitted on {notes['fitted']}), not refitted")
+    _write_csv_atomic(table, a.out)
+    n_fail = int((~table["qc_pass"]).sum())
+    print(f"wrote {len(table)} samples ({n_fail} failing QC) to {a.out}")
+    return 0
+
+
 def cmd_featurize(a: argparse.Namespace) -> int:
     import pandas as pd
 
     from blinaprofile.features.flow import featurize_manifest
     from blinaprofile.io.files import ensure_file
     from blinaprofile.io.privacy import file_pseudonym, manifest_columns
-    from blinaprofile.io.read import read_manifest, split_warnings
+    from blinaprofile.io.read import modality_of, read_manifest, split_warnings
 
+    if any(modality_of(f) == "single_cell" for f in a.files):
+        return _featurize_single_cell(a)
+    sc_only = [o for o in ("label_key", "annotator", "annotator_out") if getattr(a, o)]
+    if sc_only:
+        flag = "--" + sc_only[0].replace("_", "-")
+        raise _usage(f"{flag} applies to a single-cell object (.h5ad, 10x .h5 or folder)")
+    qc, _ = _qc_files(a)
     if a.manifest:
         df = read_manifest(a.manifest)
+        _refuse_single_cell_manifest(df, a.manifest, "featurize")
         # an unknown --keep-column is refused before any file is read
         manifest_columns(list(df.columns), keep=a.keep_column, path=a.manifest)
     elif a.files:
@@ -469,10 +793,12 @@ def cmd_featurize(a: argparse.Namespace) -> int:
         )
     else:
         raise _usage("featurize needs FILES or --manifest")
+    _check_panel(a)
     table = featurize_manifest(
         df,
         strategy_path=a.strategy,
         adaptive=a.adaptive,
+        qc=qc,
         n_jobs=a.jobs,
         fcs_options=_fcs_options(a),
         keep_columns=a.keep_column,
@@ -517,17 +843,34 @@ def cmd_train(a: argparse.Namespace) -> int:
     from blinaprofile.io.read import read_feature_table, read_manifest
     from blinaprofile.models.train import select_timepoint, train
 
+    annotator, notes = None, None
+    if a.h5ad:
+        table, annotator, notes, simulated = _single_cell_training_table(a)
+        source = Path(a.h5ad)
+    else:
+        sc_only = [o for o in ("sample_key", "patient_key", "label_key") if getattr(a, o)]
+        if sc_only:
+            flag = "--" + sc_only[0].replace("_", "-")
+            raise _usage(f"{flag} applies to a single-cell cohort: train --h5ad OBJECT")
     if a.manifest:
+        qc, _ = _qc_files(a)
         manifest = read_manifest(a.manifest, require_response=True)
+        _refuse_single_cell_manifest(manifest, a.manifest, "train")
         if a.timepoint is not None:  # featurize only the samples trained on
             manifest = select_timepoint(manifest, a.timepoint, source=a.manifest)
-        table = featurize_manifest(manifest, strategy_path=a.strategy, adaptive=a.adaptive)
+        table = featurize_manifest(manifest, strategy_path=a.strategy, adaptive=a.adaptive, qc=qc)
         source = Path(a.manifest)
-    else:
+    elif a.features:
+        if a.qc:
+            raise _usage(
+                "--qc has no effect on a feature table (its qc_pass is already computed): "
+                "pass --qc to `blinaprofile featurize`"
+            )
         table = read_feature_table(a.features)
         source = Path(a.features)
-    # the simulator writes cohort.json beside its manifest: such data are simulated
-    simulated = True if (source.parent / "cohort.json").is_file() else None
+    if not a.h5ad:
+        # the simulator writes cohort.json beside its manifest: such data are simulated
+        simulated = True if (source.parent / "cohort.json").is_file() else None
     res = train(
         table,
         config_path=a.config,
@@ -541,9 +884,42 @@ def cmd_train(a: argparse.Namespace) -> int:
         timepoint=a.timepoint,
         register=not a.no_register,
         force=a.force,
+        annotator=annotator,
+        annotator_notes=notes,
     )
     _print_train(res)
     return 0
+
+
+def _single_cell_training_table(a: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], Any]:
+    """``train --h5ad``: features, the annotator fitted on the cohort, its notes, simulated."""
+    from blinaprofile.errors import SingleCellInputError
+
+    if not a.label_key:
+        raise _usage("train --h5ad needs --label-key (the obs column with each sample's response)")
+    if a.timepoint is not None:
+        raise _usage("--timepoint applies to manifests and feature tables; subset the object")
+    table, feats, notes = _single_cell_table(a, a.h5ad, labels=True)
+    unlabelled = table.loc[table["response"].isna(), "sample_id"].astype(str).tolist()
+    if unlabelled:
+        raise SingleCellInputError(
+            f"{len(unlabelled)} sample(s) have no response in obs {a.label_key!r}: "
+            f"{unlabelled[:10]}; training needs every sample labelled",
+            path=a.h5ad,
+        )
+    if table["response"].nunique() < 2:
+        raise SingleCellInputError(
+            f"every sample has the same response in obs {a.label_key!r}; training needs "
+            "responders and nonresponders",
+            path=a.h5ad,
+        )
+    print(
+        f"annotator     fitted on this cohort ({notes['fitted']}); stored with the model "
+        "(artifacts/single_cell_annotator.json)"
+    )
+    print(f"note: {CV_ANNOTATOR_NOTE}")
+    simulated = True if notes.pop("simulated") else None
+    return table, feats.annotator, notes, simulated
 
 
 def _print_train(res: Any) -> None:
@@ -581,6 +957,8 @@ def cmd_score(a: argparse.Namespace) -> int:
     from blinaprofile.io.read import fcs_read_options
     from blinaprofile.scoring.score import score_sample
 
+    _check_panel(a)
+    qc, sc_qc = _qc_files(a)
     # the report reads the file again for its gating plots: the same options apply
     with fcs_read_options(_fcs_options(a)):
         res = score_sample(
@@ -593,6 +971,9 @@ def cmd_score(a: argparse.Namespace) -> int:
             threshold=a.threshold,
             keep_gating=not a.no_report,
             sample_key=a.sample_key,
+            allow_other_modality=a.allow_other_modality,
+            qc=qc,
+            single_cell_qc=sc_qc,
         )
         _print_warnings(res.sample_id, res.warnings)
         written = []
@@ -622,12 +1003,15 @@ def cmd_score(a: argparse.Namespace) -> int:
 
 def cmd_score_batch(a: argparse.Namespace) -> int:
     from blinaprofile.io.read import split_warnings
+    from blinaprofile.models.runtime import CALL_STATES
     from blinaprofile.scoring.batch import DEFAULT_SAMPLE_TIMEOUT, collect_jobs, score_samples
 
     if a.manifest and a.inputs:
         raise _usage("give --manifest or input files/folder, not both")
     if not a.manifest and not a.inputs:
         raise _usage("score-batch needs --manifest or input files/folder")
+    _check_panel(a)
+    qc, sc_qc = _qc_files(a)
     src: Any = a.manifest or (a.inputs[0] if len(a.inputs) == 1 else a.inputs)
     df = score_samples(
         src,
@@ -642,11 +1026,18 @@ def cmd_score_batch(a: argparse.Namespace) -> int:
         fcs_options=_fcs_options(a),
         sample_timeout=a.sample_timeout or DEFAULT_SAMPLE_TIMEOUT,
         keep_file_names=a.keep_file_names,
+        allow_other_modality=a.allow_other_modality,
+        qc=qc,
+        sample_key=a.sample_key,
+        single_cell_qc=sc_qc,
     )
     # rows are in input order: name each sample as its error lines do (by sample_id or
     # pseudonym; by its file only with --keep-file-names)
     names = (
-        [j.path or str(j.sample_id) for j in collect_jobs(src)]
+        [
+            f"{j.path} ({j.sample_id})" if j.sample_key else j.path or str(j.sample_id)
+            for j in collect_jobs(src, sample_key=a.sample_key)
+        ]
         if a.keep_file_names
         else df["sample_id"].astype(str).tolist()
     )
@@ -654,11 +1045,12 @@ def cmd_score_batch(a: argparse.Namespace) -> int:
         _print_warnings(name, split_warnings(cell))
     info = df.attrs.get("batch", {})
     calls = df["call"].value_counts().to_dict()
+    order = [*(s for s in (*CALL_STATES, "error") if s in calls), *sorted(calls)]
     print(
         f"{info.get('n_samples', len(df))} samples: {info.get('n_scored', 0)} scored now, "
         f"{info.get('n_skipped', 0)} already finished"
     )
-    print("calls         " + ", ".join(f"{k} {v}" for k, v in sorted(calls.items())))
+    print("calls         " + ", ".join(f"{k} {calls[k]}" for k in dict.fromkeys(order)))
     print(f"results       {Path(a.out) / 'results.parquet'} and results.csv")
     errors = df[df["error"] != ""]
     for msg in errors["error"]:
@@ -737,6 +1129,21 @@ def cmd_export_gating(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(a: argparse.Namespace) -> int:
+    from blinaprofile.io.table import convert_table
+
+    table = convert_table(a.table, a.out)
+    labels = ", ".join(
+        f"{c}={m}" if m and m != c else c
+        for c, m in zip(table.channels, table.markers, strict=True)
+    )
+    print(f"wrote {a.out}: {table.n_events} events x {len(table.channels)} channels ({labels})")
+    note = table.scale_note()
+    if note:
+        _print_warnings(a.table, [note])
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from blinaprofile.demo import run_demo
 
@@ -756,6 +1163,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": cmd_compare,
     "schema": cmd_schema,
     "export-gating": cmd_export_gating,
+    "convert": cmd_convert,
 }
 
 

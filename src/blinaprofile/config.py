@@ -2,12 +2,22 @@
 
 Every YAML file in ``configs/`` is loaded through :func:`load_config` into a
 pydantic model that forbids unknown keys. Problems raise :class:`ConfigError`
-naming the file and the key (``gates.3.dims: field required``).
+naming the file and the key (``gates.3.dims: field required``); a misspelt key gets the
+closest known one (``compensaton: unknown key; did you mean `compensation`?``) and a value
+outside a fixed set of choices gets the choices and what each is for.
+
+Every key has a description (``Field(description=...)``; the choices of a fixed set in
+``json_schema_extra={"choices": ...}``): ``scripts/config_reference.py`` renders them as
+``docs/config_reference.md``.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,6 +44,7 @@ __all__ = [
     "SimulationConfig",
     "TrainConfig",
     "TransformSpec",
+    "choice_notes",
     "load_config",
     "parse_yaml",
     "validate_config",
@@ -78,19 +89,46 @@ FileSafeName = Annotated[
 class PanelChannel(StrictModel):
     """One detector of a panel: the channel name the instrument writes and its marker."""
 
-    channel: ChannelName
-    marker: MarkerName | None = None
-    kind: Literal["scatter", "time", "fluorescence", "viability", "mass"] = "fluorescence"
+    channel: ChannelName = Field(
+        description="the channel name ($PnN) the instrument writes, e.g. `BV421-A` or `Yb171Di`"
+    )
+    marker: MarkerName | None = Field(
+        default=None,
+        description="the marker stained on it (`CCR7`, `CD197 (CCR7)`); with `--panel` it "
+        "labels a file channel whose $PnS is empty; omit for scatter and time",
+    )
+    kind: Literal["scatter", "time", "fluorescence", "viability", "mass"] = Field(
+        default="fluorescence",
+        description="what the channel measures",
+        json_schema_extra={
+            "choices": {
+                "scatter": "for forward/side scatter (linear scale)",
+                "time": "for the acquisition clock",
+                "fluorescence": "for a fluorochrome-conjugated antibody",
+                "viability": "for a viability dye (cisplatin on a mass cytometer)",
+                "mass": "for a metal-tagged antibody or DNA intercalator (mass cytometry)",
+            }
+        },
+    )
 
 
 class PanelConfig(StrictModel):
-    """A staining panel (``configs/panels/*.yaml``)."""
+    """A staining panel (``configs/panels/*.yaml``).
 
-    name: str
-    description: str = ""
-    instrument: str = ""
-    channels: list[PanelChannel] = Field(min_length=1)
-    max_value: Positive = 262144.0
+    ``--panel PANEL.yaml`` (gate, featurize, score, score-batch) labels the channels it
+    lists whose ``$PnS`` is empty, declares its markers to the privacy filter and checks
+    that the gating strategy's required markers are in it.
+    """
+
+    name: str = Field(description="the panel's name, reported with each scored sample")
+    description: str = Field(default="", description="free text")
+    instrument: str = Field(default="", description="the instrument it runs on (free text)")
+    channels: list[PanelChannel] = Field(
+        min_length=1, description="every channel the instrument writes (see PanelChannel)"
+    )
+    max_value: Positive = Field(
+        default=262144.0, description="top of the instruments' data range (simulated $PnR)"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> PanelConfig:
@@ -103,18 +141,62 @@ class PanelConfig(StrictModel):
 
 # --------------------------------------------------------------------------- gating
 class TransformSpec(StrictModel):
-    """A GatingML-2.0 style transform (parameters as FlowKit names them)."""
+    """A channel transform: GatingML 2.0 ``t, w, m, a`` (as FlowKit names them), ``arcsinh``
+    with a cofactor, or ``none``.
 
-    type: Literal["linear", "log", "logicle", "asinh", "hyperlog"]
-    t: Annotated[float, Field(gt=0.0, le=1e12)] = 262144.0
-    w: Annotated[float, Field(ge=0.0, le=100.0)] = 0.5
-    m: Annotated[float, Field(gt=0.0, le=100.0)] = 4.5
-    a: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    ``arcsinh`` is ``asinh(x / cofactor)`` (cofactor 5 for mass cytometry, 150 for spectral
+    flow), the GatingML ``asinh`` with ``t = cofactor * sinh(1)``, ``m = 1 / ln(10)``,
+    ``a = 0``; gate bounds are in ``asinh(x / cofactor)`` units. ``none`` gates the values
+    as they are stored (data already on a display scale, or event lengths).
+    """
+
+    type: Literal["linear", "log", "logicle", "asinh", "hyperlog", "arcsinh", "none"] = Field(
+        description="the transform",
+        json_schema_extra={
+            "choices": {
+                "linear": "is (x + a) / (t + a), for scatter",
+                "log": "is GatingML flog, (1/m) log10(x / t) + 1",
+                "logicle": "is GatingML logicle (t, w, m, a), for raw fluorescence intensities",
+                "asinh": "is GatingML fasinh (t, m, a)",
+                "hyperlog": "is GatingML hyperlog (t, w, m, a)",
+                "arcsinh": "is asinh(x / cofactor), for mass cytometry (cofactor 5) and spectral "
+                "flow (150)",
+                "none": "uses the values as stored (display-scale data, event length)",
+            }
+        },
+    )
+    t: Annotated[float, Field(gt=0.0, le=1e12)] = Field(
+        default=262144.0, description="top of scale T (linear, log, logicle, asinh, hyperlog)"
+    )
+    w: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
+        default=0.5, description="linearisation width W in decades (logicle, hyperlog)"
+    )
+    m: Annotated[float, Field(gt=0.0, le=100.0)] = Field(
+        default=4.5, description="decades M of the full scale (log, logicle, asinh, hyperlog)"
+    )
+    a: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
+        default=0.0, description="extra negative decades A (linear: offset)"
+    )
+    cofactor: Annotated[float, Field(gt=0.0, le=1e6)] | None = Field(
+        default=None,
+        description="arcsinh only, required there: x is divided by it before asinh "
+        "(5 for CyTOF ion counts, 150 for spectral flow)",
+    )
 
     @model_validator(mode="after")
     def _parameters(self) -> TransformSpec:
         # the constraints of the GatingML 2.0 definitions (checked here so that the
         # error names the YAML file, not a sample)
+        given = sorted(self.model_fields_set & {"t", "w", "m", "a"})
+        if self.type == "arcsinh":
+            if self.cofactor is None:
+                raise ValueError("arcsinh needs a cofactor (5 for mass cytometry, 150 spectral)")
+            if given:
+                raise ValueError(f"arcsinh takes only `cofactor`; drop {given}")
+        elif self.cofactor is not None:
+            raise ValueError(f"`cofactor` is for type arcsinh, not {self.type}")
+        if self.type == "none" and given:
+            raise ValueError(f"type none takes no parameters; drop {given}")
         if self.type in ("logicle", "hyperlog"):
             if self.type == "hyperlog" and self.w <= 0:
                 raise ValueError("hyperlog needs w > 0")
@@ -124,6 +206,18 @@ class TransformSpec(StrictModel):
                 raise ValueError(
                     f"{self.type} needs a <= m - 2w (a={self.a}, m={self.m}, w={self.w})"
                 )
+        return self
+
+    def engine_spec(self) -> TransformSpec | None:
+        """The spec the gating engine applies: ``arcsinh`` as its GatingML ``asinh``
+        equivalent, ``none`` as ``None`` (untransformed), any other unchanged."""
+        if self.type == "none":
+            return None
+        if self.type == "arcsinh":
+            assert self.cofactor is not None
+            return TransformSpec(
+                type="asinh", t=self.cofactor * math.sinh(1.0), m=1.0 / math.log(10.0), a=0.0
+            )
         return self
 
 
@@ -141,13 +235,39 @@ class AdaptiveSpec(StrictModel):
     the CD8 memory gates).
     """
 
-    low: float | None = None
-    high: float | None = None
-    decades: Annotated[float, Field(gt=0.0, le=3.0)] = 0.8
-    min_confidence: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
-    tail: Literal["above", "below", "auto", "none"] = "auto"
-    tail_sd: Annotated[float, Field(gt=0.0, le=10.0)] = 3.0
-    reference: str | None = None
+    low: float | None = Field(
+        default=None, description="lowest position of the bound (transformed units)"
+    )
+    high: float | None = Field(
+        default=None, description="highest position of the bound (transformed units)"
+    )
+    decades: Annotated[float, Field(gt=0.0, le=3.0)] = Field(
+        default=0.8,
+        description="search range around the configured bound when low/high are left out",
+    )
+    min_confidence: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.5, description="a placement less confident than this is a QC flag"
+    )
+    tail: Literal["above", "below", "auto", "none"] = Field(
+        default="auto",
+        description="where a minority lies when no valley separates it",
+        json_schema_extra={
+            "choices": {
+                "above": "for a minority above the main population (TIM3+, PD-1+, CD25+)",
+                "below": "for one below it (CD127lo)",
+                "auto": "takes the side with the excess of events",
+                "none": "places no tail gate",
+            }
+        },
+    )
+    tail_sd: Annotated[float, Field(gt=0.0, le=10.0)] = Field(
+        default=3.0, description="a tail gate lies this many robust SDs from the main mode"
+    )
+    reference: str | None = Field(
+        default=None,
+        description="a gate evaluated earlier whose events place the bound when the "
+        "parent shows no confident valley",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> AdaptiveSpec:
@@ -159,9 +279,11 @@ class AdaptiveSpec(StrictModel):
 class RangeSpec(StrictModel):
     """A rectangle gate's range on one dimension; ``None`` means unbounded."""
 
-    min: float | None = None
-    max: float | None = None
-    adaptive: AdaptiveSpec | None = None
+    min: float | None = Field(default=None, description="lower bound, included")
+    max: float | None = Field(default=None, description="upper bound, excluded")
+    adaptive: AdaptiveSpec | None = Field(
+        default=None, description="per-sample placement of the bounds (see AdaptiveSpec)"
+    )
 
     @model_validator(mode="after")
     def _order(self) -> RangeSpec:
@@ -175,13 +297,40 @@ class RangeSpec(StrictModel):
 class GateSpec(StrictModel):
     """One gate. ``dims`` are markers (resolved through the panel) or channel names."""
 
-    id: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", max_length=64)]
-    parent: str = "root"
-    type: Literal["rectangle", "polygon"]
-    label: str = ""
-    ranges: dict[str, RangeSpec] | None = None
-    dims: list[str] | None = None
-    vertices: list[tuple[float, float]] | None = None
+    id: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", max_length=64)] = Field(
+        description="the gate's id; features read `live`, `cd3`, `cd4`, `cd8`, `cd8_em`..."
+    )
+    parent: str = Field(default="root", description="the gate it refines (`root`: all events)")
+    type: Literal["rectangle", "polygon"] = Field(
+        description="the gate's shape",
+        json_schema_extra={
+            "choices": {
+                "rectangle": "takes bounds per dimension (`ranges`)",
+                "polygon": "takes two `dims` and their `vertices`",
+            }
+        },
+    )
+    label: str = Field(default="", description="a readable name for reports")
+    ranges: dict[str, RangeSpec] | None = Field(
+        default=None, description="rectangle: marker or channel -> RangeSpec"
+    )
+    dims: list[str] | None = Field(default=None, description="polygon: two markers or channels")
+    vertices: list[tuple[float, float]] | None = Field(
+        default=None, description="polygon: at least three (x, y) points, transformed units"
+    )
+    if_absent: Literal["skip", "omit", "error"] | None = Field(
+        default=None,
+        description="what to do with a sample that lacks the gate's markers (a pre-gated "
+        "export); default `skip` for lymphocytes, singlets, live and cd3, `omit` for "
+        "cd8_tim3, cd8_pd1 and cd4_treg, `error` for any other gate",
+        json_schema_extra={
+            "choices": {
+                "skip": "leaves it out and gates its children from its nearest present ancestor",
+                "omit": "leaves it out with every gate below it (their features are NaN)",
+                "error": "refuses the sample (PanelMismatchError naming the missing markers)",
+            }
+        },
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> GateSpec:
@@ -201,15 +350,28 @@ class GateSpec(StrictModel):
 class GatingConfig(StrictModel):
     """A gating strategy (``configs/gating/*.yaml``)."""
 
-    name: str
-    version: str = "1"
-    description: str = ""
-    compensation: Literal["file", "none"] = "file"
-    transforms: dict[str, TransformSpec]
+    name: str = Field(description="the strategy's name, recorded with every result")
+    version: str = Field(default="1", description="the strategy's version")
+    description: str = Field(default="", description="free text")
+    compensation: Literal["file", "none"] = Field(
+        default="file",
+        description="how fluorescence dimensions are compensated",
+        json_schema_extra={
+            "choices": {
+                "file": "to compensate with the file's spillover matrix ($SPILLOVER, SPILL)",
+                "none": "for data without spillover (mass cytometry, compensated exports)",
+            }
+        },
+    )
+    transforms: dict[str, TransformSpec] = Field(
+        description="transform id -> TransformSpec, referred to by channel_transforms"
+    )
     channel_transforms: dict[str, str] = Field(
         description="channel or marker -> transform id; key 'default' for the rest"
     )
-    gates: list[GateSpec] = Field(min_length=1)
+    gates: list[GateSpec] = Field(
+        min_length=1, description="the gates, each after its parent (see GateSpec)"
+    )
 
     @model_validator(mode="after")
     def _tree(self) -> GatingConfig:
@@ -336,9 +498,25 @@ class ModelSpec(StrictModel):
 
     family: Literal[
         "logreg_l2", "logreg_l1", "logreg_elasticnet", "random_forest", "xgboost", "linear_svm"
-    ]
-    params: dict[str, Any] = Field(default_factory=dict)
-    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+    ] = Field(
+        description="the model family",
+        json_schema_extra={
+            "choices": {
+                "logreg_l2": "is L2-penalised logistic regression",
+                "logreg_l1": "is L1-penalised (sparse) logistic regression",
+                "logreg_elasticnet": "is elastic-net logistic regression",
+                "random_forest": "is a random forest",
+                "xgboost": "is gradient-boosted trees (XGBoost)",
+                "linear_svm": "is a linear support-vector machine (calibrated)",
+            }
+        },
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="fixed pipeline parameters (`clf__C: 1.0`)"
+    )
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
+        default_factory=dict, description="parameter -> values tuned by the inner CV"
+    )
 
     @field_validator("params", "grid")
     @classmethod
@@ -352,8 +530,20 @@ class ModelSpec(StrictModel):
 class ThresholdRule(StrictModel):
     """How the decision threshold is chosen inside cross-validation."""
 
-    rule: Literal["max_balanced_accuracy", "min_sensitivity", "fixed"] = "max_balanced_accuracy"
-    value: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    rule: Literal["max_balanced_accuracy", "min_sensitivity", "fixed"] = Field(
+        default="max_balanced_accuracy",
+        description="how the threshold is chosen",
+        json_schema_extra={
+            "choices": {
+                "max_balanced_accuracy": "takes the threshold with the best balanced accuracy",
+                "min_sensitivity": "takes the highest threshold reaching `value` sensitivity",
+                "fixed": "uses `value` itself",
+            }
+        },
+    )
+    value: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.5, description="min_sensitivity: the sensitivity; fixed: the threshold"
+    )
 
 
 def _not_reserved_alias(name: str) -> str:
@@ -383,26 +573,61 @@ class PromotionRule(StrictModel):
     max_perm_pvalue: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
         default=0.05, description="the permutation p-value must be below this"
     )
-    candidate_alias: AliasName = "candidate"
+    candidate_alias: AliasName = Field(
+        default="candidate", description="the alias a run without the evidence gets"
+    )
 
 
 class TrainConfig(StrictModel):
     """Training configuration (``configs/train/*.yaml``)."""
 
-    experiment: str = "blinaprofile"
-    registered_model: str = "blinaprofile-responder"
-    alias: AliasName = "champion"
-    features: list[str] | None = None
-    models: list[ModelSpec] = Field(min_length=1)
-    select_by: Literal["roc_auc", "brier"] = "roc_auc"
-    outer_folds: Annotated[int, Field(ge=2, le=20)] = 5
-    inner_folds: Annotated[int, Field(ge=2, le=20)] = 3
-    repeats: Annotated[int, Field(ge=1, le=100)] = 2
-    n_bootstrap: Annotated[int, Field(ge=0, le=100_000)] = 500
-    n_permutations: Annotated[int, Field(ge=0, le=100_000)] = 0
-    threshold: ThresholdRule = ThresholdRule()
-    promotion: PromotionRule = Field(default_factory=PromotionRule)
-    seed: int = 0
+    experiment: str = Field(default="blinaprofile", description="MLflow experiment name")
+    registered_model: str = Field(
+        default="blinaprofile-responder", description="MLflow registered model name"
+    )
+    alias: AliasName = Field(
+        default="champion", description="the serving alias a run meeting `promotion` takes"
+    )
+    features: list[str] | None = Field(
+        default=None,
+        description="feature columns to train on (null: the features both modalities provide)",
+    )
+    models: list[ModelSpec] = Field(
+        min_length=1, description="candidate model families (see ModelSpec)"
+    )
+    select_by: Literal["roc_auc", "brier"] = Field(
+        default="roc_auc",
+        description="which family is refit and registered",
+        json_schema_extra={
+            "choices": {
+                "roc_auc": "picks the highest out-of-fold ROC AUC",
+                "brier": "picks the lowest out-of-fold Brier score",
+            }
+        },
+    )
+    outer_folds: Annotated[int, Field(ge=2, le=20)] = Field(
+        default=5, description="patient-grouped, stratified outer CV folds"
+    )
+    inner_folds: Annotated[int, Field(ge=2, le=20)] = Field(
+        default=3, description="inner CV folds (tuning and threshold)"
+    )
+    repeats: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=2, description="repetitions of the outer CV with other shuffles"
+    )
+    n_bootstrap: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        default=500, description="patient bootstrap resamples for the 95% CIs"
+    )
+    n_permutations: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        default=0, description="label permutations for the p-value (0: none)"
+    )
+    threshold: ThresholdRule = Field(
+        default=ThresholdRule(), description="the decision threshold rule (see ThresholdRule)"
+    )
+    promotion: PromotionRule = Field(
+        default_factory=PromotionRule,
+        description="evidence needed to take `alias` (see PromotionRule)",
+    )
+    seed: int = Field(default=0, description="random seed of folds, models and resamples")
 
     @model_validator(mode="after")
     def _candidate_is_not_serving(self) -> TrainConfig:
@@ -415,23 +640,119 @@ class TrainConfig(StrictModel):
 
 
 class QCConfig(StrictModel):
-    """QC and abstention thresholds."""
+    """QC and abstention thresholds (``configs/qc.yaml``).
 
-    min_events: Annotated[int, Field(ge=0)] = 5_000
-    min_live: Annotated[int, Field(ge=0)] = 1_000
-    min_cd3: Annotated[int, Field(ge=0)] = 300
-    min_cd8: Annotated[int, Field(ge=0)] = 100
-    min_cd4: Annotated[int, Field(ge=0)] = 100
-    ood_max_z: Annotated[float, Field(gt=0.0)] = 4.0
+    A sample below any count is a "no call". When a strategy has no ``live`` or ``cd3``
+    gate for the sample (a pre-gated export), ``min_live``/``min_cd3`` apply to the events
+    its first present gate starts from, and the QC text says so.
+    """
+
+    min_events: Annotated[int, Field(ge=0)] = Field(
+        default=5_000, description="events read from the file"
+    )
+    min_live: Annotated[int, Field(ge=0)] = Field(
+        default=1_000, description="events in the `live` gate (live single cells)"
+    )
+    min_cd3: Annotated[int, Field(ge=0)] = Field(default=300, description="CD3+ T cells")
+    min_cd8: Annotated[int, Field(ge=0)] = Field(
+        default=100, description="CD8+ T cells (denominator of the key features)"
+    )
+    min_cd4: Annotated[int, Field(ge=0)] = Field(default=100, description="CD4+ T cells")
+    ood_max_z: Annotated[float, Field(gt=0.0)] = Field(
+        default=4.0,
+        description="max |robust z| of a model feature against the training cohort",
+    )
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _inner(annotation: Any) -> list[Any]:
+    """The types an annotation allows (``Annotated``, ``Optional`` and unions unwrapped)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _inner(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [t for a in typing.get_args(annotation) for t in _inner(a)]
+    return [annotation]
+
+
+def _annotation_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """The annotation of the value at ``loc`` inside ``model`` (``None`` if unknown)."""
+    current: Any = model
+    for part in loc:
+        nxt = None
+        for t in _inner(current):
+            origin = typing.get_origin(t)
+            if isinstance(t, type) and issubclass(t, BaseModel) and isinstance(part, str):
+                f = t.model_fields.get(part)
+                nxt = f.annotation if f is not None else None
+            elif origin in (list, tuple) and isinstance(part, int):
+                nxt = typing.get_args(t)[0]
+            elif origin is dict and isinstance(part, str):
+                nxt = typing.get_args(t)[1]
+            if nxt is not None:
+                break
+        if nxt is None:
+            return None
+        current = nxt
+    return current
+
+
+def _field_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """The pydantic ``FieldInfo`` of the key at ``loc`` (``None`` if ``loc`` is no field)."""
+    if not loc or not isinstance(loc[-1], str):
+        return None
+    for t in _inner(_annotation_at(model, loc[:-1])):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t.model_fields.get(loc[-1])
+    return None
+
+
+def _unknown_key(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """``unknown key``, with the closest key the model knows there."""
+    keys = [
+        k
+        for t in _inner(_annotation_at(model, loc[:-1]))
+        if isinstance(t, type) and issubclass(t, BaseModel)
+        for k in t.model_fields
+    ]
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    return f"unknown key; did you mean `{close[0]}`?" if close else "unknown key"
+
+
+def choice_notes(info: Any) -> dict[str, str]:
+    """``choice -> what it is for`` of a field with a fixed set of choices (may be empty)."""
+    extra = getattr(info, "json_schema_extra", None)
+    notes = extra.get("choices") if isinstance(extra, dict) else None
+    return {str(k): str(v) for k, v in notes.items()} if isinstance(notes, dict) else {}
+
+
+def _bad_choice(model: type[BaseModel], e: Any) -> str:
+    """A value outside a ``Literal``: the choices, the closest one and what each is for."""
+    loc = tuple(e["loc"])
+    choices = [str(a) for t in _inner(_annotation_at(model, loc)) for a in typing.get_args(t)] or [
+        c.strip("'") for c in str(e.get("ctx", {}).get("expected", "")).split("' or '")
+    ]
+    value = e.get("input")
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    quoted = [f"`{c}`" for c in choices]
+    use = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+    hint = f" (did you mean `{close[0]}`?)" if close else ""
+    text = f"{shown} is not allowed{hint}: use {use}"
+    notes = choice_notes(_field_at(model, loc))
+    if notes:
+        text += "; " + ", ".join(f"`{k}` {v}" for k, v in notes.items())
+    return text
+
+
+def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
     parts = []
-    for e in err.errors(include_url=False, include_input=False):
+    for e in err.errors(include_url=False):
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = _unknown_key(model, tuple(e["loc"]))
+        elif e["type"] in ("literal_error", "enum"):
+            msg = _bad_choice(model, e)
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
@@ -450,7 +771,7 @@ def validate_config[M: BaseModel](
         return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(
-            f"invalid {model.__name__}: {_format_validation_error(err)}", path=source
+            f"invalid {model.__name__}: {_format_validation_error(err, model)}", path=source
         ) from None
 
 

@@ -8,8 +8,8 @@ does a cohort (in parallel processes, :func:`blinaprofile.parallel.run_parallel`
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +28,14 @@ if TYPE_CHECKING:
     from blinaprofile.io.read import FCSReadOptions
 
 __all__ = [
+    "REQUIRED_GATES",
     "feature_columns",
+    "feature_gaps",
     "features_from_gating",
     "featurize_fcs",
     "featurize_manifest",
     "load_qc",
+    "qc_labels",
     "qc_verdict",
 ]
 
@@ -54,7 +57,9 @@ _PCT = {
     "cd4_treg_pct_cd4": ("cd4_treg", "cd4"),
 }
 _MEDIANS = {"cd8_tim3_median": ("TIM3", "cd8"), "cd8_pd1_median": ("PD1", "cd8")}
-REQUIRED_GATES = ("live", "cd3", "cd4", "cd8")
+#: Gates every flow feature row needs. ``live`` and ``cd3`` may be absent (a pre-gated
+#: export skips them): ``n_live``/``n_cd3`` then count the events their children start from.
+REQUIRED_GATES = ("cd4", "cd8")
 
 
 def load_qc(path: str | os.PathLike[str] | None = None) -> QCConfig:
@@ -67,21 +72,101 @@ def load_qc(path: str | os.PathLike[str] | None = None) -> QCConfig:
     return load_config(QCConfig, p)
 
 
-def qc_verdict(row: dict[str, Any], qc: QCConfig, flags: Sequence[str] = ()) -> tuple[bool, str]:
-    """Apply count thresholds to a feature row; returns ``(passed, reasons)``."""
+def qc_verdict(
+    row: dict[str, Any],
+    qc: QCConfig,
+    flags: Sequence[str] = (),
+    *,
+    labels: Mapping[str, str] | None = None,
+) -> tuple[bool, str]:
+    """Apply count thresholds to a feature row; returns ``(passed, reasons)``.
+
+    ``labels`` name what a count counts (``n_live`` -> ``'events in gate live (cells >
+    singlets > live)'``, see :func:`qc_labels`); default ``live cells`` and the T-cell names.
+    """
     reasons = list(flags)
+    what_of = {"n_live": "live cells", **(labels or {})}
     checks = (
         ("n_events", qc.min_events, "events"),
-        ("n_live", qc.min_live, "live single lymphocytes"),
-        ("n_cd3", qc.min_cd3, "CD3+ T cells"),
+        ("n_live", qc.min_live, what_of["n_live"]),
+        ("n_cd3", qc.min_cd3, what_of.get("n_cd3", "CD3+ T cells")),
         ("n_cd4", qc.min_cd4, "CD4+ T cells"),
         ("n_cd8", qc.min_cd8, "CD8+ T cells"),
     )
     for key, minimum, what in checks:
         v = row.get(key)
         if v is not None and v < minimum:
-            reasons.append(f"only {int(v)} {what} (< {minimum})")
+            why = f"only {int(v)} {what} (< {minimum})"
+            if key == "n_events":  # the other counts follow: say what it means
+                why += ": too few for the QC minimums (a subsampled or gated export?)"
+            reasons.append(why)
     return (not reasons, "; ".join(reasons))
+
+
+def _count(tree: GateTree, result: GatingResult, gate_id: str) -> float:
+    """A gate's count; for a skipped gate the events its children start from (else NaN)."""
+    if gate_id in result.counts:
+        return result.counts[gate_id]
+    gone = tree.skipped.get(gate_id)
+    if gone is None or gone.policy != "skip":
+        return float("nan")
+    return result.counts[gone.start] if gone.start else result.n_events
+
+
+def qc_labels(tree: GateTree) -> dict[str, str]:
+    """What ``n_live`` and ``n_cd3`` count in this (bound) strategy, for QC texts.
+
+    ``'events in gate live (cells > singlets > live)'`` names the gates actually used (no
+    scatter assumed); a skipped gate says what its count is instead
+    (``'events in the file (no cd3 gate: no CD3 channel)'``).
+    """
+    out: dict[str, str] = {}
+    ids = set(tree.gate_ids)
+    for key, gid in (("n_live", "live"), ("n_cd3", "cd3")):
+        gone = tree.skipped.get(gid)
+        if gone is not None:
+            start = f"events in gate {gone.start}" if gone.start else "events in the file"
+            out[key] = f"{start} (no {gid} gate: {gone.lacking})"
+        elif gid == "live" and gid in ids:
+            out[key] = f"events in gate live ({' > '.join([*tree.path(gid)[1:], gid])})"
+    return out
+
+
+def feature_gaps(tree: GateTree) -> dict[str, str]:
+    """Why features are NaN: the sample lacks a marker, or the strategy has no such gate.
+
+    Returns
+    -------
+    dict of str to str
+        feature -> reason (``'cd3_pct_lymph'`` -> ``'no CD3 channel (pre-gated export?)'``,
+        ``'cd8_tim3_pct_cd8'`` -> ``"not measured by gating strategy 'cytof-tcell'"``);
+        empty when every feature's gates were evaluated.
+    """
+    gone = tree.skipped
+    ids = set(tree.gate_ids)
+    names = set(tree.channel_map())
+    unmeasured = f"not measured by gating strategy {tree.name!r}"
+    out: dict[str, str] = {}
+    for name, (num, den) in _PCT.items():
+        why = next((gone[g].reason for g in (num, den) if g in gone), None)
+        if why is None and any(g not in ids and g not in gone for g in (num, den)):
+            why = unmeasured
+        if why is not None:
+            out[name] = why
+    for name, (marker, _gate) in _MEDIANS.items():
+        why = next((a.reason for a in gone.values() if marker in a.missing), None)
+        if why is None and marker not in names:
+            why = unmeasured
+        if why is not None:
+            out[name] = why
+    return out
+
+
+def _gap_notes(gaps: Mapping[str, str]) -> list[str]:
+    by_reason: dict[str, list[str]] = {}
+    for name, why in gaps.items():
+        by_reason.setdefault(why, []).append(name)
+    return [f"{', '.join(names)} NaN: {why}" for why, names in by_reason.items()]
 
 
 def features_from_gating(
@@ -90,7 +175,12 @@ def features_from_gating(
     *,
     medians: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Feature values and QC counts from one sample's gate counts."""
+    """Feature values and QC counts from one sample's gate counts.
+
+    A feature whose gates are absent is NaN (see :func:`feature_gaps` for why); ``n_live``
+    and ``n_cd3`` of a skipped ``live``/``cd3`` gate count the events its children start
+    from.
+    """
     missing = [g for g in REQUIRED_GATES if g not in result.counts]
     if missing:
         from blinaprofile.errors import GatingError
@@ -109,8 +199,8 @@ def features_from_gating(
     for name in _MEDIANS:
         out[name] = (medians or {}).get(name, float("nan"))
     out["n_events"] = result.n_events
-    out["n_live"] = c["live"]
-    out["n_cd3"] = c["cd3"]
+    out["n_live"] = _count(tree, result, "live")
+    out["n_cd3"] = _count(tree, result, "cd3")
     out["n_cd4"] = c["cd4"]
     out["n_cd8"] = c["cd8"]
     return out
@@ -163,26 +253,37 @@ def featurize_fcs(
 ) -> SampleFeatures:
     """Read, gate and featurize one FCS file.
 
-    ``fcs_options`` relaxes the reader's integrity checks (default: the options of the
-    enclosing :func:`blinaprofile.io.read.fcs_read_options` block, else strict). Without
-    ``sample_id`` the sample is named by the pseudonym ``S-<first 12 hex of the file's
-    SHA-256>``, never by the file's name.
+    ``fcs_options`` relaxes the reader's integrity checks and labels or rescales channels
+    (default: the options of the enclosing :func:`blinaprofile.io.read.fcs_read_options`
+    block, else strict). Without ``sample_id`` the sample is named by the pseudonym
+    ``S-<first 12 hex of the file's SHA-256>``, never by the file's name.
+
+    The strategy is bound partially (pre-gated exports): gates whose markers the file lacks
+    are skipped or omitted as their ``if_absent`` policy says, features that need them are
+    NaN, and ``warnings`` says which and why. Values not on the scale the strategy's
+    transforms expect (:func:`blinaprofile.gating.strategy.scale_problems`) are a warning
+    and a QC flag.
 
     Returns
     -------
     SampleFeatures
         ``row`` has every column of :func:`feature_columns` and ``warnings``: the
-        reader's warnings about the file (:func:`blinaprofile.io.read.join_warnings`).
+        reader's warnings about the file and the gating notes
+        (:func:`blinaprofile.io.read.join_warnings`).
     """
+    from blinaprofile.gating.panel import absent_notes
     from blinaprofile.gating.sample import gate_events
-    from blinaprofile.gating.strategy import load_strategy
+    from blinaprofile.gating.strategy import as_exported, load_strategy, scale_problems
     from blinaprofile.io.privacy import file_pseudonym
     from blinaprofile.io.read import join_warnings, read_flow
 
-    strategy = strategy or load_strategy()
+    strategy = replace(strategy or load_strategy(), partial=True)
     # the strategy's own marker names are declared: $PnS labels it reads stay verbatim
     data = read_flow(path, fcs_options=fcs_options, declared_markers=strategy.needed_names())
-    tree, res = gate_events(data, strategy, adaptive=adaptive)
+    tree, res = gate_events(data, as_exported(strategy, data), adaptive=adaptive)
+    problems = scale_problems(tree, data)
+    res.flags.extend(problems)
+    notes = [*problems, *absent_notes(tree.skipped), *_gap_notes(feature_gaps(tree))]
     feats = features_from_gating(tree, res, medians=_medians(tree, res, data))
     sid = sample_id or file_pseudonym(path)
     row: dict[str, Any] = {
@@ -192,10 +293,10 @@ def featurize_fcs(
         "schema_version": SCHEMA_VERSION,
         **feats,
     }
-    passed, reasons = qc_verdict(row, qc or load_qc(), res.flags)
+    passed, reasons = qc_verdict(row, qc or load_qc(), res.flags, labels=qc_labels(tree))
     row["qc_pass"] = passed
     row["qc_reasons"] = reasons
-    row["warnings"] = join_warnings(data.warnings)
+    row["warnings"] = join_warnings([*data.warnings, *notes])
     return SampleFeatures(row, tree if keep_gating else None, res if keep_gating else None)
 
 

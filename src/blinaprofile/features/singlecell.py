@@ -8,7 +8,7 @@ is fitted on the object given and the table records that it was.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,17 @@ import numpy as np
 import pandas as pd
 
 from blinaprofile.annotate.cascade import Labels, tim3_estimator
-from blinaprofile.annotate.config import MEMORY_LABELS, PathLike, SingleCellConfig
+from blinaprofile.annotate.config import (
+    MEMORY_LABELS,
+    PathLike,
+    SampleQCSpec,
+    SingleCellConfig,
+)
 from blinaprofile.annotate.estimator import Annotation, TCellAnnotator
-from blinaprofile.errors import ConfigError
+from blinaprofile.config import QCConfig, load_config
+from blinaprofile.errors import ConfigError, SingleCellInputError
 from blinaprofile.features.schema import QC_COLUMNS, SCHEMA_VERSION, feature_columns, feature_names
+from blinaprofile.io.read import RESPONSE_CODES
 from blinaprofile.io.singlecell import XKind, read_single_cell
 
 
@@ -31,9 +38,8 @@ def _pct(num: float, den: float) -> float:
 
 
 def _features_for_sample(
-    lab: Labels, sel: np.ndarray, n_events: int, cfg: SingleCellConfig
+    lab: Labels, sel: np.ndarray, n_events: int, cfg: SingleCellConfig, q: SampleQCSpec
 ) -> tuple[dict[str, float], list[str]]:
-    q = cfg.sample_qc
     soft = cfg.fraction_estimator == "posterior_mean"
     t = sel & lab.t_call
     c8 = sel & (lab.lineage == "CD8")
@@ -144,6 +150,7 @@ def featurize_cells(
     patient_key: str | None = None,
     config: SingleCellConfig | Mapping[str, Any] | PathLike | None = None,
     x_kind: XKind = "auto",
+    sample_qc: SampleQCSpec | None = None,
 ) -> SingleCellFeatures:
     """Per-sample features, the annotator behind them and whether it was fitted here.
 
@@ -178,6 +185,7 @@ def featurize_cells(
             default_sample=default,
         )
     cfg = ann.fitted.config
+    sample_qc = sample_qc or cfg.sample_qc
     inp, lab = ann.inp, ann.labels
     grp_qc = inp.sample[ann.qc.passed]
     n_events = np.bincount(inp.sample, minlength=len(inp.sample_names))
@@ -186,7 +194,7 @@ def featurize_cells(
     rows = []
     for i, sid in enumerate(inp.sample_names):
         sel = grp_qc == i
-        f, reasons = _features_for_sample(lab, sel, int(n_events[i]), cfg)
+        f, reasons = _features_for_sample(lab, sel, int(n_events[i]), cfg, sample_qc)
         row: dict[str, Any] = {
             "sample_id": sid,
             "patient_id": inp.patient_of_sample[i],
@@ -218,6 +226,7 @@ def featurize_cells(
         "estimators": dict(lab.evidence),
         "evidence": evidence,
         "fraction_estimator": cfg.fraction_estimator,
+        "sample_qc": sample_qc.model_dump(),
         "annotator": ann.annotator_info(),
         "annotator_fitted_on_input": fitted_here,
     }
@@ -232,6 +241,7 @@ def featurize_single_cell(
     patient_key: str | None = None,
     config: SingleCellConfig | Mapping[str, Any] | PathLike | None = None,
     x_kind: XKind = "auto",
+    sample_qc: SampleQCSpec | None = None,
 ) -> pd.DataFrame:
     """Per-sample features in the versioned schema from a single-cell object.
 
@@ -256,6 +266,10 @@ def featurize_single_cell(
     x_kind
         What the RNA matrix holds: ``auto`` (detect), ``counts``, ``log1p-cp10k``,
         ``log-tpm`` or ``tpm`` (see :func:`blinaprofile.io.singlecell.detect_x_kind`).
+    sample_qc
+        Per-sample QC minimums overriding the configuration's ``sample_qc`` (the
+        ``single_cell`` section of a ``--qc`` file, :func:`load_qc_file`); ``None`` keeps the
+        annotator's (or ``config``'s).
 
     Returns
     -------
@@ -273,7 +287,9 @@ def featurize_single_cell(
         (per sample: per label the source protein/RNA/unavailable, markers, gene sets and
         genes used, genes missing, per-sample gate methods; cells removed by each cell-QC
         rule; the matrix kind; ``exhausted_pct_cd8``), ``annotator`` (what it was fitted
-        on), ``annotator_fitted_on_input``, ``x_kind``, the keys used.
+        on), ``annotator_fitted_on_input``, ``x_kind``, ``sample_qc`` (the minimums
+        applied), the keys used (``patient_key`` is ``""`` when no patient column was found
+        and each sample is its own patient).
 
     Raises
     ------
@@ -291,4 +307,185 @@ def featurize_single_cell(
         patient_key=patient_key,
         config=config,
         x_kind=x_kind,
+        sample_qc=sample_qc,
     ).table
+
+
+# =========================================================================== cohort objects
+def sample_column(
+    adata: ad.AnnData, *, sample_key: str | None = None, candidates: Sequence[str] = ()
+) -> tuple[str | None, list[str]]:
+    """The ``obs`` column naming samples and its values, as the annotator resolves them.
+
+    Parameters
+    ----------
+    adata
+        A single-cell object (as :func:`~blinaprofile.io.singlecell.read_single_cell` returns).
+    sample_key
+        The column to use; ``None`` takes the first of ``candidates`` present.
+    candidates
+        Columns tried in order (``SingleCellConfig.sample_key_candidates``).
+
+    Returns
+    -------
+    key, names
+        The column (``None`` when there is none: the object is one sample) and the sample
+        names (``str`` of the values) in order of first appearance (``[]`` without a column).
+
+    Raises
+    ------
+    SingleCellInputError
+        ``sample_key`` is not an ``obs`` column (the message names the file).
+    """
+    obs = adata.obs
+    if sample_key is not None and sample_key not in obs.columns:
+        raise SingleCellInputError(
+            f"sample key {sample_key!r} is not an obs column (obs has: "
+            f"{', '.join(map(str, obs.columns)) or 'no columns'})",
+            path=_source_name(adata),
+        )
+    key = sample_key or next((c for c in candidates if c in obs.columns), None)
+    if key is None:
+        return None, []
+    return key, [str(v) for v in pd.unique(obs[key].astype(str))]
+
+
+def _source_name(adata: ad.AnnData) -> str | None:
+    meta = adata.uns.get("blinaprofile", {})
+    src = meta.get("source") if isinstance(meta, Mapping) else None
+    return str(src) if src else None
+
+
+#: Response labels accepted in a single-cell ``obs`` column (case, spaces, ``-`` and ``_``
+#: ignored): the manifest codes plus ``true``/``false`` and numeric ``1.0``/``0.0``.
+SINGLE_CELL_RESPONSE_CODES: dict[str, int] = {
+    **{re.sub(r"[\s_-]+", "", k): v for k, v in RESPONSE_CODES.items()},
+    "true": 1,
+    "false": 0,
+    "1.0": 1,
+    "0.0": 0,
+}
+
+
+def response_code(value: Any) -> int | None:
+    """``1`` (responder), ``0`` (nonresponder) or ``None`` (missing) for one label.
+
+    Accepted, whatever the case and with spaces, ``-`` or ``_`` anywhere:
+    ``responder``/``nonresponder`` (``Non-responder``, ``non responder``...), ``R``/``NR``,
+    ``CR``, ``1``/``0``, ``true``/``false``, ``yes``/``no``; booleans and the numbers 1 and 0.
+
+    Raises
+    ------
+    ValueError
+        Any other value (the caller names the column and the values found).
+    """
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return None
+    text = re.sub(r"[\s_-]+", "", str(value).strip().lower())
+    if text in ("", "nan", "none", "na"):
+        return None
+    if text not in SINGLE_CELL_RESPONSE_CODES:
+        raise ValueError(str(value))
+    return SINGLE_CELL_RESPONSE_CODES[text]
+
+
+def sample_responses(
+    adata: ad.AnnData, *, label_key: str, sample_key: str | None, default_sample: str
+) -> dict[str, int | None]:
+    """Each sample's response (1/0, ``None`` when its cells carry no label) from ``obs``.
+
+    Parameters
+    ----------
+    adata
+        The single-cell object.
+    label_key
+        The ``obs`` column holding the response (see :func:`response_code`).
+    sample_key
+        The ``obs`` column naming samples (``None``: the object is one sample).
+    default_sample
+        The sample's name when there is no sample column.
+
+    Returns
+    -------
+    dict
+        Sample name -> 1, 0 or ``None``.
+
+    Raises
+    ------
+    SingleCellInputError
+        ``label_key`` is not an ``obs`` column, it holds values that are not response
+        labels (all of them are listed), or one sample's cells carry both labels.
+    """
+    obs = adata.obs
+    src = _source_name(adata)
+    if label_key not in obs.columns:
+        raise SingleCellInputError(
+            f"label key {label_key!r} is not an obs column (obs has: "
+            f"{', '.join(map(str, obs.columns)) or 'no columns'})",
+            path=src,
+        )
+    values = pd.unique(obs[label_key].astype(object))
+    codes: dict[Any, int | None] = {}
+    bad: list[str] = []
+    for v in values:
+        try:
+            codes[v] = response_code(v)
+        except ValueError:
+            bad.append(str(v))
+    if bad:
+        more = f" (+{len(bad) - 10} more)" if len(bad) > 10 else ""
+        raise SingleCellInputError(
+            f"obs {label_key!r} holds value(s) that are not response labels: "
+            f"{sorted(bad)[:10]}{more}; accepted, any case: responder/nonresponder, R/NR, "
+            "1/0, true/false, yes/no",
+            path=src,
+        )
+    coded = obs[label_key].astype(object).map(codes)
+    samples = (
+        obs[sample_key].astype(str)
+        if sample_key is not None
+        else pd.Series(default_sample, obs.index)
+    )
+    out: dict[str, int | None] = {}
+    for sid, part in coded.groupby(samples.to_numpy(), sort=False):
+        have = sorted({int(c) for c in part.dropna()})
+        if len(have) > 1:
+            raise SingleCellInputError(
+                f"sample {sid!r} has cells labelled both responder and nonresponder in "
+                f"obs {label_key!r}; a sample has one response",
+                path=src,
+            )
+        out[str(sid)] = have[0] if have else None
+    return out
+
+
+class QCFile(QCConfig):
+    """A ``--qc`` file: :class:`~blinaprofile.config.QCConfig` plus an optional ``single_cell``
+    section with the single-cell per-sample minimums (:class:`SampleQCSpec`:
+    ``min_cells``, ``min_cd3``, ``min_cd4``, ``min_cd8``)."""
+
+    single_cell: SampleQCSpec | None = None
+
+
+def load_qc_file(path: PathLike) -> tuple[QCConfig, SampleQCSpec | None]:
+    """Read a ``--qc`` YAML file for either modality.
+
+    Parameters
+    ----------
+    path
+        YAML with the keys of ``configs/qc.yaml`` (all optional) and optionally a
+        ``single_cell:`` mapping overriding ``sample_qc`` of ``configs/single_cell.yaml``.
+
+    Returns
+    -------
+    qc, single_cell
+        The flow/scoring thresholds and the single-cell minimums (``None`` when the file has
+        no ``single_cell`` section: the annotator's configuration applies).
+
+    Raises
+    ------
+    ConfigError
+        Missing file, bad YAML, unknown keys or bad values (the message names the key).
+    """
+    f = load_config(QCFile, path)
+    return QCConfig.model_validate(f.model_dump(exclude={"single_cell"})), f.single_cell

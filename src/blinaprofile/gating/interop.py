@@ -196,10 +196,6 @@ def export_gatingml(tree: GateTree, path: str | os.PathLike[str]) -> Path:
 
 def gatingml_text(tree: GateTree) -> str:
     """A bound strategy as GatingML 2.0 text, to keep with a sample's results."""
-    import io
+    from blinaprofile.gating import gatingml
 
-    import flowkit as fk
-
-    buf = io.BytesIO()
-    fk.export_gatingml(tree.to_flowkit(), buf)
-    return buf.getvalue().decode("utf-8")
+    return gatingml.gatingml_text(tree)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_IF_ABSENT",
+    "MISSING_HINTS",
     "POPULATION_GATES",
     "REDACTED_MARKER",
     "SYNONYMS",
@@ -39,6 +40,7 @@ __all__ = [
     "AbsentPolicy",
     "BindingPlan",
     "MarkerMatch",
+    "absent_notes",
     "absent_policy",
     "canonical_marker",
     "gate_names",
@@ -380,6 +382,19 @@ DEFAULT_IF_ABSENT: dict[str, AbsentPolicy] = {
 }
 
 
+#: What to tell a user whose file lacks one of these markers (the error names the rest).
+_DNA_HINT = (
+    "DNA1/DNA2 are the iridium DNA intercalator (Ir191Di/Ir193Di) a mass cytometer records "
+    "with every cell: not a CyTOF file, or named otherwise? label them with --marker "
+    "CHANNEL=DNA1 --marker CHANNEL=DNA2"
+)
+MISSING_HINTS: dict[str, str] = {
+    "DNA1": _DNA_HINT,
+    "DNA2": _DNA_HINT,
+    "Viability": "label a viability dye channel with --marker CHANNEL=Viability",
+}
+
+
 def absent_policy(gate_id: str, policies: Mapping[str, str] | None = None) -> AbsentPolicy:
     """The policy for a gate whose markers a sample lacks (explicit, else the default).
 
@@ -427,13 +442,46 @@ class AbsentGate:
     cause: str | None = None
 
     @property
-    def reason(self) -> str:
-        """Why, in a few words (``'no CD3 channel (pre-gated export?)'``)."""
+    def lacking(self) -> str:
+        """What the sample lacks (``'no FSC-A, SSC-A channels'``), or which gate took it along."""
         if not self.missing:
             return f"gate {self.cause} is not evaluated"
         what = ", ".join(self.missing)
-        text = f"no {what} channel{'s' if len(self.missing) > 1 else ''}"
-        return f"{text} (pre-gated export?)" if self.policy == "skip" else text
+        return f"no {what} channel{'s' if len(self.missing) > 1 else ''}"
+
+    @property
+    def reason(self) -> str:
+        """Why, in a few words (``'no CD3 channel (pre-gated export?)'``)."""
+        return f"{self.lacking} (pre-gated export?)" if self.policy == "skip" else self.lacking
+
+
+def absent_notes(absent: Mapping[str, AbsentGate]) -> list[str]:
+    """One line for the skipped gates and one for the omitted ones (none when none).
+
+    Parameters
+    ----------
+    absent
+        :attr:`GateTree.skipped` of a partially bound strategy.
+
+    Returns
+    -------
+    list of str
+        E.g. ``'gates skipped (pre-gated export?): live (no Viability channel), cd3 (no CD3
+        channel); their children are gated from the nearest present gate'``.
+    """
+    out = []
+    skipped = [a for a in absent.values() if a.policy == "skip"]
+    omitted = [a for a in absent.values() if a.policy == "omit"]
+    if skipped:
+        what = ", ".join(f"{a.gate} ({a.lacking})" for a in skipped)
+        out.append(
+            f"gate{'s' if len(skipped) > 1 else ''} skipped (pre-gated export?): {what}; "
+            "their children are gated from the nearest present gate"
+        )
+    if omitted:
+        what = ", ".join(f"{a.gate} ({a.lacking})" for a in omitted)
+        out.append(f"gate{'s' if len(omitted) > 1 else ''} not evaluated: {what}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -562,8 +610,18 @@ def plan_gates(
             kept.append(replace(g, parent=parent, adaptive=adaptive))
     of = f" of gating strategy {strategy!r}" if strategy else ""
     if required:
-        needs = "; ".join(f"{n} (gate {_listing(ids)})" for n, ids in required.items())
-        raise PanelMismatchError(f"missing marker(s) {needs}{of}; the {source} has: {has}", path=path)
+        by_gates: dict[tuple[str, ...], list[str]] = {}
+        for name, ids in required.items():
+            by_gates.setdefault(tuple(ids), []).append(name)
+        needs = "; ".join(
+            f"{', '.join(names)} (gate{'s' if len(ids) > 1 else ''} {_listing(list(ids))})"
+            for ids, names in by_gates.items()
+        )
+        hints = dict.fromkeys(MISSING_HINTS[n] for n in required if n in MISSING_HINTS)
+        hint = "".join(f" ({h})" for h in hints) if source == "file" else ""
+        raise PanelMismatchError(
+            f"missing marker(s) {needs}{of}{hint}; the {source} has: {has}", path=path
+        )
     if not kept:
         lacking_all = _listing(list(found.missing.values()), limit=8)
         raise PanelMismatchError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from blinaprofile.io.fcs import FCSData
 
-__all__ = ["gate_events", "gate_sample"]
+__all__ = ["gate_events", "gate_sample", "gating_summary", "sample_label"]
 
 
 # ---------------------------------------------------------------------- samples
@@ -114,7 +114,19 @@ def gate_sample(
         {"channel": data.channels, "marker": data.markers}, index=list(data.channels)
     )
     adata = ad.AnnData(X=np.asarray(data.events, dtype=np.float32), obs=obs, var=var)
-    adata.uns["gating"] = {
+    adata.uns["gating"] = gating_summary(bound, res, adaptive=adaptive)
+    adata.uns["sample_id"] = sample_id or sample_label(data, keep_file_names=keep_file_names)
+    return adata
+
+
+def gating_summary(bound: GateTree, res: GatingResult, *, adaptive: bool) -> dict[str, Any]:
+    """What gating one sample found, as ``gate_sample`` stores it in ``uns['gating']``.
+
+    Strategy name and version, placement mode, marker-to-channel map, counts, percent of
+    parent, thresholds, confidences and QC flags. Needs neither AnnData nor pandas, so
+    ``blinaprofile gate`` without ``--h5ad`` imports neither.
+    """
+    return {
         "strategy": bound.name,
         "strategy_version": bound.version,
         "adaptive": adaptive,
@@ -125,9 +137,11 @@ def gate_sample(
         "confidence": res.confidence,
         "flags": list(res.flags),
     }
-    if not sample_id:
-        from blinaprofile.io.privacy import file_pseudonym
 
-        sample_id = Path(data.path).stem if keep_file_names else file_pseudonym(data.path)
-    adata.uns["sample_id"] = sample_id
-    return adata
+
+def sample_label(data: FCSData, *, keep_file_names: bool = False) -> str:
+    """The name a gated sample goes by: the pseudonym ``S-<first 12 hex of its SHA-256>``,
+    or the file's stem with ``keep_file_names`` (file names often name the patient)."""
+    from blinaprofile.io.privacy import file_pseudonym
+
+    return Path(data.path).stem if keep_file_names else file_pseudonym(data.path)

@@ -22,7 +22,6 @@ from blinaprofile.errors import GatingError
 from blinaprofile.gating.events import EventCache, gate_rows
 from blinaprofile.gating.gates import (
     FCS_COMP,
-    FILE_COMP,
     UNCOMPENSATED,
     Dim,
     Gate,
@@ -118,6 +117,30 @@ class GateTree:
         return list(seen)
 
     # ------------------------------------------------------------------ binding
+    def channel_hints(self, channels: Sequence[str], markers: Sequence[str]) -> dict[str, str]:
+        """Needed names that stand for a channel before any synonym matching.
+
+        A FlowJo-style channel name (``/`` -> ``_``), an alias of the tree, or an exact
+        ``$PnS`` label of exactly one channel.
+        """
+        chans = list(channels)
+        hints: dict[str, str] = {}
+        flowjo = {c.replace("/", "_"): c for c in chans}
+        pns: dict[str, list[str]] = {}
+        for c, m in zip(chans, markers, strict=True):
+            if m:
+                pns.setdefault(m, []).append(c)
+        for name in self.needed_names():
+            if name in chans:
+                continue
+            if name in flowjo:
+                hints[name] = flowjo[name]
+            elif name in self.aliases and self.aliases[name] in chans:
+                hints[name] = self.aliases[name]
+            elif len(pns.get(name, ())) == 1:
+                hints[name] = pns[name][0]
+        return hints
+
     def bind(
         self,
         channels: Sequence[str],
@@ -146,21 +169,7 @@ class GateTree:
             with ``partial``, only a marker of a required gate, or when no gate can be bound.
         """
         chans = list(channels)
-        hints: dict[str, str] = {}
-        flowjo = {c.replace("/", "_"): c for c in chans}
-        pns: dict[str, list[str]] = {}
-        for c, m in zip(chans, markers, strict=True):
-            if m:
-                pns.setdefault(m, []).append(c)
-        for name in self.needed_names():
-            if name in chans:
-                continue
-            if name in flowjo:
-                hints[name] = flowjo[name]
-            elif name in self.aliases and self.aliases[name] in chans:
-                hints[name] = self.aliases[name]
-            elif len(pns.get(name, ())) == 1:
-                hints[name] = pns[name][0]
+        hints = self.channel_hints(chans, markers)
         hints.update(overrides or {})
         gates, skipped = self.gates, dict(self.skipped)
         if self.partial if partial is None else partial:
@@ -279,31 +288,24 @@ class GateTree:
         """
         import flowkit as fk
 
+        from blinaprofile.gating.gatingml import compensation_ref as comp_ref
+        from blinaprofile.gating.gatingml import ratio_ids as name_ratios
+
         if not self.bound:
             raise GatingError("bind the strategy to a sample before exporting it")
         gs = fk.GatingStrategy()
         used = {d.transform for g in self.gates for d in g.dims if d.transform}
         for tid in sorted(used):
             gs.add_transform(tid, make_transform(self.transforms[tid]).to_flowkit(tid))
-        ratio_ids: dict[Ratio, str] = {}
-        for g in self.gates:
-            for d in g.dims:
-                if d.ratio is not None and d.ratio not in ratio_ids:
-                    rid = d.name if d.name not in gs.transformations else f"ratio_{len(ratio_ids)}"
-                    ratio_ids[d.ratio] = rid
-                    assert d.ratio.channels is not None
-                    gs.add_transform(
-                        rid,
-                        fk.transforms.RatioTransform(
-                            list(d.ratio.channels), d.ratio.a, d.ratio.b, d.ratio.c
-                        ),
-                    )
+        ratio_ids = name_ratios(self, set(used))
+        for ratio, rid in ratio_ids.items():
+            assert ratio.channels is not None
+            gs.add_transform(
+                rid, fk.transforms.RatioTransform(list(ratio.channels), ratio.a, ratio.b, ratio.c)
+            )
         for mid, (detectors, matrix) in self.matrices.items():
             gs.add_comp_matrix(mid, fk.Matrix(np.asarray(matrix, dtype=float), list(detectors)))
         paths: dict[str | None, tuple[str, ...]] = {None: ("root",)}
-
-        def comp_ref(d: Dim) -> str:
-            return "FCS" if d.compensation in (FILE_COMP, FCS_COMP) else d.compensation
 
         for g in self.gates:
             dims: list[Any] = []
@@ -561,11 +563,13 @@ class GateTree:
         return tree
 
     def export_gatingml(self, path: str | os.PathLike[str]) -> Path:
-        """Write the bound strategy as GatingML 2.0 (atomically)."""
-        import flowkit as fk
+        """Write the bound strategy as GatingML 2.0 (atomically; see
+        :func:`blinaprofile.gating.gatingml.gatingml_text`: FlowKit is not imported)."""
+        from blinaprofile.gating.gatingml import gatingml_text
 
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            fk.export_gatingml(self.to_flowkit(), fh)
+        text = gatingml_text(self)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(text.encode("utf-8"))
         return Path(path)
 
 

@@ -78,7 +78,8 @@ def modality_of(path: str | os.PathLike[str]) -> Literal["flow", "single_cell"]:
 
 @dataclass(frozen=True)
 class FCSReadOptions:
-    """The documented ways to read an FCS file less strictly (both off by default).
+    """The documented ways to read an FCS file less strictly (both off by default), and
+    how to label and scale its channels.
 
     Attributes
     ----------
@@ -90,10 +91,25 @@ class FCSReadOptions:
         ``"strict"`` refuses a file whose HEADER and ``$BEGINDATA``/``$ENDDATA`` disagree
         on where DATA is; ``"header"`` or ``"text"`` trusts that source and records a
         warning (CLI ``--data-offsets header|text``).
+    markers
+        ``(channel, marker)`` pairs that replace the file's ``$PnS`` labels and are
+        declared to the privacy filter (CLI ``--marker CHANNEL=MARKER``); a channel the
+        file lacks is a :class:`~blinaprofile.errors.PanelMismatchError`.
+    panel
+        A panel YAML that labels the channels it lists whose ``$PnS`` is empty and whose
+        markers are declared (CLI ``--panel``; see
+        :func:`blinaprofile.gating.panel.label_channels`).
+    display_scale
+        The values are display-scale channel numbers (0-``$PnR``), not intensities: they
+        are mapped back to intensities (:func:`blinaprofile.io.table.from_display_scale`;
+        CLI ``--display-scale``).
     """
 
     allow_tot_mismatch: bool = False
     data_offsets: DataOffsets = "strict"
+    markers: tuple[tuple[str, str], ...] = ()
+    panel: str | None = None
+    display_scale: bool = False
 
     def __post_init__(self) -> None:
         from blinaprofile.io.fcs import DATA_OFFSET_CHOICES
@@ -103,15 +119,32 @@ class FCSReadOptions:
                 f"data_offsets must be one of {', '.join(DATA_OFFSET_CHOICES)}, "
                 f"not {self.data_offsets!r}"
             )
+        # a mapping is accepted; kept as pairs so that the options stay hashable
+        object.__setattr__(self, "markers", tuple(dict(self.markers).items()))
 
     @property
     def is_strict(self) -> bool:
         """True when nothing is relaxed (the default)."""
         return not self.allow_tot_mismatch and self.data_offsets == "strict"
 
+    @property
+    def is_default(self) -> bool:
+        """True when nothing is relaxed, relabelled or rescaled."""
+        return self.is_strict and not (self.markers or self.panel or self.display_scale)
+
     def as_dict(self) -> dict[str, Any]:
-        """The options as plain JSON values (for run records)."""
-        return {"allow_tot_mismatch": self.allow_tot_mismatch, "data_offsets": self.data_offsets}
+        """The options as plain JSON values (for run records; labelling only when set)."""
+        out: dict[str, Any] = {
+            "allow_tot_mismatch": self.allow_tot_mismatch,
+            "data_offsets": self.data_offsets,
+        }
+        if self.markers:
+            out["markers"] = dict(self.markers)
+        if self.panel:
+            out["panel"] = self.panel
+        if self.display_scale:
+            out["display_scale"] = True
+        return out
 
 
 _FCS_OPTIONS: ContextVar[FCSReadOptions | None] = ContextVar("fcs_read_options", default=None)
@@ -249,7 +282,12 @@ def read_flow(
         allow_tot_mismatch=options.allow_tot_mismatch,
         data_offsets=options.data_offsets,
     )
-    redact_fcs(data, allow_identifying=keep_identifiers, declared_markers=declared_markers)
+    declared = list(declared_markers)
+    if options.markers or options.panel:
+        from blinaprofile.gating.panel import label_channels
+
+        declared += label_channels(data, markers=dict(options.markers), panel=options.panel)
+    redact_fcs(data, allow_identifying=keep_identifiers, declared_markers=declared)
     if data.n_events == 0:
         raise FCSFormatError("the file has zero events", path=path)
     if data.n_nonfinite and not allow_nonfinite:
@@ -258,6 +296,10 @@ def read_flow(
         )
     if data.events.dtype != np.float64 and data.events.dtype != np.float32:
         data.events = data.events.astype(np.float64)
+    if options.display_scale:
+        from blinaprofile.io.table import from_display_scale
+
+        from_display_scale(data)
     return data
 
 

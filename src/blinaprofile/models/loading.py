@@ -14,7 +14,9 @@ What a model folder may hold (:func:`check_model_folder`)
   ``_pyfunc_entry.py``, no ``code`` paths (nothing is added to ``sys.path``), no pickled
   ``python_model``, no ``data``/``config``, no keys MLflow does not write for our models, and
   artifacts exactly ``artifacts/meta.json``, ``artifacts/pipeline.skops`` and optionally
-  ``artifacts/uncertainty.skops`` and ``artifacts/training_features.csv``;
+  ``artifacts/uncertainty.skops``, ``artifacts/training_features.csv`` and
+  ``artifacts/single_cell_annotator.json`` (:func:`load_annotator`: its SHA-256 must be the
+  one ``meta.json`` records and its content a valid annotator state; plain JSON, no code);
 - ``_pyfunc_entry.py`` byte-identical to this installation's
   ``blinaprofile/models/_pyfunc_entry.py`` (it is what ``mlflow models serve`` runs; scoring
   never runs it);
@@ -59,6 +61,7 @@ __all__ = [
     "check_model_folder",
     "check_skops_file",
     "installed_entry_file",
+    "load_annotator",
     "load_packaged_model",
     "load_skops",
     "open_model_folder",
@@ -75,6 +78,7 @@ ARTIFACT_FILES: Mapping[str, str] = {
     "pipeline": "pipeline.skops",
     "uncertainty": "uncertainty.skops",
     "training_features": "training_features.csv",
+    "single_cell_annotator": "single_cell_annotator.json",
 }
 REQUIRED_ARTIFACTS = ("meta", "pipeline")
 #: Files MLflow writes beside a pyfunc model (environment, examples, registry and uv project
@@ -453,15 +457,25 @@ class PackagedModel:
         The :class:`~blinaprofile.models.runtime.ResponderModel`.
     metadata
         Provenance from ``MLmodel``.
+    annotator
+        The single-cell :class:`~blinaprofile.annotate.estimator.TCellAnnotator` stored with
+        the model (:func:`load_annotator`), or ``None`` (flow-trained models, older models).
     """
 
     def __init__(
-        self, *, folder: Path, source: str, runtime: ResponderModel, metadata: ModelMetadata
+        self,
+        *,
+        folder: Path,
+        source: str,
+        runtime: ResponderModel,
+        metadata: ModelMetadata,
+        annotator: Any = None,
     ) -> None:
         self.folder = folder
         self.source = source
         self.runtime = runtime
         self.metadata = metadata
+        self.annotator = annotator
 
     @property
     def training_features_path(self) -> Path | None:
@@ -503,7 +517,7 @@ def _read_meta(path: Path, *, source: str) -> dict[str, Any]:
 
 
 def open_model_folder(
-    folder: str | os.PathLike[str], *, source: str | None = None
+    folder: str | os.PathLike[str], *, source: str | None = None, compiled: bool = False
 ) -> PackagedModel:
     """Check a model folder (:func:`check_model_folder`) and build its runtime.
 
@@ -513,27 +527,33 @@ def open_model_folder(
         A local model folder.
     source
         What to name in errors (the URI the user gave); default ``folder``.
+    compiled
+        Build the runtime on the pipelines' compiled arrays
+        (:mod:`blinaprofile.models.compiled`: no scikit-learn, XGBoost or skops import once
+        the model has been compiled in the user cache), when they reproduce the pipelines
+        exactly; the scoring path asks for it. The runtime's ``pipeline`` is then not a
+        scikit-learn object (do not re-export it).
 
     Returns
     -------
     PackagedModel
     """
-    from sklearn.pipeline import Pipeline
-
     root = Path(folder)
     src = source or str(root)
     spec = check_model_folder(root, source=src)
     art = root / "artifacts"
     arts = spec["flavors"]["python_function"]["artifacts"]
     meta = _read_meta(art / ARTIFACT_FILES["meta"], source=src)
-    pipe = load_skops(art / ARTIFACT_FILES["pipeline"], source=src)
-    if not isinstance(pipe, Pipeline):
-        raise ModelError(f"pipeline.skops holds a {type(pipe).__name__}, not a Pipeline", path=src)
-    refits = None
-    if "uncertainty" in arts:
-        refits = load_skops(art / ARTIFACT_FILES["uncertainty"], source=src)
-        if not isinstance(refits, list) or not all(isinstance(m, Pipeline) for m in refits):
-            raise ModelError("uncertainty.skops does not hold a list of Pipelines", path=src)
+    names = ["pipeline", *(["uncertainty"] if "uncertainty" in arts else [])]
+    files = [art / ARTIFACT_FILES[n] for n in names]
+    pipe, refits = _compiled_pipelines(files, src) if compiled else (None, None)
+    if pipe is None:
+        pipe, refits = _skops_pipelines(files, src)
+        if compiled:
+            pipe, refits = _compile(files, pipe, refits, meta, art)
+    annotator = None
+    if "single_cell_annotator" in arts or meta.get("single_cell_annotator") is not None:
+        annotator = load_annotator(art / ARTIFACT_FILES["single_cell_annotator"], meta, source=src)
     md = spec.get("metadata")
     metadata = ModelMetadata(
         model_uuid=_opt_str(spec.get("model_uuid")),
@@ -542,15 +562,130 @@ def open_model_folder(
         metadata=dict(md) if isinstance(md, dict) else {},
     )
     return PackagedModel(
-        folder=root, source=src, runtime=ResponderModel(pipe, meta, refits), metadata=metadata
+        folder=root,
+        source=src,
+        runtime=ResponderModel(pipe, meta, refits),
+        metadata=metadata,
+        annotator=annotator,
     )
+
+
+def _skops_pipelines(files: list[Path], src: str) -> tuple[Any, list[Any] | None]:
+    """The pipeline and its bootstrap refits (``None`` without the file), through skops."""
+    from sklearn.pipeline import Pipeline
+
+    pipe = load_skops(files[0], source=src)
+    if not isinstance(pipe, Pipeline):
+        raise ModelError(f"pipeline.skops holds a {type(pipe).__name__}, not a Pipeline", path=src)
+    refits = None
+    if len(files) > 1:
+        refits = load_skops(files[1], source=src)
+        if not isinstance(refits, list) or not all(isinstance(m, Pipeline) for m in refits):
+            raise ModelError("uncertainty.skops does not hold a list of Pipelines", path=src)
+    return pipe, refits
+
+
+def _compiled_pipelines(files: list[Path], src: str) -> tuple[Any, list[Any] | None]:
+    """The compiled pipelines of these skops files from the user cache, else ``(None, None)``.
+
+    The files pass the allow-list (:func:`check_skops_file`) first, as for a skops load.
+    """
+    from blinaprofile.models.compiled import load_compiled
+
+    for f in files:
+        check_skops_file(f, source=src)
+    hit = load_compiled(files)
+    return hit if hit is not None else (None, None)
+
+
+def _compile(
+    files: list[Path], pipe: Any, refits: list[Any] | None, meta: dict[str, Any], art: Path
+) -> tuple[Any, list[Any] | None]:
+    """Compile, check and cache the pipelines; the compiled ones if they reproduce the
+    originals exactly, else the originals."""
+    from blinaprofile.models.compiled import compile_pipelines, store_compiled, verify
+
+    made = compile_pipelines(pipe, refits)
+    if made is None:
+        return pipe, refits
+    main, rest = made
+    tpath = art / ARTIFACT_FILES["training_features"]
+    training = pd.read_csv(tpath) if tpath.is_file() else None
+    if not verify([pipe, *(refits or [])], [main, *(rest or [])], meta["features"], training):
+        return pipe, refits
+    store_compiled(files, main, rest)
+    return main, rest
+
+
+def load_annotator(path: Path, meta: Mapping[str, Any], *, source: str) -> Any:
+    """The single-cell annotator stored with a model, checked before it is used.
+
+    The file must exist, hash to the SHA-256 ``meta.json`` records under
+    ``single_cell_annotator``, be strict JSON (no NaN) and pass
+    :meth:`TCellAnnotator.from_dict <blinaprofile.annotate.estimator.TCellAnnotator.from_dict>`
+    (pydantic validation of every key and number; nothing is imported or unpickled).
+
+    Parameters
+    ----------
+    path
+        ``artifacts/single_cell_annotator.json`` of the model folder.
+    meta
+        The model's ``meta.json``.
+    source
+        What to name in errors (the model the user gave).
+
+    Returns
+    -------
+    TCellAnnotator
+
+    Raises
+    ------
+    ModelError
+        One line: the file is missing or undeclared, its SHA-256 differs from ``meta.json``'s,
+        or its content is not a valid annotator state (the message names the key).
+    """
+    import hashlib
+
+    from blinaprofile.annotate.estimator import TCellAnnotator
+    from blinaprofile.errors import ConfigError
+
+    name = f"artifacts/{path.name}"
+    entry = meta.get("single_cell_annotator")
+    want = entry.get("sha256") if isinstance(entry, Mapping) else None
+    if not isinstance(want, str):
+        raise ModelError(
+            f"refusing {name}: meta.json records no single_cell_annotator.sha256", path=source
+        )
+    if not path.is_file() or path.is_symlink():
+        raise ModelError(f"refusing the model: meta.json records {name} but it is missing", path=source)
+    text = _read_text(path, source=source)
+    got = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if got != want:
+        raise ModelError(
+            f"refusing {name}: its SHA-256 {got[:12]}... differs from the {want[:12]}... "
+            "meta.json records (the file was changed after export)",
+            path=source,
+        )
+
+    def no_constant(c: str) -> Any:
+        raise ValueError(f"non-finite number {c}")
+
+    try:
+        data = json.loads(text, parse_constant=no_constant)
+        return TCellAnnotator.from_dict(data, source=name)
+    except ValueError as err:
+        raise ModelError(f"refusing {name}: not valid JSON ({err})", path=source) from None
+    except ConfigError as err:
+        raise ModelError(f"refusing {name}: {err.message}", path=source) from None
 
 
 def _opt_str(v: Any) -> str | None:
     return None if v is None else str(v)
 
 
-def load_packaged_model(uri: str | os.PathLike[str] | None = None) -> PackagedModel:
+def load_packaged_model(
+    uri: str | os.PathLike[str] | None = None, *, compiled: bool = False
+) -> PackagedModel:
     """Load a model by folder, ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` or ``runs:/``.
 
     For registry and run URIs MLflow only downloads the artifact folder (no model code is
@@ -560,6 +695,8 @@ def load_packaged_model(uri: str | os.PathLike[str] | None = None) -> PackagedMo
     ----------
     uri
         Folder or MLflow URI; ``None`` means the shipped default model.
+    compiled
+        See :func:`open_model_folder` (scoring asks for the compiled pipelines).
 
     Returns
     -------
@@ -569,10 +706,10 @@ def load_packaged_model(uri: str | os.PathLike[str] | None = None) -> PackagedMo
 
     target = str(uri) if uri else str(settings.default_model)
     if target.startswith(("models:/", "runs:/")):
-        return open_model_folder(_download(target), source=target)
+        return open_model_folder(_download(target), source=target, compiled=compiled)
     if not Path(target).exists():
         raise ModelError("model not found (train one with 'blinaprofile train')", path=target)
-    return open_model_folder(target, source=target)
+    return open_model_folder(target, source=target, compiled=compiled)
 
 
 def _download(target: str) -> Path:

@@ -9,10 +9,22 @@ A model directory (``models/default`` or an MLflow artifact) contains the MLflow
     The same pipeline refit on patient-bootstrap resamples of the training cohort (fixed
     hyper-parameters); they give the probability interval. Absent in older models.
 ``meta.json``
-    Feature list, schema version, decision threshold and rule, CV metrics, training-cohort
-    statistics for out-of-distribution checks, global importance.
+    Feature list, schema version, decision threshold and rule, CV metrics, the modality the
+    model was trained on (``flow`` or ``single_cell``; :func:`training_modality`), the
+    training cohort's distribution of every feature (``training_stats``: median and MAD on
+    the out-of-distribution scale, min and max), global importance.
 ``training_features.csv``
     The training cohort's features and response (to place a new sample against the cohort).
+``single_cell_annotator.json``
+    Single-cell models only: the :class:`~blinaprofile.annotate.estimator.TCellAnnotator`
+    fitted on the training cohort (plain JSON from ``to_dict``), so that a sample scored later
+    is labelled exactly as in training. ``meta.json`` records its SHA-256 under
+    ``single_cell_annotator``; the loader checks both and validates the state.
+
+A model gets the annotator artifact when the ``meta`` given to :func:`save_model` /
+:func:`log_model` holds ``meta["single_cell_annotator"] = {"state": <to_dict() output>,
+...notes}``: the state is validated (``TCellAnnotator.from_dict``), written as the artifact,
+and replaced in ``meta.json`` by ``{"file", "sha256", ...notes}``.
 
 Nothing is unpickled and no code from a model folder is run: scoring loads a folder through
 :mod:`blinaprofile.models.loading`, which checks the folder's layout and every type in the
@@ -32,11 +44,54 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from blinaprofile.errors import FeatureSchemaError, ModelError
+from blinaprofile.errors import ModelError
 from blinaprofile.io.atomic import write_csv
-from blinaprofile.models.runtime import ResponderModel
+from blinaprofile.models.runtime import MODALITIES, ResponderModel
 
-__all__ = ["load_model", "log_model", "save_model"]
+__all__ = ["ANNOTATOR_KEY", "load_model", "log_model", "save_model", "training_modality"]
+
+#: Key of ``meta`` (and ``meta.json``) for the single-cell annotator; also its artifact name.
+ANNOTATOR_KEY = "single_cell_annotator"
+
+
+def training_modality(table: pd.DataFrame) -> str:
+    """The modality of a training table: its rows' ``modality`` (``flow`` without the column).
+
+    Parameters
+    ----------
+    table
+        The feature table a model is trained on.
+
+    Returns
+    -------
+    str
+        One of :data:`blinaprofile.models.runtime.MODALITIES`, recorded as ``meta['modality']``.
+
+    Raises
+    ------
+    ModelError
+        The rows mix modalities, or name an unknown one.
+    """
+    found = sorted(set(table["modality"].dropna().astype(str))) if "modality" in table else []
+    if len(found) > 1:
+        raise ModelError(f"the training rows mix modalities {found}: train one model per modality")
+    modality = found[0] if found else "flow"
+    if modality not in MODALITIES:
+        raise ModelError(f"unknown modality {modality!r} (expected one of {list(MODALITIES)})")
+    return modality
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    """What scoring needs from ``meta`` beyond the loader's checks: a known modality, and the
+    training distribution of every feature (for the out-of-distribution check)."""
+    if meta.get("modality", "flow") not in MODALITIES:
+        raise ModelError(
+            f"meta modality must be one of {list(MODALITIES)}, got {meta.get('modality')!r}"
+        )
+    stats = meta.get("training_stats") or {}
+    lacking = [f for f in meta["features"] if f not in stats]
+    if lacking:
+        raise ModelError(f"meta training_stats lacks the training distribution of {lacking}")
 
 
 def _package(
@@ -57,6 +112,7 @@ def _package(
 
     from blinaprofile.models.loading import check_skops_file
 
+    _check_meta(meta)
     staging.mkdir(parents=True)
     sk = staging / "pipeline.skops"
     sio.dump(pipeline, sk)
@@ -74,6 +130,9 @@ def _package(
             "interval": "95%: expit(logit(p) -/+ 1.96 x SD of refit log-odds)",
         }
     meta["trusted_types"] = sorted(trusted)
+    if meta.get(ANNOTATOR_KEY) is not None:
+        path, meta[ANNOTATOR_KEY] = _write_annotator(staging, meta[ANNOTATOR_KEY])
+        artifacts[ANNOTATOR_KEY] = str(path)
     (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default))
     if training_table is not None:
         tt = staging / "training_features.csv"
@@ -103,6 +162,32 @@ def _package(
     }
 
 
+def _write_annotator(staging: Path, entry: Any) -> tuple[Path, dict[str, Any]]:
+    """Validate and write the annotator state; return its file and the ``meta.json`` entry.
+
+    ``entry`` is ``{"state": TCellAnnotator.to_dict() output, **notes}``. The state goes
+    through ``TCellAnnotator.from_dict`` first, so training never exports an annotator that
+    scoring would refuse.
+    """
+    import hashlib
+
+    from blinaprofile.annotate.estimator import TCellAnnotator
+    from blinaprofile.errors import ConfigError
+    from blinaprofile.models.loading import ARTIFACT_FILES
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("state"), dict):
+        raise ModelError(f"meta[{ANNOTATOR_KEY!r}] must be a mapping with the annotator 'state'")
+    try:
+        annotator = TCellAnnotator.from_dict(entry["state"], source="the annotator to export")
+    except ConfigError as err:
+        raise ModelError(f"cannot export the single-cell annotator: {err}") from None
+    path = staging / ARTIFACT_FILES[ANNOTATOR_KEY]
+    annotator.to_json(path)
+    notes = {k: v for k, v in entry.items() if k != "state"}
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return path, {"file": path.name, "sha256": digest, **notes}
+
+
 def save_model(
     path: str | os.PathLike[str],
     pipeline: Any,
@@ -116,6 +201,8 @@ def save_model(
     The directory is written under a temporary name beside ``path`` and renamed, so a crash
     never leaves a half-written model. Before the rename the folder must pass
     :func:`blinaprofile.models.loading.check_model_folder` (what scoring accepts).
+    ``meta["single_cell_annotator"]``, when present, becomes the annotator artifact (see the
+    module docstring).
     """
     import mlflow
 

@@ -2,39 +2,55 @@
 
 Prediction
 ----------
-``ResponderModel.predict`` takes a feature table (one row per sample) and returns ``probability``; ``probability_low``/``probability_high`` (a 95% interval from the bootstrap refits stored with the model: ``expit(logit(p) -/+ 1.96 * sd)`` with ``sd`` the SD of the refits' log-odds; NaN without refits); ``call`` (``responder`` when ``probability >= threshold``, else ``nonresponder``; :data:`NO_CALL` for a row with a missing or non-finite feature, whose numbers are then NaN); and ``contrib_<feature>`` (additive contributions to the log-odds). ``params={"threshold": t}`` overrides the stored threshold; it must be a probability in [0, 1] (:func:`check_threshold`).
+``ResponderModel.predict`` takes a feature table (one row per sample) and returns ``probability``; ``probability_low``/``probability_high`` (a 95% interval from the bootstrap refits stored with the model: ``expit(logit(p) -/+ 1.96 * sd)`` with ``sd`` the SD of the refits' log-odds; NaN without refits); ``call`` and ``call_reason`` from :func:`call_state` (``responder`` when ``probability >= threshold``, else ``nonresponder``; :data:`UNCERTAIN` when the interval straddles the threshold; :data:`NO_CALL` for a row with a missing or non-finite feature, whose numbers are then NaN); and ``contrib_<feature>`` (additive contributions to the log-odds). ``params={"threshold": t}`` overrides the stored threshold; it must be a probability in [0, 1] (:func:`check_threshold`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from blinaprofile.errors import FeatureSchemaError, ModelError
-from blinaprofile.io.atomic import write_csv
-
 
 __all__ = [
+    "CALL_STATES",
+    "MODALITIES",
+    "NONRESPONDER",
     "NO_CALL",
     "OUTPUT_COLUMNS",
+    "RESPONDER",
+    "UNCERTAIN",
+    "CallState",
     "ResponderModel",
+    "call_state",
     "check_threshold",
     "contributions",
     "global_contributions",
+    "path_shap",
     "probability_interval",
+    "tree_paths",
     "tree_shap",
 ]
 
 #: Columns of a prediction before the per-feature ``contrib_<feature>`` columns.
-OUTPUT_COLUMNS = ("probability", "probability_low", "probability_high", "call")
-#: The call of a row the model cannot judge (a missing or non-finite feature).
+OUTPUT_COLUMNS = ("probability", "probability_low", "probability_high", "call", "call_reason")
+#: The probability is at or above the threshold and nothing casts doubt on the label.
+RESPONDER = "responder"
+#: The probability is below the threshold and nothing casts doubt on the label.
+NONRESPONDER = "nonresponder"
+#: A probability exists but no label is reliable: the 95% interval straddles the threshold,
+#: or the sample lies outside what the model was trained on.
+UNCERTAIN = "uncertain"
+#: No label at all: the sample failed QC, or a model feature is missing.
 NO_CALL = "no call"
+#: The four call states, in the order they are listed.
+CALL_STATES = (RESPONDER, NONRESPONDER, UNCERTAIN, NO_CALL)
+#: The data types a model can be trained on (``meta['modality']``).
+MODALITIES = ("flow", "single_cell")
 _Z95 = 1.959963984540054
 
 
@@ -69,6 +85,88 @@ def check_threshold(value: Any) -> float | None:
     return t
 
 
+# --------------------------------------------------------------------------- call states
+@dataclass(frozen=True)
+class CallState:
+    """A call and the line that says why.
+
+    Attributes
+    ----------
+    state
+        One of :data:`CALL_STATES`.
+    reason
+        Why, in words (``"95% interval 0.105-0.938 straddles the threshold 0.787"``).
+    """
+
+    state: str
+    reason: str
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and bool(np.isfinite(x))
+
+
+def call_state(
+    probability: float | None,
+    low: float | None,
+    high: float | None,
+    threshold: float,
+    *,
+    qc_failures: Sequence[str] = (),
+    missing: Sequence[str] = (),
+    ood: Sequence[str] = (),
+) -> CallState:
+    """The call of one sample: the one decision behind every label blinaprofile shows.
+
+    In order: :data:`NO_CALL` when QC failed, a model feature is missing or there is no
+    probability; :data:`UNCERTAIN` when the 95% interval straddles the threshold
+    (``low < threshold <= high``: it holds values on both sides of the responder rule
+    ``probability >= threshold``) or the sample is outside the model's training
+    distribution; otherwise :data:`RESPONDER` (``probability >= threshold``) or
+    :data:`NONRESPONDER`.
+
+    Parameters
+    ----------
+    probability, low, high
+        Responder probability and its 95% interval (``None`` or NaN when unavailable;
+        without an interval the straddling test is skipped).
+    threshold
+        The decision threshold in [0, 1].
+    qc_failures
+        Why the sample failed QC (empty: it passed).
+    missing
+        Model features the sample lacks.
+    ood
+        Why the sample is outside the model's training distribution (features far from
+        the training cohort, another modality).
+
+    Returns
+    -------
+    CallState
+        The state and its reason.
+    """
+    if qc_failures:
+        return CallState(NO_CALL, "QC failed: " + "; ".join(qc_failures))
+    if missing:
+        return CallState(NO_CALL, f"model feature(s) {', '.join(missing)} missing")
+    if probability is None or not _finite(probability):
+        return CallState(NO_CALL, "no probability could be computed")
+    t = float(threshold)
+    doubts = list(ood)
+    iv = (float(low), float(high)) if _finite(low) and _finite(high) else None  # type: ignore[arg-type]
+    if iv is not None and iv[0] < t <= iv[1]:
+        doubts.append(f"95% interval {iv[0]:.3f}-{iv[1]:.3f} straddles the threshold {t:.3f}")
+    if doubts:
+        return CallState(UNCERTAIN, "; ".join(doubts))
+    state, sign = (RESPONDER, ">=") if probability >= t else (NONRESPONDER, "<")
+    beside = (
+        f"95% interval {iv[0]:.3f}-{iv[1]:.3f} clear of it"
+        if iv is not None
+        else "the model gives no interval"
+    )
+    return CallState(state, f"probability {probability:.3f} {sign} threshold {t:.3f}; {beside}")
+
+
 # --------------------------------------------------------------------------- explanations
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
@@ -89,25 +187,44 @@ def _split_pipeline(pipe: Any, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray,
 
 
 def _tree_paths(tree: Any) -> tuple[list[float], list[dict[int, tuple[float, float, float]]]]:
-    """Leaves of a fitted sklearn tree: class-1 fraction and per-feature (low, high, cover).
-
-    For each leaf the splits on its path are merged per feature into one interval
-    ``low < x <= high`` and one cover fraction (product of child/parent sample weights).
-    """
+    """Leaves of a fitted sklearn tree: class-1 fraction and per-feature (low, high, cover)."""
     t = tree.tree_
-    left, right = t.children_left, t.children_right
-    feat, thr = t.feature, t.threshold
-    wn = t.weighted_n_node_samples
     values = t.value[:, 0, :]
     values = values / values.sum(axis=1, keepdims=True)
     col = 1 if values.shape[1] > 1 else 0
+    return tree_paths(
+        t.children_left,
+        t.children_right,
+        t.feature,
+        t.threshold,
+        t.weighted_n_node_samples,
+        values[:, col],
+    )
+
+
+def tree_paths(
+    left: np.ndarray,
+    right: np.ndarray,
+    feat: np.ndarray,
+    thr: np.ndarray,
+    wn: np.ndarray,
+    values: np.ndarray,
+    *,
+    root: int = 0,
+) -> tuple[list[float], list[dict[int, tuple[float, float, float]]]]:
+    """Leaves of one binary tree in node arrays: leaf value and per-feature (low, high, cover).
+
+    A node goes left when ``x <= thr``; ``left`` is ``-1`` at a leaf, whose value is in
+    ``values``. For each leaf the splits on its path are merged per feature into one interval
+    ``low < x <= high`` and one cover fraction (product of child/parent weights ``wn``).
+    """
     leaves: list[float] = []
     paths: list[dict[int, tuple[float, float, float]]] = []
-    stack: list[tuple[int, dict[int, tuple[float, float, float]]]] = [(0, {})]
+    stack: list[tuple[int, dict[int, tuple[float, float, float]]]] = [(root, {})]
     while stack:
         node, cond = stack.pop()
         if left[node] == -1:
-            leaves.append(float(values[node, col]))
+            leaves.append(float(values[node]))
             paths.append(cond)
             continue
         f = int(feat[node])
@@ -152,17 +269,40 @@ def tree_shap(estimators: list[Any], Z: np.ndarray) -> tuple[np.ndarray, float]:
     one factor out per feature, vectorised over samples and leaves. Paths are padded with
     ``z = o = 1`` factors, which are null players and leave the values unchanged.
     """
-    from blinaprofile.models.metrics import shapley_weights
-
-    Z = np.asarray(Z, dtype=np.float32).astype(float)  # trees compare float32 values
-    n, d = Z.shape
     vals: list[float] = []
     paths: list[dict[int, tuple[float, float, float]]] = []
     for est in estimators:
         v, p = _tree_paths(est)
         vals.extend(v)
         paths.extend(p)
-    L = len(vals)
+    return path_shap(np.asarray(vals) / len(estimators), paths, Z)
+
+
+def path_shap(
+    values: np.ndarray, paths: list[dict[int, tuple[float, float, float]]], Z: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Exact path-dependent TreeSHAP of a sum of leaf values (see :func:`tree_shap`).
+
+    Parameters
+    ----------
+    values
+        One value per leaf of every tree; the explained function is their sum over the
+        leaves each sample reaches.
+    paths
+        Per leaf, :func:`tree_paths`' ``feature -> (low, high, cover)``.
+    Z
+        Samples x features, as the trees see them (compared as float32 values).
+
+    Returns
+    -------
+    phi, expected
+        SHAP values (samples x features) and the expected value.
+    """
+    from blinaprofile.models.metrics import shapley_weights
+
+    Z = np.asarray(Z, dtype=np.float32).astype(float)  # trees compare float32 values
+    n, d = Z.shape
+    L = len(values)
     D = max(1, max(len(p) for p in paths))
     F = np.zeros((L, D), dtype=int)
     LO = np.full((L, D), -np.inf)
@@ -171,7 +311,7 @@ def tree_shap(estimators: list[Any], Z: np.ndarray) -> tuple[np.ndarray, float]:
     for li, path in enumerate(paths):
         for k, (f, (lo, hi, cov)) in enumerate(path.items()):
             F[li, k], LO[li, k], HI[li, k], ZF[li, k] = f, lo, hi, cov
-    V = np.asarray(vals) / len(estimators)
+    V = np.asarray(values, dtype=float)
     expected = float(np.sum(V * np.prod(ZF, axis=1)))
     w = shapley_weights(D)
     onehot = np.zeros((L * D, d))
@@ -238,6 +378,9 @@ def contributions(pipe: Any, X: pd.DataFrame) -> pd.DataFrame:
 
     Features dropped by a selection step get 0.
     """
+    explain = getattr(pipe, "contributions", None)
+    if explain is not None:  # a compiled pipeline (blinaprofile.models.compiled) explains itself
+        return explain(X)
     names = list(X.columns)
     Z, cols, clf = _split_pipeline(pipe, X)
     out = np.zeros((len(X), len(names)))
@@ -320,6 +463,27 @@ class ResponderModel:
     def threshold(self) -> float:
         return float(self.meta["threshold"])
 
+    @property
+    def modality_recorded(self) -> bool:
+        """Whether ``meta.json`` records the modality (models from before it was recorded don't)."""
+        return "modality" in self.meta
+
+    @property
+    def modality(self) -> str:
+        """The modality the model was trained on (one of :data:`MODALITIES`).
+
+        ``"flow"`` for a model that does not record it (:attr:`modality_recorded`).
+
+        Raises
+        ------
+        ModelError
+            ``meta.json`` records a modality that is not one of :data:`MODALITIES`.
+        """
+        m = self.meta.get("modality", "flow")
+        if m not in MODALITIES:
+            raise ModelError(f"meta.json modality must be one of {list(MODALITIES)}, got {m!r}")
+        return str(m)
+
     def check_features(self, table: pd.DataFrame) -> pd.DataFrame:
         """Select the model's features, refusing tables that lack them."""
         missing = [f for f in self.features if f not in table.columns]
@@ -363,23 +527,37 @@ class ResponderModel:
         Returns
         -------
         pandas.DataFrame
-            :data:`OUTPUT_COLUMNS` then ``contrib_<feature>``. A row with a missing or
-            non-finite feature gets ``call`` :data:`NO_CALL` and NaN numbers.
+            :data:`OUTPUT_COLUMNS` then ``contrib_<feature>``. ``call`` and ``call_reason``
+            come from :func:`call_state` without QC or out-of-distribution input (the
+            caller's to add): ``responder``, ``nonresponder``, ``uncertain`` when the
+            interval straddles the threshold, or ``no call`` with NaN numbers for a row
+            with a missing or non-finite feature.
         """
         checked = check_threshold(threshold)
         t = self.threshold if checked is None else checked
         X = self.check_features(table)
-        usable = np.isfinite(X.to_numpy(dtype=float)).all(axis=1)
+        finite = np.isfinite(X.to_numpy(dtype=float))
+        usable = finite.all(axis=1)
         out = pd.DataFrame(np.nan, index=table.index, columns=list(OUTPUT_COLUMNS))
-        out["call"] = NO_CALL
         contrib = pd.DataFrame(np.nan, index=table.index, columns=X.columns)
         if usable.any():
             part = self.predict_interval(table.loc[usable])
             for c in part.columns:
                 out.loc[usable, c] = part[c].to_numpy()
-            prob = part["probability"].to_numpy()
-            out.loc[usable, "call"] = np.where(prob >= t, "responder", "nonresponder")
             contrib.loc[usable] = contributions(self.pipeline, X.loc[usable]).to_numpy()
+        names = np.asarray(X.columns)
+        calls = [
+            call_state(p, lo, hi, t, missing=list(names[~ok]))
+            for p, lo, hi, ok in zip(
+                out["probability"],
+                out["probability_low"],
+                out["probability_high"],
+                finite,
+                strict=True,
+            )
+        ]
+        out["call"] = [c.state for c in calls]
+        out["call_reason"] = [c.reason for c in calls]
         for c in contrib.columns:
             out[f"contrib_{c}"] = contrib[c].to_numpy(dtype=float)
         return out
@@ -401,6 +579,3 @@ class ResponderModel:
             x = to_ood_scale(f, X[f]) if stats[f].get("scale", "identity") != "identity" else X[f]
             z[f] = (np.asarray(x, dtype=float) - med) / scale
         return pd.DataFrame(z, index=table.index)
-
-
-# --------------------------------------------------------------------------- packaging

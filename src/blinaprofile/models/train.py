@@ -59,6 +59,8 @@ from blinaprofile.models.validation import (
 if TYPE_CHECKING:
     import pandas as pd
 
+    from blinaprofile.annotate.estimator import TCellAnnotator
+
 __all__ = ["TrainResult", "promotion_failures", "select_timepoint", "train"]
 
 
@@ -308,6 +310,8 @@ def train(
     timepoint: str | None = None,
     register: bool = True,
     force: bool = False,
+    annotator: TCellAnnotator | None = None,
+    annotator_notes: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Validate every configured family, refit the best, log it to MLflow, register it and
     move the serving alias only on evidence.
@@ -341,6 +345,14 @@ def train(
         Register the model (``False``: only log it to the run).
     force
         Let a model that meets the promotion rule replace a serving alias set by hand.
+    annotator
+        Single-cell training: the fitted :class:`~blinaprofile.annotate.estimator.TCellAnnotator`
+        behind ``table``. It is stored with the model (logged, registered and exported:
+        ``artifacts/single_cell_annotator.json``, SHA-256 in ``meta.json``) so that a sample
+        scored later is labelled exactly as in training.
+    annotator_notes
+        Provenance recorded beside it in ``meta.json`` (keys, what it was fitted on, how the
+        CV used it).
 
     Returns
     -------
@@ -351,9 +363,8 @@ def train(
     """
     import mlflow
 
+    from blinaprofile.models.packaging import save_model, training_modality
     from blinaprofile.models.runtime import global_contributions
-
-    from blinaprofile.models.packaging import save_model
     from blinaprofile.settings import settings
 
     cfg_file: Path | None
@@ -384,6 +395,7 @@ def train(
     meta = {
         "features": ev.features,
         "schema_version": SCHEMA_VERSION,
+        "modality": training_modality(table),
         "threshold": threshold,
         "threshold_rule": config.threshold.rule,
         "threshold_value": config.threshold.value,
@@ -406,6 +418,8 @@ def train(
         "timepoint": timepoint,
         "git_commit": commit,
     }
+    if annotator is not None:  # packaging writes it as an artifact (models.packaging)
+        meta["single_cell_annotator"] = {"state": annotator.to_dict(), **(annotator_notes or {})}
     failures = promotion_failures(
         ev.families[chosen].metrics,
         selection_pvalue=ev.selection_pvalue,

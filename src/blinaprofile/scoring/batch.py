@@ -52,6 +52,7 @@ from blinaprofile.parallel import ItemTimeoutError, WorkerDiedError, run_paralle
 if TYPE_CHECKING:
     import pandas as pd
 
+    from blinaprofile.annotate.config import SampleQCSpec
     from blinaprofile.io.read import FCSReadOptions
 
 __all__ = ["DEFAULT_SAMPLE_TIMEOUT", "SCHEDULER_CONNECT_TIMEOUT", "BatchJob", "score_samples"]
@@ -83,6 +84,10 @@ class BatchJob:
     keep_file_names
         Whether the job's error row may name the file (``score_samples(keep_file_names=)``);
         otherwise it names the sample (its ID or pseudonym).
+    sample_key
+        Single-cell objects: the ``obs`` column naming samples (``None``: the configured
+        candidates). An object holding several samples is scored on the cells whose value
+        is ``sample_id``.
     """
 
     key: str
@@ -90,6 +95,7 @@ class BatchJob:
     path: str
     sha256: str = ""
     keep_file_names: bool = False
+    sample_key: str | None = None
 
 
 def _key(text: str) -> str:
@@ -108,10 +114,17 @@ def _content_sha256(path: str) -> str:
         return ""
 
 
-def _job(label: str, sample_id: str | None, path: str) -> BatchJob:
-    """A job keyed on ``label`` and the content of ``path``."""
-    sha = _content_sha256(path)
-    return BatchJob(_key(label + "\0sha256:" + sha), sample_id, path, sha)
+def _job(
+    label: str,
+    sample_id: str | None,
+    path: str,
+    *,
+    sha: str | None = None,
+    sample_key: str | None = None,
+) -> BatchJob:
+    """A job keyed on ``label`` and the content of ``path`` (``sha``: already hashed)."""
+    sha = _content_sha256(path) if sha is None else sha
+    return BatchJob(_key(label + "\0sha256:" + sha), sample_id, path, sha, sample_key=sample_key)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -132,7 +145,9 @@ def _folder_inputs(folder: Path) -> list[Path]:
     )
 
 
-def _jobs_from_frame(df: pd.DataFrame, *, source: str) -> list[BatchJob]:
+def _jobs_from_frame(
+    df: pd.DataFrame, *, source: str, sample_key: str | None = None
+) -> list[BatchJob]:
     if "sample_id" not in df.columns or not ({"path", "file"} & set(df.columns)):
         raise InputError(
             f"a sample table needs 'sample_id' and 'path' (or 'file') columns; has {list(df.columns)}",
@@ -143,25 +158,52 @@ def _jobs_from_frame(df: pd.DataFrame, *, source: str) -> list[BatchJob]:
     for sid, f in zip(df["sample_id"].astype(str), df[col].astype(str), strict=True):
         ap = str(Path(f).resolve()) if f.strip() else ""
         # keyed by sample, file and content: a corrected file for the same sample is scored again
-        jobs.append(_job("sample:" + sid + "\0" + ap, sid, ap))
+        jobs.append(_job("sample:" + sid + "\0" + ap, sid, ap, sample_key=sample_key))
     return jobs
 
 
-def collect_jobs(paths_or_manifest: Any) -> list[BatchJob]:
+def _single_cell_jobs(path: Path, sample_key: str | None) -> list[BatchJob]:
+    """One job per sample of a single-cell object (one job when it has no sample column).
+
+    The samples are ``obs[sample_key]``, or the first configured ``sample_key_candidates``
+    column present; each job scores that sample's cells alone.
+    """
+    from blinaprofile.annotate.config import load_single_cell_config
+    from blinaprofile.features.singlecell import sample_column
+    from blinaprofile.io.singlecell import read_single_cell
+
+    adata = read_single_cell(path, sample_key=sample_key)
+    candidates = load_single_cell_config().sample_key_candidates
+    key, names = sample_column(adata, sample_key=sample_key, candidates=candidates)
+    del adata
+    if key is None:
+        return _jobs_from_paths([path])
+    ap = str(path.resolve())
+    sha = _content_sha256(ap)
+    return [_job("sample:" + sid + "\0" + ap, sid, ap, sha=sha, sample_key=key) for sid in names]
+
+
+def collect_jobs(paths_or_manifest: Any, *, sample_key: str | None = None) -> list[BatchJob]:
     """The samples to score from a manifest CSV, a folder, a file, a list of files or a table.
 
     A manifest keeps its ``sample_id`` values; files given directly (or found in a folder)
     get pseudonymous IDs from their checksums when scored. Every file's type is checked
     and its bytes hashed here (the resume key includes the SHA-256); a file that is
     missing or not a regular file gets an empty checksum and fails when scored.
+
+    A lone single-cell object (``.h5ad``, 10x ``.h5`` or folder) gives one job per sample of
+    ``obs[sample_key]`` (default: the first configured candidate column present), named by
+    its value. Manifest rows pointing at a single-cell object holding several samples score
+    the cells whose ``obs[sample_key]`` (default: the candidate column) is the row's
+    ``sample_id``.
     """
     import pandas as pd
 
-    from blinaprofile.io.read import read_manifest
+    from blinaprofile.io.read import modality_of, read_manifest
 
     src = paths_or_manifest
     if isinstance(src, pd.DataFrame):
-        return _jobs_from_frame(src, source="<table>")
+        return _jobs_from_frame(src, source="<table>", sample_key=sample_key)
     if isinstance(src, str | os.PathLike):
         p = Path(src)
         if p.is_dir() and not _looks_like_10x(p):
@@ -171,9 +213,11 @@ def collect_jobs(paths_or_manifest: Any) -> list[BatchJob]:
             return _jobs_from_paths(files)
         if p.suffix.lower() in (".csv", ".tsv", ".txt"):
             df = read_manifest(p, check_files=False)
-            return _jobs_from_frame(df, source=str(p))
+            return _jobs_from_frame(df, source=str(p), sample_key=sample_key)
         if not p.exists():
             raise InputError("file not found", path=p)
+        if modality_of(p) == "single_cell":
+            return _single_cell_jobs(p, sample_key)
         return _jobs_from_paths([p])
     if isinstance(src, Sequence):
         return _jobs_from_paths(list(src))
@@ -181,7 +225,8 @@ def collect_jobs(paths_or_manifest: Any) -> list[BatchJob]:
 
 
 def _looks_like_10x(p: Path) -> bool:
-    return any((p / n).exists() for n in ("matrix.mtx", "matrix.mtx.gz"))
+    names = ("matrix.mtx", "matrix.mtx.gz", "filtered_feature_bc_matrix")
+    return any((p / n).exists() for n in names)
 
 
 # --------------------------------------------------------------------------- worker
@@ -194,7 +239,14 @@ def _error_row(job: BatchJob, message: str) -> dict[str, Any]:
     if not job.keep_file_names:  # the row names the sample, never its file
         message = withhold_file_name(message, job.path, label=sid or WITHHELD_FILE_NAME)
     row: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
-    row.update(sample_id=sid, call="error", qc_pass=None, reasons="", error=one_line(message))
+    row.update(
+        sample_id=sid,
+        call="error",
+        call_reason="",
+        qc_pass=None,
+        reasons="",
+        error=one_line(message),
+    )
     return row
 
 
@@ -219,6 +271,10 @@ def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
                 sample_id=job.sample_id,
                 threshold=options["threshold"],
                 interval=options["interval"],
+                allow_other_modality=options["allow_other_modality"],
+                sample_key=job.sample_key,
+                select_sample=job.sample_id,
+                single_cell_qc=options.get("single_cell_qc"),
             )
         row = res.to_row()
     except BlinaprofileError as err:
@@ -248,6 +304,8 @@ def _read_part(parts: Path, key: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if not isinstance(d, dict) or d.get("key") != key or not isinstance(d.get("row"), dict):
+        return None
+    if "call_reason" not in d["row"]:  # made before the four call states: score it again
         return None
     return d["row"]
 
@@ -413,6 +471,9 @@ def score_samples(
     fcs_options: FCSReadOptions | None = None,
     sample_timeout: float | None = DEFAULT_SAMPLE_TIMEOUT,
     keep_file_names: bool = False,
+    allow_other_modality: bool = False,
+    sample_key: str | None = None,
+    single_cell_qc: SampleQCSpec | None = None,
 ) -> pd.DataFrame:
     """Score many samples; one row per sample, in input order.
 
@@ -453,12 +514,26 @@ def score_samples(
     keep_file_names
         Let error rows name the input file. By default they name the sample instead (its
         ``sample_id``, else the pseudonym ``S-<12 hex>``): file names often name the patient.
+    allow_other_modality
+        Score samples of another modality than the model's training data as
+        ``"uncertain"``; by default each becomes an error row saying it was refused. Part
+        of the run's settings (``run.json``) when set.
+    sample_key
+        Single-cell: the ``obs`` column naming samples. A lone object is scored sample by
+        sample (default key: the first configured candidate column present); manifest rows
+        pointing at single-cell objects score the cells of their ``sample_id``
+        (:func:`collect_jobs`). Each sample is labelled alone by the model's stored
+        annotator. Part of the run's settings when set.
+    single_cell_qc
+        Single-cell per-sample QC minimums overriding the annotator's ``sample_qc`` (the
+        ``single_cell`` section of a ``--qc`` file). Part of the run's settings when set.
 
     Returns
     -------
     DataFrame
         Columns :data:`blinaprofile.scoring.score.RESULT_COLUMNS`; ``call`` is ``responder``,
-        ``nonresponder``, ``no call`` or ``error`` (then ``error`` says why and names the
+        ``nonresponder``, ``uncertain``, ``no call`` (``call_reason`` says why, from
+        :func:`blinaprofile.models.runtime.call_state`) or ``error`` (then ``error`` says why and names the
         sample, or the file with ``keep_file_names``); ``warnings`` lists what the FCS reader tolerated in the sample's file. ``df.attrs['batch']`` counts scored, skipped and failed samples.
 
     Raises
@@ -482,7 +557,7 @@ def score_samples(
         raise ConfigError(
             f"sample_timeout must be a positive number of seconds, got {sample_timeout!r}"
         )
-    jobs = collect_jobs(paths_or_manifest)
+    jobs = collect_jobs(paths_or_manifest, sample_key=sample_key)
     if keep_file_names:
         jobs = [replace(j, keep_file_names=True) for j in jobs]
     keys = [j.key for j in jobs]
@@ -501,6 +576,8 @@ def score_samples(
         "interval": bool(interval),
         "tracking_uri": settings.tracking_uri,
         "fcs_options": fcs_options or current_fcs_read_options(),
+        "allow_other_modality": bool(allow_other_modality),
+        "single_cell_qc": single_cell_qc,
     }
     from blinaprofile.scoring.score import load_scoring_model
 
@@ -519,6 +596,12 @@ def score_samples(
     }
     if not options["fcs_options"].is_strict:  # strict runs keep the record they always had
         record["fcs_options"] = options["fcs_options"].as_dict()
+    if allow_other_modality:  # likewise
+        record["allow_other_modality"] = True
+    if sample_key is not None:
+        record["sample_key"] = sample_key
+    if single_cell_qc is not None:
+        record["single_cell_qc"] = single_cell_qc.model_dump()
     # the scheduler must answer before anything is made on disk
     client, own_client = _connect(scheduler) if scheduler is not None else (None, False)
     tmpdir = None

@@ -51,12 +51,14 @@ if TYPE_CHECKING:
     from blinaprofile.gating.tree import GateTree
     from blinaprofile.scoring.score import ScoreResult
 
-__all__ = ["gating_figure", "render_report", "training_figure", "write_report"]
+__all__ = ["ReportFrame", "gating_figure", "render_report", "training_figure", "write_report"]
 
 _RESPONDER = "#1b7837"
 _NONRESPONDER = "#b2182b"
 _SAMPLE = "#2166ac"
-_CALL_CLASSES = {"responder": "responder", "nonresponder": "nonresponder"}
+_CALL_CLASSES = {"responder": "responder", "nonresponder": "nonresponder", "uncertain": "uncertain"}
+#: the heading of the reasons box, by call state
+_REASONS_TITLES = {"no call": "No call", "uncertain": "Uncertain"}
 #: the report template, in ``blinaprofile/scoring/templates/``
 _TEMPLATE = "report.html.j2"
 #: resolution of the embedded figures (dots per inch); each is drawn at the width it is shown
@@ -151,6 +153,18 @@ def _cohort_panel(
 ) -> None:
     """One feature: training responders and nonresponders (boxes, every sample a dot) and
     this sample as a line at its value, or an arrow at the edge when it is far off."""
+    _cohort_background(ax, values, response, rng)
+    lo, hi, off = _axis_range(values[np.isfinite(values)], sample)
+    ax.set_ylim(lo, hi)
+    _cohort_sample(ax, name, sample, lo, hi, off)
+    _cohort_title(ax, name, z, z_limit, title_chars)
+
+
+def _cohort_background(
+    ax: Axes, values: np.ndarray, response: np.ndarray | None, rng: np.random.Generator
+) -> None:
+    """What a cohort panel shows whatever the sample: the training groups (boxes, every
+    sample a dot), the group ticks and the frame (the caller sets the value axis)."""
     finite = np.isfinite(values)
     if response is not None:
         groups = [(1, "R", _RESPONDER), (0, "NR", _NONRESPONDER)]
@@ -160,7 +174,7 @@ def _cohort_panel(
     for pos, (cls, lab, color) in enumerate(groups):
         keep = finite if response is None else finite & (response == cls)
         v = values[keep]
-        ticks.append(f"{lab}\nn={v.size}")
+        ticks.append(f"{lab} n={v.size}")
         if v.size:
             ax.boxplot(
                 [v],
@@ -174,65 +188,78 @@ def _cohort_panel(
             )
             jitter = rng.uniform(-0.2, 0.2, v.size)
             ax.scatter(pos + jitter, v, s=5, color=color, alpha=0.6, lw=0, zorder=2)
-    lo, hi, off = _axis_range(values[finite], sample)
-    ax.set_ylim(lo, hi)
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_xticks(range(len(groups)), ticks)
-    if sample is not None and np.isfinite(sample):
-        label = _fmt_value(name, sample)
-        box = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85}
-        if off is None:
-            ax.axhline(sample, color=_SAMPLE, lw=1.6, zorder=3)
-            ax.annotate(
-                label,
-                xy=(1.0, sample),
-                xycoords=("axes fraction", "data"),
-                xytext=(-1, 1.5),
-                textcoords="offset points",
-                ha="right",
-                va="bottom",
-                fontsize=_TICK_PT,
-                color=_SAMPLE,
-                fontweight="bold",
-                bbox=box,
-                zorder=4,
-            )
-        else:
-            edge = 1.0 if off == "above" else 0.0
-            ax.axhline(hi if off == "above" else lo, color=_SAMPLE, lw=1.0, ls="--", zorder=3)
-            ax.annotate(
-                f"{label} off scale",
-                xy=(0.5, edge),
-                xycoords="axes fraction",
-                xytext=(0.5, 0.72 if off == "above" else 0.28),
-                textcoords="axes fraction",
-                ha="center",
-                va="center",
-                fontsize=_TICK_PT,
-                color=_SAMPLE,
-                fontweight="bold",
-                bbox=box,
-                arrowprops={"arrowstyle": "-|>", "color": _SAMPLE, "lw": 1.4},
-                zorder=4,
-            )
-    if z is not None and np.isfinite(z):
-        far = z_limit is not None and abs(z) > float(z_limit)
-        ax.text(
-            0.02,
-            0.98,
-            f"z {z:+.1f}",
-            transform=ax.transAxes,
-            ha="left",
-            va="top",
-            fontsize=_TICK_PT,
-            color=_NONRESPONDER if far else "#444444",
-            fontweight="bold" if far else "normal",
-            zorder=4,
-        )
-    ax.set_title("\n".join(textwrap.wrap(_feature_title(name), title_chars)), fontsize=_TITLE_PT)
     ax.tick_params(labelsize=_TICK_PT, length=2, pad=1.5)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+
+
+def _cohort_sample(
+    ax: Axes, name: str, sample: float | None, lo: float, hi: float, off: str | None
+) -> None:
+    """The sample on a cohort panel whose value axis is ``[lo, hi]``: a line labelled with
+    its value, or (``off``) an arrow at that edge."""
+    if sample is None or not np.isfinite(sample):
+        return
+    label = _fmt_value(name, sample)
+    box = {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85}
+    if off is None:
+        high = sample > lo + 0.8 * (hi - lo)  # label below the line, clear of the title
+        ax.axhline(sample, color=_SAMPLE, lw=1.6, zorder=3)
+        ax.annotate(
+            label,
+            xy=(1.0, sample),
+            xycoords=("axes fraction", "data"),
+            xytext=(-1, -1.5 if high else 1.5),
+            textcoords="offset points",
+            ha="right",
+            va="top" if high else "bottom",
+            fontsize=_TICK_PT,
+            color=_SAMPLE,
+            fontweight="bold",
+            bbox=box,
+            zorder=4,
+        )
+    else:
+        edge = 1.0 if off == "above" else 0.0
+        ax.axhline(hi if off == "above" else lo, color=_SAMPLE, lw=1.0, ls="--", zorder=3)
+        ax.annotate(
+            f"{label} (off scale)",
+            xy=(0.5, edge),
+            xycoords="axes fraction",
+            xytext=(0.5, 0.6 if off == "above" else 0.4),
+            textcoords="axes fraction",
+            ha="center",
+            va="center",
+            fontsize=_TICK_PT,
+            color=_SAMPLE,
+            fontweight="bold",
+            bbox=box,
+            arrowprops={"arrowstyle": "-|>", "color": _SAMPLE, "lw": 1.4},
+            zorder=4,
+        )
+
+
+def _cohort_title_lines(name: str, z: float | None, title_chars: int) -> list[str]:
+    """A cohort panel's title: the feature's name and units, and the sample's robust z."""
+    title = _feature_title(name)
+    if z is not None and np.isfinite(z):
+        title += f" z={z:+.1f}"
+    return textwrap.wrap(title, title_chars)
+
+
+def _cohort_title(
+    ax: Axes, name: str, z: float | None, z_limit: float | None, title_chars: int
+) -> None:
+    """Title a cohort panel (:func:`_cohort_title_lines`; red and bold beyond the OOD limit)."""
+    far = z is not None and bool(np.isfinite(z)) and z_limit is not None and abs(z) > float(z_limit)
+    ax.set_title(
+        "\n".join(_cohort_title_lines(name, z, title_chars)),
+        fontsize=_TITLE_PT,
+        color=_NONRESPONDER if far else "black",
+        fontweight="bold" if far else "normal",
+    )
 
 
 def training_figure(
@@ -275,7 +302,7 @@ def training_figure(
     n = len(features)
     ncol = max(1, min(ncols, n))
     nrow = max(1, int(np.ceil(n / ncol)))
-    fig = _new_figure(width, 1.0 * nrow)
+    fig = _new_figure(width, 0.95 * nrow)
     fig.set_layout_engine("constrained", w_pad=0.02, h_pad=0.02, wspace=0.04, hspace=0.04)
     axes = fig.subplots(nrow, ncol, squeeze=False)
     rng = np.random.default_rng(0)
@@ -394,11 +421,15 @@ class _View:
     """Values the template shows that take more than formatting to derive from a result."""
 
     call_class: str
+    call_reason: str
+    simulated: bool
+    cv_auc: str
+    perm_p: str
     interval_level: int
     has_interval: bool
     gauge: _Gauge | None
-    straddles: bool
     interval_method: str
+    reasons_title: str
     reasons: list[str]
     qc_counts: list[dict[str, Any]]
     flags: list[str]
@@ -523,10 +554,20 @@ def _feature_rows(r: ScoreResult) -> list[_FeatureRow]:
                 rank=ranks.get(f.name),
                 width=0.0 if c is None else 60 * abs(c) / largest,
                 color=_RESPONDER if (c or 0) > 0 else _NONRESPONDER,
-                direction="" if c is None else ("to R" if c > 0 else "to NR"),
+                direction="" if c is None else ("R" if c > 0 else "NR"),
             )
         )
     return rows
+
+
+def _cv_evidence(model: Mapping[str, Any]) -> tuple[str, str]:
+    """The model's CV ROC AUC with its 95% CI, and its permutation p, as the headline shows them."""
+    auc, lo, hi = (model.get(k) for k in ("cv_roc_auc", "cv_roc_auc_ci_low", "cv_roc_auc_ci_high"))
+    ci = f" [95% CI {lo:.3f}-{hi:.3f}]" if lo is not None and hi is not None else ""
+    auc_text = "not recorded" if auc is None else f"{auc:.3f}{ci}"
+    p, n = model.get("perm_pvalue"), model.get("n_permutations")
+    p_text = "not computed" if p is None else f"{p:.3f} ({n} label permutations)"
+    return auc_text, p_text
 
 
 def _view(result: ScoreResult, training_png: str | None, gating_png: str | None) -> _View:
@@ -539,12 +580,7 @@ def _view(result: ScoreResult, training_png: str | None, gating_png: str | None)
         hi = 100 * r.probability_high if r.probability_high is not None else 0.0
         thr = 100 * r.threshold if r.threshold is not None else 0.0
         gauge = _Gauge(100 * r.probability, lo, max(hi - lo, 0.4), thr)
-    straddles = (
-        r.probability_low is not None
-        and r.probability_high is not None
-        and r.threshold is not None
-        and r.probability_low < r.threshold <= r.probability_high
-    )
+    cv_auc, perm_p = _cv_evidence(r.model)
     z = {k: v for k, v in r.ood_z.items() if v is not None and np.isfinite(v)}
     ood = None
     if z:
@@ -560,11 +596,15 @@ def _view(result: ScoreResult, training_png: str | None, gating_png: str | None)
     cmap = r.input.get("channel_map") or {}
     return _View(
         call_class=_CALL_CLASSES.get(r.call, "nocall"),
+        call_reason=_name_features(r.call_reason),
+        simulated=bool(r.model.get("simulated")),
+        cv_auc=cv_auc,
+        perm_p=perm_p,
         interval_level=int(100 * float(r.interval.get("level", 0.95))),
         has_interval=has_interval,
         gauge=gauge,
-        straddles=straddles,
         interval_method=r.interval.get("description") or r.interval.get("note") or "",
+        reasons_title=_REASONS_TITLES.get(r.call, "Notes"),
         reasons=[_name_features(x) for x in r.reasons],
         qc_counts=r.qc.get("counts") or [],
         flags=r.gating.get("flags") or [],
@@ -616,6 +656,35 @@ def render_report(
             notes=notes or [],
         )
     )
+
+
+@dataclass(frozen=True)
+class ReportFrame:
+    """A written report shown inline in a notebook (Jupyter calls :meth:`_repr_html_`).
+
+    The report is embedded whole in an ``<iframe srcdoc=...>``: its styles stay inside the
+    frame, and it shows wherever the notebook is opened, however far the file is from the
+    notebook server's folder.
+
+    Parameters
+    ----------
+    path
+        A report written by :func:`write_report`.
+    height
+        Height of the frame in pixels (the report scrolls inside it).
+    """
+
+    path: Path
+    height: int = 900
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        doc = escape(Path(self.path).read_text(encoding="utf-8"), quote=True)
+        return (
+            f'<iframe srcdoc="{doc}" title="blinaprofile report" '
+            f'style="width:100%;height:{int(self.height)}px;border:1px solid #d0d4da"></iframe>'
+        )
 
 
 def write_report(

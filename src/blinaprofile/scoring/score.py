@@ -1,9 +1,17 @@
 """Scoring one sample: features, QC, out-of-distribution check, probability and call.
 
-The call is ``"no call"`` (with reasons) when the sample fails QC (too few events or
-cells, an adaptive gate that could not be placed, a panel that lacks a marker the gating
-needs) or when any model feature lies outside the training cohort (robust z beyond
-``qc.ood_max_z``); a confident label is never given for such a sample.
+The call has four states, decided by :func:`blinaprofile.models.runtime.call_state` (the one
+decision behind every label the CLI, JSON, batch tables, REST and the report show), with a
+one-line ``call_reason``:
+
+- ``"no call"`` when the sample fails QC (too few events or cells, an adaptive gate that
+  could not be placed, a panel that lacks a marker the gating needs) or lacks a model
+  feature;
+- ``"uncertain"`` when the probability's 95% interval straddles the threshold, when any
+  model feature lies outside the training cohort (robust z beyond ``qc.ood_max_z``), or
+  when the sample is of another modality than the model's training data (refused unless
+  ``allow_other_modality=True``);
+- ``"responder"`` / ``"nonresponder"`` otherwise.
 
 The responder probability comes with a 95% uncertainty interval. If the model's
 ``predict`` returns ``probability_low``/``probability_high`` those are used; otherwise the
@@ -28,20 +36,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blinaprofile.config import QCConfig
-from blinaprofile.errors import BlinaprofileError, ModelError, PanelMismatchError
+from blinaprofile.errors import ModelError, PanelMismatchError
 from blinaprofile.io.files import ensure_file, file_checksum, pseudonymous_id
 from blinaprofile.io.read import join_warnings, split_warnings
-from blinaprofile.models.runtime import NO_CALL
+from blinaprofile.models.runtime import CALL_STATES, NO_CALL, UNCERTAIN, call_state
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from blinaprofile.annotate.config import SampleQCSpec
     from blinaprofile.gating.gates import GatingResult
     from blinaprofile.gating.tree import GateTree
 
 __all__ = [
+    "CALL_STATES",
     "NO_CALL",
     "RESULT_COLUMNS",
+    "UNCERTAIN",
     "ScoreContext",
     "ScoreResult",
     "ScoringModel",
@@ -75,9 +86,13 @@ class ScoreResult:
     probability, probability_low, probability_high
         Responder probability and its 95% interval (``None`` when not computable).
     call
-        ``"responder"``, ``"nonresponder"`` or ``"no call"``.
+        ``"responder"``, ``"nonresponder"``, ``"uncertain"`` or ``"no call"``
+        (:func:`blinaprofile.models.runtime.call_state`).
+    call_reason
+        Why, in one line (``"95% interval 0.105-0.938 straddles the threshold 0.787"``).
     reasons
-        Why the call is ``"no call"`` (empty otherwise).
+        What is wrong with the sample: QC failures, missing features, features outside the
+        training cohort, another modality (empty for a sound sample).
     qc
         Counts against the QC thresholds, the OOD limit and the verdict.
     interval
@@ -100,6 +115,7 @@ class ScoreResult:
     qc_pass: bool
     reasons: list[str]
     features: dict[str, float]
+    call_reason: str = ""
     top_features: list[dict[str, float | str]] = field(default_factory=list)
     ood_z: dict[str, float] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +141,7 @@ class ScoreResult:
             "sample_id": self.sample_id,
             "modality": self.modality,
             "call": self.call,
+            "call_reason": self.call_reason,
             "probability": self.probability,
             "probability_low": self.probability_low,
             "probability_high": self.probability_high,
@@ -154,8 +171,11 @@ class ScoreResult:
         return row
 
     def summary(self) -> str:
-        """A few lines for a terminal."""
-        lines = [f"sample        {self.sample_id} ({self.modality})"]
+        """A few lines for a terminal: the call and why first."""
+        why = f" ({self.call_reason})" if self.call_reason else ""
+        lines = [f"call          {self.call}{why}"]
+        lines.extend(f"  reason: {r}" for r in self.reasons if r not in self.call_reason)
+        lines.append(f"sample        {self.sample_id} ({self.modality})")
         if self.input.get("sha256"):
             lines.append(f"input sha256  {self.input['sha256']}")
         lines.append(f"QC            {'PASS' if self.qc_pass else 'FAIL'}")
@@ -164,11 +184,8 @@ class ScoreResult:
             if self.probability_low is not None and self.probability_high is not None:
                 iv = f" [95% interval {self.probability_low:.3f}-{self.probability_high:.3f}]"
             lines.append(
-                f"probability   {self.probability:.3f} responder{iv} (threshold {self.threshold:.3f})"
+                f"probability   {self.probability:.3f}{iv} (threshold {self.threshold:.3f})"
             )
-        lines.append(f"call          {self.call}")
-        for r in self.reasons:
-            lines.append(f"  reason: {r}")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         if self.top_features:
@@ -200,6 +217,7 @@ _BASE_RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("sample_id", "text"),
     ("modality", "text"),
     ("call", "text"),
+    ("call_reason", "text"),
     ("probability", "number"),
     ("probability_low", "number"),
     ("probability_high", "number"),
@@ -266,7 +284,11 @@ class ScoringModel:
         loader is never used) and its :class:`blinaprofile.models.runtime.ResponderModel`.
     info
         ``name``, ``version``, ``alias``, ``uri``, ``family``, ``schema_version``,
-        ``trained_on``, ``threshold_rule``, ``model_uuid``, ``run_id``.
+        ``trained_on``, ``threshold_rule``, ``model_uuid``, ``run_id``; ``modality`` (what
+        the model was trained on) with ``modality_note`` saying when it was assumed (older
+        models record none: flow); ``simulated`` (trained on simulated data); the CV
+        ``cv_roc_auc`` with ``cv_roc_auc_ci_low``/``_high`` and ``perm_pvalue`` with
+        ``n_permutations`` (``None`` when not computed).
     training
         The training cohort's features and ``response`` (``training_features.csv``), or
         ``None`` when the model has none.
@@ -302,7 +324,8 @@ def _load(key: str) -> ScoringModel:
 
     from blinaprofile.models.loading import load_packaged_model
 
-    model = load_packaged_model(key)  # checked folder; none of its code is run
+    # checked folder, none of its code run; compiled pipelines: no sklearn import
+    model = load_packaged_model(key, compiled=True)
     training = None
     tpath = model.training_features_path
     if tpath is not None:
@@ -326,6 +349,12 @@ def _model_info(key: str, pyfunc: Any, runtime: Any) -> dict[str, Any]:
         "model_uuid": getattr(md, "model_uuid", None),
         "run_id": getattr(md, "run_id", None),
         "created": getattr(md, "utc_time_created", None),
+        "modality": runtime.modality,
+        "modality_note": (
+            None if runtime.modality_recorded else "the model records no modality: assumed flow"
+        ),
+        "simulated": _simulated(meta),
+        **_cv_evidence(meta),
     }
     if key.startswith("models:/"):
         rest = key[len("models:/") :]
@@ -343,6 +372,54 @@ def _model_info(key: str, pyfunc: Any, runtime: Any) -> dict[str, Any]:
             uuid = info.get("model_uuid")
             info["version"] = f"unregistered ({uuid[:8]})" if uuid else "unregistered"
     return info
+
+
+def _simulated(meta: dict[str, Any]) -> bool:
+    """Whether the model says it was trained on simulated data (flag or ``trained_on`` text)."""
+    return meta.get("simulated") is True or "simulated" in str(meta.get("trained_on") or "").lower()
+
+
+def _cv_evidence(meta: dict[str, Any]) -> dict[str, Any]:
+    """The model's cross-validated ROC AUC with its CI and permutation p (``None``: absent)."""
+    cv = meta.get("cv_metrics") or {}
+
+    def num(key: str) -> float | None:
+        v = cv.get(key)
+        return float(v) if isinstance(v, int | float) and np.isfinite(v) else None
+
+    n_perm = num("n_permutations")
+    computed = n_perm is not None and n_perm > 0
+    return {
+        "cv_roc_auc": num("roc_auc"),
+        "cv_roc_auc_ci_low": num("roc_auc_ci_low"),
+        "cv_roc_auc_ci_high": num("roc_auc_ci_high"),
+        "perm_pvalue": num("perm_pvalue") if computed else None,
+        "n_permutations": int(n_perm) if computed and n_perm is not None else None,
+    }
+
+
+#: how a modality is named in messages
+_MODALITY_NAMES = {"flow": "flow cytometry", "single_cell": "single-cell"}
+
+
+def _other_modality(sm: ScoringModel, modality: str, *, allow: bool) -> str | None:
+    """Why a sample of ``modality`` is outside the model's training data (``None``: it isn't).
+
+    Raises
+    ------
+    ModelError
+        The modalities differ and ``allow`` is false (one line, naming the way out).
+    """
+    trained = sm.runtime.modality
+    if modality == trained:
+        return None
+    what = (
+        f"model {sm.info.get('name')} was trained on {_MODALITY_NAMES[trained]}; "
+        f"this sample is {_MODALITY_NAMES.get(modality, modality)}"
+    )
+    if not allow:
+        raise ModelError(f"{what}: refusing (use --allow-other-modality to score it as uncertain)")
+    return f"{what} (scored with --allow-other-modality)"
 
 
 def _alias_version(name: str, alias: str) -> str | None:
@@ -396,6 +473,7 @@ def score_features(
     threshold: float | None = None,
     n_top: int = 5,
     interval: bool = True,
+    allow_other_modality: bool = False,
 ) -> ScoreResult:
     """Score one feature row (from either modality).
 
@@ -413,6 +491,15 @@ def score_features(
         How many top contributing features to report.
     interval
         Report the model's probability interval (from the bootstrap refits stored with it).
+        The call uses the interval either way.
+    allow_other_modality
+        Score a row of another modality (``row['modality']``, default flow) than the model
+        was trained on, as ``"uncertain"``; by default such a row is refused.
+
+    Raises
+    ------
+    ModelError
+        The row's modality is not the model's and ``allow_other_modality`` is false.
     """
     import pandas as pd
 
@@ -427,6 +514,10 @@ def score_features(
     runtime = sm.runtime
     reasons: list[str] = [r for r in str(row.get("qc_reasons") or "").split("; ") if r]
     qc_pass = bool(row.get("qc_pass", True)) and not reasons
+    qc_failures = list(reasons) or ([] if qc_pass else ["the featurizer marked it as failing"])
+    other = _other_modality(sm, str(row.get("modality", "flow")), allow=allow_other_modality)
+    doubts = [other] if other else []
+    reasons.extend(doubts)
     table = pd.DataFrame([row])
     feats = runtime.features
     missing = [f for f in feats if f not in table.columns or pd.isna(table[f].iloc[0])]
@@ -434,6 +525,8 @@ def score_features(
     prob: float | None = None
     low: float | None = None
     high: float | None = None
+    model_low: float | None = None
+    model_high: float | None = None
     iv: dict[str, Any] = {}
     contrib: dict[str, float] = {}
     ood: dict[str, float] = {}
@@ -446,8 +539,9 @@ def score_features(
         out = sm.pyfunc.predict(X, params={"threshold": t})
         prob = float(out["probability"].iloc[0])
         contrib = {f: float(out[f"contrib_{f}"].iloc[0]) for f in feats}
+        model_low, model_high, model_iv = _interval(out)
         if interval:
-            low, high, iv = _interval(out)
+            low, high, iv = model_low, model_high, model_iv
         z = runtime.ood_scores(table).iloc[0]
         ood = {f: float(z[f]) for f in feats}
         far = {f: v for f, v in ood.items() if abs(v) > qc.ood_max_z}
@@ -455,8 +549,11 @@ def score_features(
             desc = ", ".join(
                 f"{f} (z={v:+.1f})" for f, v in sorted(far.items(), key=lambda kv: -abs(kv[1]))
             )
-            reasons.append(f"outside the training cohort (|robust z| > {qc.ood_max_z:g}): {desc}")
-    call = NO_CALL if prob is None or reasons else ("responder" if prob >= t else "nonresponder")
+            doubts.append(f"outside the training cohort (|robust z| > {qc.ood_max_z:g}): {desc}")
+            reasons.append(doubts[-1])
+    decision = call_state(
+        prob, model_low, model_high, t, qc_failures=qc_failures, missing=missing, ood=doubts
+    )
     top = sorted(contrib.items(), key=lambda kv: -abs(kv[1]))[:n_top]
     features = {
         k: float(v)
@@ -474,7 +571,8 @@ def score_features(
         sample_id=str(row.get("sample_id", "")),
         modality=str(row.get("modality", "flow")),
         probability=prob,
-        call=call,
+        call=decision.state,
+        call_reason=decision.reason,
         threshold=t,
         qc_pass=qc_pass,
         reasons=reasons,
@@ -521,6 +619,9 @@ def score_sample(
     keep_gating: bool = False,
     interval: bool = True,
     sample_key: str | None = None,
+    select_sample: str | None = None,
+    single_cell_qc: SampleQCSpec | None = None,
+    allow_other_modality: bool = False,
 ) -> ScoreResult:
     """Read, gate/annotate, featurize and score one sample (FCS or single-cell).
 
@@ -529,7 +630,14 @@ def score_sample(
     path
         An FCS file, ``.h5ad``, 10x ``.h5`` or 10x folder.
     sample_key
-        Single-cell only: the ``obs`` column naming samples (the object must then hold one).
+        Single-cell only: the ``obs`` column naming samples (default: the first of the
+        annotator's ``sample_key_candidates`` present). An object holding several samples
+        needs ``select_sample`` (``score-batch OBJECT --sample-key KEY`` scores each).
+    select_sample
+        Single-cell only: score the cells whose ``obs[sample_key]`` is this value (an object
+        holding one sample is scored whole).
+    single_cell_qc
+        Single-cell only: per-sample QC minimums overriding the annotator's ``sample_qc``.
     model
         ``models:/NAME@ALIAS``, ``runs:/...`` or a model folder (default: shipped model).
     strategy, adaptive
@@ -543,7 +651,7 @@ def score_sample(
         Decision threshold overriding the model's.
     keep_gating
         Keep the gating behind the result in :attr:`ScoreResult.context` (for reports).
-    interval
+    interval, allow_other_modality
         See :func:`score_features`.
 
     Raises
@@ -552,6 +660,9 @@ def score_sample(
         For unreadable input, bad config or model problems. QC failures, including a
         panel that lacks a needed marker, do not raise: they give ``call == "no call"``
         with reasons.
+    ModelError
+        The sample is of another modality than the model's and ``allow_other_modality`` is
+        false (checked before the sample is read).
     """
     from blinaprofile.features.flow import featurize_fcs, load_qc
     from blinaprofile.gating.strategy import load_strategy
@@ -562,6 +673,7 @@ def score_sample(
     checksum = file_checksum(p)
     sid = sample_id or pseudonymous_id(checksum)
     modality = modality_of(p)
+    _other_modality(load_scoring_model(model), modality, allow=allow_other_modality)
     info: dict[str, Any] = {
         "sha256": checksum,
         "modality": modality,
@@ -598,22 +710,88 @@ def score_sample(
             if keep_gating:
                 ctx.tree, ctx.gating = sf.tree, sf.result
     else:
-        from blinaprofile.features.singlecell import featurize_single_cell
-
-        table = featurize_single_cell(p, sample_key=sample_key)
-        if len(table) != 1:
-            raise BlinaprofileError(
-                f"the object holds {len(table)} samples; use 'score-batch' or --sample-key",
-                path=p,
-            )
-        row = table.iloc[0].to_dict()
+        row, sc_info = _single_cell_row(
+            p,
+            model=model,
+            sample_key=sample_key,
+            select_sample=select_sample,
+            sample_qc=single_cell_qc,
+        )
+        info.update(sc_info)
         row["sample_id"] = sid
         row["patient_id"] = sid
-    res = score_features(row, model=model, qc=qc, threshold=threshold, interval=interval)
+    res = score_features(
+        row,
+        model=model,
+        qc=qc,
+        threshold=threshold,
+        interval=interval,
+        allow_other_modality=allow_other_modality,
+    )
     res.input = info
     res.gating = gating
     res.context = ctx if keep_gating else None
     return res
+
+
+def _single_cell_row(
+    p: Path,
+    *,
+    model: str | None,
+    sample_key: str | None,
+    select_sample: str | None,
+    sample_qc: SampleQCSpec | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The feature row of one single-cell sample, labelled by the model's stored annotator.
+
+    A model without one (flow-trained, or older) gets an annotator fitted on the sample's own
+    cells, and the row's ``warnings`` say that its features are not comparable.
+    """
+    import shlex
+
+    from blinaprofile.annotate.config import load_single_cell_config
+    from blinaprofile.errors import SingleCellInputError
+    from blinaprofile.features.singlecell import featurize_cells, sample_column
+    from blinaprofile.io.singlecell import read_single_cell
+
+    annotator = getattr(load_scoring_model(model).pyfunc, "annotator", None)
+    cfg = annotator.config_ if annotator is not None else load_single_cell_config()
+    adata = read_single_cell(p, sample_key=sample_key)
+    key, names = sample_column(adata, sample_key=sample_key, candidates=cfg.sample_key_candidates)
+    if len(names) > 1 and select_sample is not None:
+        if select_sample not in names:
+            raise SingleCellInputError(
+                f"no cells of sample {select_sample!r} (obs {key!r} holds {names[:10]})", path=p
+            )
+        adata = adata[adata.obs[key].astype(str).to_numpy() == select_sample].copy()
+    elif len(names) > 1:
+        cmd = ["blinaprofile", "score-batch", str(p), "--sample-key", str(key)]
+        cmd += ["--model", str(model)] if model is not None else []
+        raise SingleCellInputError(
+            f"holds {len(names)} samples (obs {key!r}): use `{shlex.join(cmd)}`", path=p
+        )
+    feats = featurize_cells(adata, annotator=annotator, sample_key=key, sample_qc=sample_qc)
+    row = feats.table.iloc[0].to_dict()
+    warnings = split_warnings(row.get("warnings"))
+    if annotator is None:
+        warnings.append(
+            "the model stores no single-cell annotator (flow-trained, or trained before "
+            "annotators were stored): this sample's cells were labelled by an annotator fitted "
+            "on the sample alone, so its features are not comparable with the model's training "
+            "features"
+        )
+    row["warnings"] = join_warnings(warnings)
+    fit = feats.annotator.state_
+    info = {
+        "sample_key": key or "",
+        "annotator": (
+            "fitted on this sample alone (the model stores none)"
+            if annotator is None
+            else f"stored with the model (fitted on {fit.n_samples} samples, {fit.n_cells} cells)"
+        ),
+        "x_kind": feats.table.attrs["blinaprofile"]["x_kind"],
+    }
+    return row, info
 
 
 def _panel_name() -> str | None:
@@ -638,14 +816,18 @@ def _panel_no_call(
 ) -> ScoreResult:
     """A "no call" result for a sample whose panel lacks a marker the gating needs."""
     sm = load_scoring_model(model)
+    t = sm.runtime.threshold if threshold is None else float(threshold)
+    reasons = [f"panel mismatch: {err.message}"]
+    decision = call_state(None, None, None, t, qc_failures=reasons)
     return ScoreResult(
         sample_id=sid,
         modality="flow",
         probability=None,
-        call=NO_CALL,
-        threshold=sm.runtime.threshold if threshold is None else float(threshold),
+        call=decision.state,
+        call_reason=decision.reason,
+        threshold=t,
         qc_pass=False,
-        reasons=[f"panel mismatch: {err.message}"],
+        reasons=reasons,
         features={},
         model=dict(sm.info),
         input=info,

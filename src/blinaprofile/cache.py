@@ -1,0 +1,83 @@
+"""A per-user cache of things derived from a model, so a new process need not redo them.
+
+Scoring one sample in a fresh process should not pay for work that depends only on the
+model: its pipelines in plain arrays (:mod:`blinaprofile.models.compiled`, no scikit-learn
+import) and the training-cohort background of the report's cohort figure
+(:mod:`blinaprofile.scoring.report`). Both are stored here, keyed by the SHA-256 of the
+model files they come from (and the versions of what made them), so a changed model never
+meets a stale entry.
+
+Where: ``$BLINAPROFILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/blinaprofile``, else
+``~/.cache/blinaprofile``; never inside a model folder. ``BLINAPROFILE_CACHE_DIR=off`` (or
+an empty value) turns the cache off: everything is then recomputed in every process.
+
+The cache is best effort: an entry that cannot be read or written is simply recomputed, and
+entries are written atomically, so a crash leaves no half-written file. Entries are plain
+data (``.npz`` read without pickle, PNG, JSON); nothing in the cache is code. Delete the
+folder at any time to reclaim the space (a model's entries take about a megabyte).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["cache_dir", "file_digest", "read_entry", "write_entry"]
+
+_OFF = {"", "0", "off", "false", "no", "none"}
+
+
+def cache_dir() -> Path | None:
+    """The cache folder, or ``None`` when caching is turned off."""
+    env = os.environ.get("BLINAPROFILE_CACHE_DIR")
+    if env is not None:
+        return None if env.strip().lower() in _OFF else Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "blinaprofile"
+
+
+def file_digest(paths: Iterable[str | os.PathLike[str]], *extra: str) -> str:
+    """SHA-256 of the files' bytes (in order, each with its size) and of ``extra`` strings."""
+    h = hashlib.sha256()
+    for p in paths:
+        data = Path(p).read_bytes()
+        h.update(f"{len(data)}:".encode())
+        h.update(data)
+    for e in extra:
+        h.update(b"\0" + e.encode("utf-8"))
+    return h.hexdigest()
+
+
+def _entry(kind: str, key: str) -> Path | None:
+    root = cache_dir()
+    return None if root is None else root / kind / key
+
+
+def read_entry(kind: str, key: str) -> bytes | None:
+    """The bytes stored under ``kind/key``, or ``None`` (absent, unreadable, cache off)."""
+    path = _entry(kind, key)
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def write_entry(kind: str, key: str, data: bytes) -> Path | None:
+    """Store ``data`` under ``kind/key`` atomically; ``None`` if it could not be written."""
+    from blinaprofile.errors import OutputError
+    from blinaprofile.io.atomic import atomic_path
+
+    path = _entry(kind, key)
+    if path is None:
+        return None
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OutputError:
+        return None
+    return path
