@@ -51,7 +51,14 @@ if TYPE_CHECKING:
     from blinaprofile.gating.tree import GateTree
     from blinaprofile.scoring.score import ScoreResult
 
-__all__ = ["ReportFrame", "gating_figure", "render_report", "training_figure", "write_report"]
+__all__ = [
+    "ReportFrame",
+    "cohort_png",
+    "gating_figure",
+    "render_report",
+    "training_figure",
+    "write_report",
+]
 
 _RESPONDER = "#1b7837"
 _NONRESPONDER = "#b2182b"
@@ -326,6 +333,165 @@ def training_figure(
             chars,
         )
     return fig
+
+
+#: Part of the key of a cached cohort background: change it when the drawing changes.
+_COHORT_LAYOUT_VERSION = "1"
+#: Cohort backgrounds drawn in this process: key -> (RGBA pixels, per-panel geometry).
+_COHORT_BACKGROUNDS: dict[str, tuple[np.ndarray, list[dict[str, Any]]]] = {}
+
+
+def cohort_png(
+    result: ScoreResult,
+    training: pd.DataFrame,
+    features: Sequence[str],
+    *,
+    ncols: int = 5,
+    width: float = _TRAINING_WIDTH,
+) -> str:
+    """:func:`training_figure` as a base64 PNG, its training-cohort background drawn once.
+
+    The background (every panel's boxes, dots, ticks and frame, and the layout) depends
+    only on the model's training cohort: it is drawn once per cohort and kept in this
+    process and in the user cache (:mod:`blinaprofile.cache`, keyed by the cohort's values
+    and this drawing's version), and each sample only adds its lines, labels and titles on
+    top. When the sample would move a panel's value axis or re-wrap its title, the whole
+    figure is drawn as :func:`training_figure` draws it.
+    """
+    n = len(features)
+    ncol = max(1, min(ncols, n))
+    chars = max(12, int(width / ncol * 72 / (_CHAR_EM * _TITLE_PT)))
+    cols = {f: training[f].astype(float).to_numpy() for f in features}
+    for f in features:
+        v = cols[f][np.isfinite(cols[f])]
+        sample, z = result.features.get(f), result.ood_z.get(f)
+        moves = _axis_range(v, sample)[:2] != _axis_range(v, None)[:2]
+        lines = len(_cohort_title_lines(f, z, chars)) != len(_cohort_title_lines(f, 0.0, chars))
+        if moves or lines:
+            return _png(training_figure(result, training, features, ncols=ncols, width=width))
+    response = training["response"].astype(int).to_numpy() if "response" in training else None
+    back, geometry = _cohort_background_layer(cols, response, list(features), ncol, width, chars)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(back.shape[1] / _FIGURE_DPI, back.shape[0] / _FIGURE_DPI))
+    fig.patch.set_alpha(0.0)
+    limit = result.qc.get("ood_max_z")
+    for f, geo in zip(features, geometry, strict=True):
+        ax = fig.add_axes(geo["position"])
+        ax.set_axis_off()
+        ax.set_xlim(*geo["xlim"])
+        lo, hi = geo["ylim"]
+        ax.set_ylim(lo, hi)
+        v = cols[f][np.isfinite(cols[f])]
+        sample = result.features.get(f)
+        _cohort_sample(ax, f, sample, lo, hi, _axis_range(v, sample)[2])
+        _cohort_title(ax, f, result.ood_z.get(f), limit, chars)
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(_FIGURE_DPI)
+    canvas.draw()
+    top = np.asarray(canvas.buffer_rgba(), dtype=np.float32) / 255.0
+    alpha = top[..., 3:4]
+    under = back.astype(np.float32) / 255.0
+    rgb = top[..., :3] * alpha + under[..., :3] * (1.0 - alpha)
+    out = np.concatenate([rgb, np.maximum(alpha, under[..., 3:4])], axis=-1)
+    pixels = np.round(out * 255.0).astype(np.uint8)
+    import matplotlib.image
+
+    buf = io.BytesIO()
+    matplotlib.image.imsave(buf, pixels, format="png", metadata={"Software": None})
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _cohort_background_layer(
+    cols: Mapping[str, np.ndarray],
+    response: np.ndarray | None,
+    features: list[str],
+    ncol: int,
+    width: float,
+    chars: int,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The cohort figure without any sample: RGBA pixels and each panel's position and
+    axes (from this process, the user cache, or drawn now and cached)."""
+    import hashlib
+    import json
+
+    import matplotlib
+
+    h = hashlib.sha256()
+    meta = [_COHORT_LAYOUT_VERSION, matplotlib.__version__, features, ncol, width, chars]
+    h.update(json.dumps(meta).encode("utf-8"))
+    for f in features:
+        h.update(np.ascontiguousarray(cols[f], dtype=np.float64).tobytes())
+    if response is not None:
+        h.update(np.ascontiguousarray(response, dtype=np.int64).tobytes())
+    key = h.hexdigest()
+    if key in _COHORT_BACKGROUNDS:
+        return _COHORT_BACKGROUNDS[key]
+    from blinaprofile.cache import read_entry, write_entry
+
+    entry = read_entry("report-cohort", key + ".npz")
+    layer = None
+    if entry is not None:
+        try:
+            with np.load(io.BytesIO(entry), allow_pickle=False) as z:
+                layer = (z["pixels"], json.loads(bytes(z["geometry"]).decode("utf-8")))
+        except (OSError, ValueError, KeyError):
+            layer = None
+    if layer is None:
+        layer = _draw_cohort_background(cols, response, features, ncol, width, chars)
+        buf = io.BytesIO()
+        text = json.dumps(layer[1]).encode("utf-8")
+        np.savez_compressed(buf, pixels=layer[0], geometry=np.frombuffer(text, dtype=np.uint8))
+        write_entry("report-cohort", key + ".npz", buf.getvalue())
+    _COHORT_BACKGROUNDS[key] = layer
+    return layer
+
+
+def _draw_cohort_background(
+    cols: Mapping[str, np.ndarray],
+    response: np.ndarray | None,
+    features: list[str],
+    ncol: int,
+    width: float,
+    chars: int,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Draw the cohort figure's background; the layout reserves each title's lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    n = len(features)
+    nrow = max(1, int(np.ceil(n / ncol)))
+    fig = _new_figure(width, 0.95 * nrow)
+    fig.set_layout_engine("constrained", w_pad=0.02, h_pad=0.02, wspace=0.04, hspace=0.04)
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    rng = np.random.default_rng(0)  # the dots where training_figure puts them
+    panels = []
+    for k, ax in enumerate(axes.ravel()):
+        if k >= n:
+            ax.set_visible(False)
+            continue
+        f = features[k]
+        _cohort_background(ax, cols[f], response, rng)
+        lo, hi, _ = _axis_range(cols[f][np.isfinite(cols[f])], None)
+        ax.set_ylim(lo, hi)
+        _cohort_title(ax, f, 0.0, None, chars)  # a stand-in of the sample's title
+        panels.append(ax)
+    fig.set_dpi(_FIGURE_DPI)
+    canvas = FigureCanvasAgg(fig)
+    fig.draw_without_rendering()  # the constrained layout, once
+    fig.set_layout_engine("none")
+    geometry = [
+        {
+            "position": list(ax.get_position().bounds),
+            "xlim": list(ax.get_xlim()),
+            "ylim": list(ax.get_ylim()),
+        }
+        for ax in panels
+    ]
+    for ax in panels:
+        ax.title.set_visible(False)  # each sample draws its own
+    canvas.draw()
+    return np.array(canvas.buffer_rgba(), dtype=np.uint8), geometry
 
 
 def gating_figure(
@@ -724,9 +890,7 @@ def write_report(
     feats = [f for f in (result.ood_z or {}) if training is not None and f in training.columns]
     if not feats and training is not None:
         feats = [f for f in MODEL_FEATURES if f in training.columns]
-    training_png = (
-        _png(training_figure(result, training, feats)) if training is not None and feats else None
-    )
+    training_png = cohort_png(result, training, feats) if training is not None and feats else None
     gating_png = None
     ctx = result.context
     if ctx is not None and ctx.tree is not None and ctx.gating is not None:
