@@ -129,9 +129,8 @@ class Sampler(threading.Thread):
 
 
 def _workers(sampler: Sampler, root: int, n_workers: int) -> list[int]:
-    """Worker pids: the run itself for 1 worker, else the processes forked by the fork server."""
-    if n_workers == 1:
-        return [root]
+    """Worker pids: the processes forked by the fork server (a child of the run). With a
+    per-sample time limit (the default) even one worker is such a process."""
     parents: dict[int, int] = {}
     for _, _, ppid in sampler.samples:
         parents.update(ppid)

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["cache_dir", "file_digest", "read_entry", "write_entry"]
+__all__ = ["cache_dir", "file_digest", "memo_file", "read_entry", "write_entry"]
 
 _OFF = {"", "0", "off", "false", "no", "none"}
 
@@ -81,3 +83,32 @@ def write_entry(kind: str, key: str, data: bytes) -> Path | None:
     except OutputError:
         return None
     return path
+
+
+_MEMO: dict[tuple[str, str, int, int], Any] = {}
+_MEMO_LOCK = threading.Lock()
+
+
+def memo_file[T](kind: str, path: str | os.PathLike[str], load: Callable[[Path], T]) -> T:
+    """``load(path)``, done once per process and version of the file (size, mtime).
+
+    For small files read for every sample of a batch (the gating strategy, the panel):
+    parsing their YAML again for each sample cost more than gating it. ``kind`` names what
+    ``load`` makes; the result is shared, so callers must not change it. A file that cannot
+    be examined is passed to ``load`` as it is (which reports the problem).
+    """
+    p = Path(path)
+    try:
+        st = p.stat()
+        key = (kind, str(p.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return load(p)
+    with _MEMO_LOCK:
+        if key in _MEMO:
+            return _MEMO[key]  # type: ignore[no-any-return]
+    value = load(p)
+    with _MEMO_LOCK:
+        if len(_MEMO) > 64:
+            _MEMO.clear()
+        _MEMO[key] = value
+    return value

@@ -167,20 +167,28 @@ def _cohort_panel(
     _cohort_title(ax, name, z, z_limit, title_chars)
 
 
+def _cohort_groups(
+    values: np.ndarray, response: np.ndarray | None
+) -> list[tuple[int, str, str, np.ndarray]]:
+    """``(position, label, colour, finite values)`` of each training group of a panel."""
+    finite = np.isfinite(values)
+    if response is None:
+        return [(0, "all", "#555555", values[finite])]
+    groups = [(1, "R", _RESPONDER), (0, "NR", _NONRESPONDER)]
+    return [
+        (pos, lab, color, values[finite & (response == cls)])
+        for pos, (cls, lab, color) in enumerate(groups)
+    ]
+
+
 def _cohort_background(
     ax: Axes, values: np.ndarray, response: np.ndarray | None, rng: np.random.Generator
 ) -> None:
     """What a cohort panel shows whatever the sample: the training groups (boxes, every
     sample a dot), the group ticks and the frame (the caller sets the value axis)."""
-    finite = np.isfinite(values)
-    if response is not None:
-        groups = [(1, "R", _RESPONDER), (0, "NR", _NONRESPONDER)]
-    else:
-        groups = [(-1, "all", "#555555")]
+    groups = _cohort_groups(values, response)
     ticks = []
-    for pos, (cls, lab, color) in enumerate(groups):
-        keep = finite if response is None else finite & (response == cls)
-        v = values[keep]
+    for pos, lab, color, v in groups:
         ticks.append(f"{lab} n={v.size}")
         if v.size:
             ax.boxplot(
@@ -354,51 +362,57 @@ def cohort_png(
     The background (every panel's boxes, dots, ticks and frame, and the layout) depends
     only on the model's training cohort: it is drawn once per cohort and kept in this
     process and in the user cache (:mod:`blinaprofile.cache`, keyed by the cohort's values
-    and this drawing's version), and each sample only adds its lines, labels and titles on
-    top. When the sample would move a panel's value axis or re-wrap its title, the whole
-    figure is drawn as :func:`training_figure` draws it.
+    and this drawing's version); each sample adds its lines, labels and titles on top. A
+    panel whose value axis the sample extends is drawn again whole in its place; a sample
+    whose z would re-wrap a title gets the whole figure drawn as :func:`training_figure`
+    draws it.
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
     n = len(features)
     ncol = max(1, min(ncols, n))
     chars = max(12, int(width / ncol * 72 / (_CHAR_EM * _TITLE_PT)))
     cols = {f: training[f].astype(float).to_numpy() for f in features}
     for f in features:
-        v = cols[f][np.isfinite(cols[f])]
-        sample, z = result.features.get(f), result.ood_z.get(f)
-        moves = _axis_range(v, sample)[:2] != _axis_range(v, None)[:2]
-        lines = len(_cohort_title_lines(f, z, chars)) != len(_cohort_title_lines(f, 0.0, chars))
-        if moves or lines:
+        z = result.ood_z.get(f)
+        if len(_cohort_title_lines(f, z, chars)) != len(_cohort_title_lines(f, 0.0, chars)):
             return _png(training_figure(result, training, features, ncols=ncols, width=width))
     response = training["response"].astype(int).to_numpy() if "response" in training else None
     back, geometry = _cohort_background_layer(cols, response, list(features), ncol, width, chars)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(back.shape[1] / _FIGURE_DPI, back.shape[0] / _FIGURE_DPI))
+    fig.set_dpi(_FIGURE_DPI)
     fig.patch.set_alpha(0.0)
     limit = result.qc.get("ood_max_z")
+    drawn = 0  # training values drawn before this panel: where its jitter starts
     for f, geo in zip(features, geometry, strict=True):
+        values, sample, z = cols[f], result.features.get(f), result.ood_z.get(f)
+        lo, hi, off = _axis_range(values[np.isfinite(values)], sample)
         ax = fig.add_axes(geo["position"])
-        ax.set_axis_off()
-        ax.set_xlim(*geo["xlim"])
-        lo, hi = geo["ylim"]
-        ax.set_ylim(lo, hi)
-        v = cols[f][np.isfinite(cols[f])]
-        sample = result.features.get(f)
-        _cohort_sample(ax, f, sample, lo, hi, _axis_range(v, sample)[2])
-        _cohort_title(ax, f, result.ood_z.get(f), limit, chars)
+        if [lo, hi] != geo["ylim"]:  # the sample extends the axis: this panel anew
+            fig.add_artist(Rectangle(geo["region"][:2], *geo["region"][2:], fc="white", lw=0))
+            rng = np.random.default_rng(0)
+            rng.uniform(size=drawn)  # the state training_figure reaches this panel with
+            _cohort_panel(ax, f, values, response, sample, z, limit, rng, chars)
+        else:
+            ax.set_axis_off()
+            ax.set_xlim(*geo["xlim"])
+            ax.set_ylim(lo, hi)
+            _cohort_sample(ax, f, sample, lo, hi, off)
+            _cohort_title(ax, f, z, limit, chars)
+        drawn += sum(v.size for *_, v in _cohort_groups(values, response))
     canvas = FigureCanvasAgg(fig)
-    fig.set_dpi(_FIGURE_DPI)
     canvas.draw()
     top = np.asarray(canvas.buffer_rgba(), dtype=np.float32) / 255.0
-    alpha = top[..., 3:4]
     under = back.astype(np.float32) / 255.0
+    alpha = top[..., 3:4]
     rgb = top[..., :3] * alpha + under[..., :3] * (1.0 - alpha)
     out = np.concatenate([rgb, np.maximum(alpha, under[..., 3:4])], axis=-1)
-    pixels = np.round(out * 255.0).astype(np.uint8)
     import matplotlib.image
 
     buf = io.BytesIO()
+    pixels = np.round(out * 255.0).astype(np.uint8)
     matplotlib.image.imsave(buf, pixels, format="png", metadata={"Software": None})
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -480,11 +494,15 @@ def _draw_cohort_background(
     canvas = FigureCanvasAgg(fig)
     fig.draw_without_rendering()  # the constrained layout, once
     fig.set_layout_engine("none")
+    renderer = canvas.get_renderer()
+    to_fig = fig.transFigure.inverted()
     geometry = [
         {
             "position": list(ax.get_position().bounds),
             "xlim": list(ax.get_xlim()),
             "ylim": list(ax.get_ylim()),
+            # the panel with its ticks and title, which a redrawn panel covers
+            "region": list(ax.get_tightbbox(renderer).transformed(to_fig).bounds),
         }
         for ax in panels
     ]

@@ -664,9 +664,11 @@ def score_sample(
         The sample is of another modality than the model's and ``allow_other_modality`` is
         false (checked before the sample is read).
     """
+    from blinaprofile.cache import memo_file
     from blinaprofile.features.flow import featurize_fcs, load_qc
     from blinaprofile.gating.strategy import load_strategy
     from blinaprofile.io.read import modality_of
+    from blinaprofile.settings import settings
 
     p = ensure_file(path)
     qc = qc or load_qc()
@@ -682,7 +684,8 @@ def score_sample(
     gating: dict[str, Any] = {}
     ctx = ScoreContext(path=p)
     if modality == "flow":
-        tree = load_strategy(strategy)
+        # parsed once per process and file version (a batch scores many samples)
+        tree = memo_file("strategy", strategy or settings.default_gating, load_strategy)
         info["gating_strategy"] = tree.name
         info["gating_strategy_version"] = tree.version
         info["adaptive"] = adaptive
@@ -795,14 +798,16 @@ def _single_cell_row(
 
 
 def _panel_name() -> str | None:
+    from blinaprofile.cache import memo_file
     from blinaprofile.config import PanelConfig, load_config
     from blinaprofile.errors import ConfigError
     from blinaprofile.settings import settings
 
     try:
-        return load_config(PanelConfig, settings.default_panel).name
+        panel = memo_file("panel", settings.default_panel, lambda p: load_config(PanelConfig, p))
     except ConfigError:
         return None
+    return panel.name
 
 
 def _panel_no_call(
