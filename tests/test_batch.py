@@ -83,7 +83,8 @@ def test_batch_rows_columns_and_error_rows(batch_run, manifest):
     # every call says why; error rows say it in `error`
     assert (df.loc[df["call"] != "error", "call_reason"].str.len() > 0).all()
     assert (df.loc[df["call"] == "error", "call_reason"] == "").all()
-    assert err.loc["NOPANEL", "call_reason"].startswith("QC failed: panel mismatch")
+    no_call = df.loc[df["call"] == "no call", "call_reason"]
+    assert len(no_call) and no_call.str.match(r"QC failed: |model feature\(s\) ").all()
     assert (
         good["model_family"].eq("logreg_l2").all() and good["input_sha256"].str.len().eq(64).all()
     )

@@ -420,7 +420,9 @@ def test_none_and_arcsinh_in_a_strategy(tmp_path: Path) -> None:
     tree = load_strategy(CONFIGS / "gating" / "cytof_tcell.yaml")
     dims = {d.name: d for g in tree.gates for d in g.dims}
     assert dims["Event_length"].transform is None  # `none`: values as stored
-    ions = tree.transforms[dims["CD3"].transform]
+    tid = dims["CD3"].transform
+    assert tid is not None
+    ions = tree.transforms[tid]
     assert ions.type == "asinh" and ions.t == pytest.approx(5 * 1.1752011936438014)
     assert all(d.compensation == "uncompensated" for d in dims.values())
     assert tree.if_absent == {"cells": "error", "cd4_treg": "omit"}

@@ -120,7 +120,9 @@ def test_default_strategy_gates_a_cd4_cd8_ccr7_cd45ra_export_like_the_full_file(
     assert bound.skipped["cd3"].start is None  # its children start from all events
 
 
-def test_featurize_pregated_export_nan_with_reasons_and_sensible_qc(source, tcell_export) -> None:
+def test_featurize_pregated_export_nan_with_reasons_and_sensible_qc(
+    source, tcell_export, tmp_path
+) -> None:
     _, _, fixed, _ = source
     row = featurize_fcs(tcell_export, adaptive=False).row
     n = fixed.counts["cd3"]
@@ -156,6 +158,12 @@ def test_featurize_pregated_export_nan_with_reasons_and_sensible_qc(source, tcel
     assert any("no spillover matrix" in w for w in notes)
     # the counts are above the QC minimums: a pre-gated export is not a QC failure by itself
     assert row["qc_pass"] and row["qc_reasons"] == ""
+    # the export's events are the live cells: min_live applies to them, not min_events
+    few = tmp_path / "few.fcs"
+    d = read_fcs(tcell_export)
+    write_fcs(few, d.events[:1500], channels=d.channels, markers=d.markers)
+    reasons = featurize_fcs(few, adaptive=False).row["qc_reasons"]
+    assert "events (< 5000)" not in reasons and "(< 1000)" not in reasons, reasons
     # below them, QC says what it counted
     small = featurize_fcs(tcell_export, adaptive=False, qc=_qc(min_live=10**6)).row
     assert (
@@ -302,13 +310,40 @@ def test_featurize_needs_cd4_and_cd8_gates_not_live_or_cd3(tcell_export) -> None
         features_from_gating(bound, res)
 
 
-def test_scoring_a_pregated_export_is_a_no_call_naming_the_missing_features(tcell_export) -> None:
+def test_scoring_names_the_markers_the_models_features_need(tcell_export) -> None:
+    """The model's features are requested: a marker they need is a panel mismatch."""
     from blinaprofile.scoring.score import NO_CALL, score_sample
 
     res = score_sample(tcell_export, interval=False)
-    assert res.call == NO_CALL
-    assert any("cd3_pct_lymph" in r and "unavailable" in r for r in res.reasons), res.reasons
-    assert any(w.startswith("gates skipped (pre-gated export?)") for w in res.warnings)
+    assert res.call == NO_CALL and res.probability is None
+    (reason,) = res.reasons
+    assert reason.startswith(
+        "panel mismatch: missing marker(s) CD3, Viability, TIM3, PD1, CD25, CD127 needed by "
+        "feature(s) cd3_pct_lymph, cd4_pct_cd3, cd8_pct_cd3, cd8_tim3_pct_cd8, "
+        "cd8_pd1_pct_cd8, cd4_treg_pct_cd4; the file has: BUV496-A='CD4'"
+    ), reason
+    assert str(tcell_export) not in reason
+    # featurizing requests nothing: the same file gives its features, NaN where it must
+    row = featurize_fcs(tcell_export).row
+    assert math.isfinite(row["cd8_em_pct_cd8"]) and math.isnan(row["cd3_pct_lymph"])
+    with pytest.raises(PanelMismatchError, match=r"missing marker\(s\) TIM3 needed by feature"):
+        featurize_fcs(tcell_export, requested=["cd8_em_pct_cd8", "cd8_tim3_median"])
+
+
+def test_cd3_skipped_below_evaluated_gates_is_a_qc_flag(source, tmp_path) -> None:
+    """A raw file whose CD3 channel is unlabelled is no T-cell export: flagged, not trusted."""
+    path, data, _, _ = source
+    f = tmp_path / "no_cd3_label.fcs"
+    markers = ["" if m == "CD3" else m for m in data.markers]
+    write_fcs(f, data.events, channels=data.channels, markers=markers, spillover=data.spillover)
+    row = featurize_fcs(f).row
+    assert not row["qc_pass"]
+    assert (
+        "gate cd3 skipped (no CD3 channel) although gate live was evaluated: the CD4/CD8 gates "
+        "see every live event, not T cells (an unlabelled CD3 channel? --marker CHANNEL=CD3)"
+    ) in row["qc_reasons"]
+    fixed = featurize_fcs(f, fcs_options=FCSReadOptions(markers=(("BUV395-A", "CD3"),))).row
+    assert fixed["qc_pass"] == featurize_fcs(path).row["qc_pass"]
 
 
 # --------------------------------------------------------------------------- panel and --marker

@@ -105,7 +105,7 @@ def memo_file[T](kind: str, path: str | os.PathLike[str], load: Callable[[Path],
         return load(p)
     with _MEMO_LOCK:
         if key in _MEMO:
-            return _MEMO[key]  # type: ignore[no-any-return]
+            return _MEMO[key]
     value = load(p)
     with _MEMO_LOCK:
         if len(_MEMO) > 64:

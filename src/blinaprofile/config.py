@@ -644,7 +644,8 @@ class QCConfig(StrictModel):
 
     A sample below any count is a "no call". When a strategy has no ``live`` or ``cd3``
     gate for the sample (a pre-gated export), ``min_live``/``min_cd3`` apply to the events
-    its first present gate starts from, and the QC text says so.
+    its first present gate starts from, and the QC text says so; without a ``live`` gate
+    ``min_events`` is not checked (the file's events are the live cells).
     """
 
     min_events: Annotated[int, Field(ge=0)] = Field(

@@ -24,9 +24,10 @@ stopped safely.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,15 +48,17 @@ class WorkerDiedError(BlinaprofileError):
 
 
 # --------------------------------------------------------------------------- worker side
-def _worker_main(func: Callable[[Any], Any], conn: Any) -> None:
+def _worker_main(func: Callable[[Any], Any], conn: Any, threads: int = 1) -> None:
     """Loop of one worker process: receive ``(index, item)``, send ``(index, ok, value)``.
 
     ``None`` (or the parent closing the pipe) ends the loop. An exception raised by
     ``func`` is sent back as the value with ``ok=False`` (as a plain ``RuntimeError``
-    naming it when it cannot be pickled).
+    naming it when it cannot be pickled). ``threads``: BLAS/OpenMP threads of this worker
+    (the workers share the cores; more threads each only compete for them).
     """
     # Ctrl-C is the parent's to handle: it stops the workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _limit_threads(threads)
     conn.send(("ready", True, None))
     while True:
         try:
@@ -75,6 +78,17 @@ def _worker_main(func: Callable[[Any], Any], conn: Any) -> None:
             conn.send((index, False, RuntimeError(one_line(f"{type(err).__name__}: {err}"))))
 
 
+def _limit_threads(n: int) -> None:
+    """Cap the numeric libraries' thread pools in this process at ``n`` threads."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)  # for a library loaded later in this worker
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; only a speed-up
+        return
+    threadpool_limits(limits=n)  # for the ones already loaded (preloaded numpy)
+
+
 @dataclass
 class _Worker:
     """A worker process seen from the parent: its pipe and what it works on."""
@@ -89,11 +103,16 @@ class _Worker:
 class _Pool:
     """Worker processes the parent starts, feeds one item at a time, kills and replaces."""
 
-    def __init__(self, func: Callable[[Any], Any], size: int) -> None:
+    def __init__(self, func: Callable[[Any], Any], size: int, preload: Sequence[str] = ()) -> None:
         import multiprocessing as mp
 
         self._ctx = mp.get_context("forkserver")
+        if preload:
+            # imported once in the fork server, which every worker is forked from; takes
+            # effect when this process starts its fork server (its first pool)
+            self._ctx.set_forkserver_preload(["__main__", *preload])
         self._func = func
+        self._threads = max(1, (os.cpu_count() or 1) // max(1, size))
         self.workers: list[_Worker] = []
         try:
             for _ in range(size):
@@ -108,7 +127,7 @@ class _Pool:
         # terminated instead of being waited for
         proc = self._ctx.Process(
             target=_worker_main,
-            args=(self._func, child),
+            args=(self._func, child, self._threads),
             name="blinaprofile-worker",
             daemon=True,
         )
@@ -165,6 +184,7 @@ def run_parallel[T, R](
     n_jobs: int,
     on_error: Callable[[T, Exception], R],
     timeout: float | None = None,
+    preload: Sequence[str] = (),
 ) -> Iterator[tuple[T, R]]:
     """Apply ``func`` to every item, in ``n_jobs`` processes when ``n_jobs > 1``.
 
@@ -184,6 +204,9 @@ def run_parallel[T, R](
     timeout
         Seconds one item may take (``None``: no limit). A worker that has not answered in
         time is killed and replaced.
+    preload
+        Modules ``func`` will import (e.g. ``"blinaprofile.scoring.score"``): imported once
+        in the fork server the workers are forked from, instead of once in every worker.
 
     Yields
     ------
@@ -210,7 +233,8 @@ def run_parallel[T, R](
         return
     if not todo:
         return
-    yield from _run_pool(func, todo, max(1, min(n_jobs, len(todo))), on_error, timeout)
+    size = max(1, min(n_jobs, len(todo)))
+    yield from _run_pool(func, todo, size, on_error, timeout, preload)
 
 
 def _run_pool[T, R](
@@ -219,12 +243,13 @@ def _run_pool[T, R](
     size: int,
     on_error: Callable[[T, Exception], R],
     timeout: float | None,
+    preload: Sequence[str] = (),
 ) -> Iterator[tuple[T, R]]:
     """:func:`run_parallel` with ``size`` worker processes (see there)."""
     from multiprocessing.connection import wait
     from multiprocessing.reduction import ForkingPickler
 
-    pool = _Pool(func, size)
+    pool = _Pool(func, size, preload)
     try:
         next_index = 0
         left = len(todo)

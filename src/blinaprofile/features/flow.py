@@ -19,6 +19,7 @@ from blinaprofile.config import QCConfig, load_config
 from blinaprofile.errors import BlinaprofileError, one_line
 from blinaprofile.features.schema import SCHEMA_VERSION, feature_columns
 from blinaprofile.parallel import run_parallel
+from blinaprofile.progress import Progress
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,13 +79,17 @@ def qc_verdict(
     flags: Sequence[str] = (),
     *,
     labels: Mapping[str, str] | None = None,
+    exempt: Iterable[str] = (),
 ) -> tuple[bool, str]:
     """Apply count thresholds to a feature row; returns ``(passed, reasons)``.
 
     ``labels`` name what a count counts (``n_live`` -> ``'events in gate live (cells >
     singlets > live)'``, see :func:`qc_labels`); default ``live cells`` and the T-cell names.
+    Counts in ``exempt`` are not checked (``n_events`` of a pre-gated export, whose events
+    are the live cells ``min_live`` already checks).
     """
     reasons = list(flags)
+    skip = set(exempt)
     what_of = {"n_live": "live cells", **(labels or {})}
     checks = (
         ("n_events", qc.min_events, "events"),
@@ -95,7 +100,7 @@ def qc_verdict(
     )
     for key, minimum, what in checks:
         v = row.get(key)
-        if v is not None and v < minimum:
+        if key not in skip and v is not None and v < minimum:
             why = f"only {int(v)} {what} (< {minimum})"
             if key == "n_events":  # the other counts follow: say what it means
                 why += ": too few for the QC minimums (a subsampled or gated export?)"
@@ -160,6 +165,54 @@ def feature_gaps(tree: GateTree) -> dict[str, str]:
         if why is not None:
             out[name] = why
     return out
+
+
+def _lacking(tree: GateTree, feature: str) -> list[str]:
+    """The markers a feature needs that the sample lacks (its gates were left out for them)."""
+    gone = tree.skipped
+    if feature in _MEDIANS:
+        marker = _MEDIANS[feature][0]
+        return [marker] if any(marker in a.missing for a in gone.values()) else []
+    out: list[str] = []
+    for gid in _PCT.get(feature, ()):
+        seen: set[str] = set()
+        while gid in gone and gid not in seen:  # an omitted gate: the one that took it along
+            seen.add(gid)
+            out += gone[gid].missing
+            gid = gone[gid].cause or ""
+    return list(dict.fromkeys(out))
+
+
+def _require(tree: GateTree, data: Any, requested: Iterable[str]) -> None:
+    """Refuse a sample that lacks a marker a requested feature needs (scoring's features)."""
+    wanted = list(requested)
+    need: dict[str, list[str]] = {}
+    for name in wanted:
+        for marker in _lacking(tree, name):
+            need.setdefault(marker, []).append(name)
+    if need:
+        from blinaprofile.errors import PanelMismatchError
+        from blinaprofile.gating.panel import describe_channels
+
+        feats = sorted({f for fs in need.values() for f in fs}, key=wanted.index)
+        has = describe_channels(data.channels, data.markers, declared=tree.needed_names())
+        raise PanelMismatchError(
+            f"missing marker(s) {', '.join(need)} needed by feature(s) {', '.join(feats)}; "
+            f"the file has: {has}",
+            path=data.path,
+        )
+
+
+def _lineage_flags(tree: GateTree) -> list[str]:
+    """A CD3 gate skipped in a file that is no T-cell export (a gate above it was evaluated)."""
+    gone = tree.skipped.get("cd3")
+    if gone is None or gone.policy != "skip" or gone.start is None:
+        return []
+    return [
+        f"gate cd3 skipped ({gone.lacking}) although gate {gone.start} was evaluated: the "
+        f"CD4/CD8 gates see every {gone.start} event, not T cells (an unlabelled CD3 channel? "
+        "--marker CHANNEL=CD3)"
+    ]
 
 
 def _gap_notes(gaps: Mapping[str, str]) -> list[str]:
@@ -250,6 +303,7 @@ def featurize_fcs(
     qc: QCConfig | None = None,
     keep_gating: bool = False,
     fcs_options: FCSReadOptions | None = None,
+    requested: Iterable[str] | None = None,
 ) -> SampleFeatures:
     """Read, gate and featurize one FCS file.
 
@@ -261,8 +315,14 @@ def featurize_fcs(
     The strategy is bound partially (pre-gated exports): gates whose markers the file lacks
     are skipped or omitted as their ``if_absent`` policy says, features that need them are
     NaN, and ``warnings`` says which and why. Values not on the scale the strategy's
-    transforms expect (:func:`blinaprofile.gating.strategy.scale_problems`) are a warning
-    and a QC flag.
+    transforms expect (:func:`blinaprofile.gating.strategy.scale_problems`), and a CD3 gate
+    skipped below gates that were evaluated, are a warning and a QC flag. ``requested``
+    (scoring: the model's features) must not need a marker the file lacks.
+
+    Raises
+    ------
+    PanelMismatchError
+        A required gate, or a ``requested`` feature, needs a marker the file lacks.
 
     Returns
     -------
@@ -281,7 +341,9 @@ def featurize_fcs(
     # the strategy's own marker names are declared: $PnS labels it reads stay verbatim
     data = read_flow(path, fcs_options=fcs_options, declared_markers=strategy.needed_names())
     tree, res = gate_events(data, as_exported(strategy, data), adaptive=adaptive)
-    problems = scale_problems(tree, data)
+    if requested is not None:
+        _require(tree, data, requested)
+    problems = [*scale_problems(tree, data), *_lineage_flags(tree)]
     res.flags.extend(problems)
     notes = [*problems, *absent_notes(tree.skipped), *_gap_notes(feature_gaps(tree))]
     feats = features_from_gating(tree, res, medians=_medians(tree, res, data))
@@ -293,21 +355,38 @@ def featurize_fcs(
         "schema_version": SCHEMA_VERSION,
         **feats,
     }
-    passed, reasons = qc_verdict(row, qc or load_qc(), res.flags, labels=qc_labels(tree))
+    # a pre-gated export (no live gate) holds the live cells: min_live, not min_events
+    live = tree.skipped.get("live")
+    exempt = ("n_events",) if live is not None and live.policy == "skip" else ()
+    passed, reasons = qc_verdict(
+        row, qc or load_qc(), res.flags, labels=qc_labels(tree), exempt=exempt
+    )
     row["qc_pass"] = passed
     row["qc_reasons"] = reasons
     row["warnings"] = join_warnings([*data.warnings, *notes])
     return SampleFeatures(row, tree if keep_gating else None, res if keep_gating else None)
 
 
+#: What featurizing a sample imports: loaded once in the fork server, not once per worker.
+WORKER_MODULES = (
+    "blinaprofile.features.flow",
+    "blinaprofile.gating.strategy",
+    "blinaprofile.gating.sample",
+    "blinaprofile.io.read",
+)
+
+
 def _featurize_one(
     args: tuple[str, str, str, str | None, bool, QCConfig, FCSReadOptions],
 ) -> dict[str, Any]:
     path, sid, pid, strategy_path, adaptive, qc, fcs_options = args
+    from blinaprofile.cache import memo_file
     from blinaprofile.gating.strategy import load_strategy
+    from blinaprofile.settings import settings
 
     try:
-        strategy = load_strategy(strategy_path)
+        # parsed once per worker and file version, not once per sample
+        strategy = memo_file("strategy", strategy_path or settings.default_gating, load_strategy)
         return featurize_fcs(
             path,
             strategy=strategy,
@@ -344,6 +423,7 @@ def featurize_manifest(
     fcs_options: FCSReadOptions | None = None,
     keep_columns: Iterable[str] = (),
     keep_file_names: bool = False,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """Featurize every sample of a manifest (flow files) in parallel processes.
 
@@ -357,6 +437,7 @@ def featurize_manifest(
     The ``warnings`` column holds the reader's warnings about each file (``""`` if none).
     ``fcs_options`` relaxes the reader's integrity checks for every file (default: the
     enclosing :func:`blinaprofile.io.read.fcs_read_options` block's, else strict).
+    ``progress`` shows a bar of the samples done on stderr (default: when it is a terminal).
     """
     import pandas as pd
 
@@ -394,7 +475,13 @@ def featurize_manifest(
         for r in df.itertuples(index=False)
     ]
     n_jobs = settings.n_jobs if n_jobs is None else n_jobs
-    done = dict(run_parallel(_featurize_one, jobs, n_jobs=n_jobs, on_error=_worker_failed))
+    done = {}
+    with Progress(len(jobs), desc="featurizing", unit="sample", show=progress) as bar:
+        for job, row in run_parallel(
+            _featurize_one, jobs, n_jobs=n_jobs, on_error=_worker_failed, preload=WORKER_MODULES
+        ):
+            done[job] = row
+            bar.update(1)
     rows = [done[j] for j in jobs]
     if not keep_file_names:  # error rows name the sample, never its file
         for j, row in zip(jobs, rows, strict=True):

@@ -43,6 +43,7 @@ __all__ = [
     "absent_notes",
     "absent_policy",
     "canonical_marker",
+    "describe_channels",
     "gate_names",
     "is_known_marker",
     "label_channels",
@@ -314,8 +315,14 @@ def match_markers(
     return out
 
 
-def _has(channels: Sequence[str], markers: Sequence[str], declared: Iterable[str]) -> str:
-    """The sample's channels with the labels the privacy rules let through."""
+def describe_channels(
+    channels: Sequence[str], markers: Sequence[str], *, declared: Iterable[str] = ()
+) -> str:
+    """The sample's channels with the labels the privacy rules let through (for messages).
+
+    E.g. ``BUV395-A='CD3', FSC-A, PE-A='<unrecognised $P11S>'``: each label as
+    :func:`redact_markers` shows it, ``declared`` counting as known markers.
+    """
     shown = redact_markers(channels, markers, declared=declared)
     return ", ".join(f"{c}={m!r}" if m else c for c, m in zip(channels, shown, strict=True))
 
@@ -354,7 +361,7 @@ def resolve_markers(
             parts.append(f"missing marker(s) {', '.join(found.missing.values())}")
         if found.ambiguous:
             parts.append(f"ambiguous marker(s) {'; '.join(found.ambiguous)}")
-        has = _has(channels, markers, [*needed, *(overrides or {}).values()])
+        has = describe_channels(channels, markers, declared=[*needed, *(overrides or {}).values()])
         raise PanelMismatchError(f"{' and '.join(parts)}; the file has: {has}", path=path)
     return found.mapping
 
@@ -582,7 +589,7 @@ def plan_gates(
     found = match_markers(needed, channels, markers, overrides=overrides)
     has = ""
     if found.ambiguous or found.missing:
-        has = _has(channels, markers, [*needed, *(overrides or {}).values()])
+        has = describe_channels(channels, markers, declared=[*needed, *(overrides or {}).values()])
     if found.ambiguous:
         raise PanelMismatchError(
             f"ambiguous marker(s) {'; '.join(found.ambiguous)}; the {source} has: {has}", path=path

@@ -82,7 +82,7 @@ def _expf(x: np.ndarray) -> np.ndarray:
     return np.array([_LIBM.expf(float(v)) for v in x.ravel()], dtype=np.float32).reshape(x.shape)
 
 
-def _logf(x: float) -> np.float32:
+def _logf(x: float | np.floating[Any]) -> np.float32:
     if _LIBM is None:
         raise RuntimeError("no C maths library to call logf")
     return np.float32(_LIBM.logf(float(x)))
@@ -268,7 +268,7 @@ def compile_pipeline(pipe: Any) -> CompiledPipeline | None:
     if names[:2] != ["impute", "scale"] or len(names) not in (3, 4):
         return None
     imp, sc, clf = steps["impute"], steps["scale"], pipe.steps[-1][1]
-    select = steps.get("select", "passthrough") if len(names) == 4 else "passthrough"
+    select: Any = steps.get("select", "passthrough") if len(names) == 4 else "passthrough"
     if type(imp).__name__ != "SimpleImputer" or getattr(imp, "add_indicator", False):
         return None
     if type(sc).__name__ != "StandardScaler":
@@ -282,18 +282,17 @@ def compile_pipeline(pipe: Any) -> CompiledPipeline | None:
         support = np.flatnonzero(select.get_support())
     else:
         return None
+    fill = np.asarray(imp.statistics_, dtype=np.float64)
     mean = np.asarray(sc.mean_, dtype=np.float64) if sc.with_mean else None
     scale = np.asarray(sc.scale_, dtype=np.float64) if sc.with_std else None
-    base = {"fill": np.asarray(imp.statistics_, dtype=np.float64), "mean": mean, "scale": scale}
     kind = type(clf).__name__
     if kind == "LogisticRegression" and len(clf.classes_) == 2:
         coef = np.asarray(clf.coef_, dtype=np.float64).ravel()
-        return CompiledPipeline(
-            **base, support=support, coef=coef, intercept=float(np.ravel(clf.intercept_)[0])
-        )
+        b = float(np.ravel(clf.intercept_)[0])
+        return CompiledPipeline(fill, mean, scale, support, coef=coef, intercept=b)
     if kind == "XGBClassifier" and getattr(clf, "n_classes_", 2) == 2:
         trees = _trees(clf)
-        return None if trees is None else CompiledPipeline(**base, support=support, trees=trees)
+        return None if trees is None else CompiledPipeline(fill, mean, scale, support, trees=trees)
     return None
 
 
@@ -372,7 +371,7 @@ def cache_key(files: Sequence[Path]) -> str:
     return file_digest(files, *_versions()) + ".npz"
 
 
-def _pack(comp: CompiledPipeline, i: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+def _pack(comp: CompiledPipeline, i: int, arrays: dict[str, Any]) -> dict[str, Any]:
     head: dict[str, Any] = {"support": comp.support.tolist(), "intercept": comp.intercept}
     arrays[f"{i}.fill"] = comp.fill
     for name in ("mean", "scale", "coef"):
@@ -412,7 +411,7 @@ def store_compiled(
     """Keep compiled pipelines in the user cache (best effort)."""
     from blinaprofile.cache import write_entry
 
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}
     heads = [_pack(c, i, arrays) for i, c in enumerate([main, *(refits or [])])]
     header = {"pipelines": heads, "refits": refits is not None}
     arrays["header"] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)

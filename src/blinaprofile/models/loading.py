@@ -602,9 +602,13 @@ def _compile(
     files: list[Path], pipe: Any, refits: list[Any] | None, meta: dict[str, Any], art: Path
 ) -> tuple[Any, list[Any] | None]:
     """Compile, check and cache the pipelines; the compiled ones if they reproduce the
-    originals exactly, else the originals."""
+    originals exactly, else the originals (also when the user cache is off: nothing to
+    gain from compiling for one process)."""
+    from blinaprofile.cache import cache_dir
     from blinaprofile.models.compiled import compile_pipelines, store_compiled, verify
 
+    if cache_dir() is None:
+        return pipe, refits
     made = compile_pipelines(pipe, refits)
     if made is None:
         return pipe, refits

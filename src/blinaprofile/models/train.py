@@ -26,6 +26,7 @@ Design (see ``docs/models.md``)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,7 @@ def _bootstrap_refits(
     *,
     n: int,
     seed: int,
+    on_fit: Callable[[int, str], None] | None = None,
 ) -> list[Any]:
     """Refit the final pipeline (fixed hyper-parameters) on ``n`` patient bootstrap resamples."""
     from threadpoolctl import threadpool_limits
@@ -90,6 +92,8 @@ def _bootstrap_refits(
                 continue
             pipe = build_pipeline(spec, seed=seed + len(models))
             models.append(fit_with_params(pipe, params, X.iloc[idx], y[idx]))
+            if on_fit is not None:
+                on_fit(1 + n, f"bootstrap refit {len(models)}/{n}")
     return models
 
 
@@ -116,7 +120,11 @@ def _training_stats(X: pd.DataFrame) -> dict[str, dict[str, Any]]:
 
 
 def _final_model(
-    ev: Evaluation, spec: ModelSpec, config: TrainConfig
+    ev: Evaluation,
+    spec: ModelSpec,
+    config: TrainConfig,
+    *,
+    on_fit: Callable[[int, str], None] | None = None,
 ) -> tuple[Any, dict[str, Any], float, list[Any]]:
     from threadpoolctl import threadpool_limits
 
@@ -143,8 +151,12 @@ def _final_model(
             )
         final = fit_with_params(build_pipeline(spec, seed=config.seed), params, ev.X, ev.y)
     n_unc = int(getattr(config, "uncertainty_models", DEFAULT_UNCERTAINTY_MODELS))
+    if on_fit is not None:
+        on_fit(1 + n_unc, "tuned and fitted")
     refits = (
-        _bootstrap_refits(spec, params, ev.X, ev.y, ev.groups, n=n_unc, seed=config.seed)
+        _bootstrap_refits(
+            spec, params, ev.X, ev.y, ev.groups, n=n_unc, seed=config.seed, on_fit=on_fit
+        )
         if n_unc > 0
         else []
     )
@@ -312,6 +324,7 @@ def train(
     force: bool = False,
     annotator: TCellAnnotator | None = None,
     annotator_notes: dict[str, Any] | None = None,
+    progress: bool | None = None,
 ) -> TrainResult:
     """Validate every configured family, refit the best, log it to MLflow, register it and
     move the serving alias only on evidence.
@@ -353,6 +366,10 @@ def train(
     annotator_notes
         Provenance recorded beside it in ``meta.json`` (keys, what it was fitted on, how the
         CV used it).
+    progress
+        A progress bar on stderr (default: when stderr is a terminal): each family's outer
+        folds (or, with permutation workers, each family and permutation), the final model's
+        fits, the MLflow logging.
 
     Returns
     -------
@@ -361,7 +378,11 @@ def train(
         alias it holds and whether it was promoted (with reasons), the model card and
         ``leaderboard`` (one row per family).
     """
-    import mlflow
+    from blinaprofile.progress import Progress
+
+    bar = Progress(desc="loading MLflow", unit="step", show=progress)  # before its slow import
+    with bar.closed_on_error():
+        import mlflow
 
     from blinaprofile.models.packaging import save_model, training_modality
     from blinaprofile.models.runtime import global_contributions
@@ -382,10 +403,14 @@ def train(
         source=str(Path(source).resolve()) if source is not None else None,
         timepoint=timepoint,
     )
-    ev = evaluate(table, config=config)
+    bar.restart(None, desc="cross-validating", unit="fold")
+    with bar.closed_on_error():
+        ev = evaluate(table, config=config, on_step=bar.tick)
     chosen = ev.chosen
     spec = next(s for s in config.models if s.family == chosen)
-    final, final_params, threshold, refits = _final_model(ev, spec, config)
+    bar.restart(None, desc=f"final {chosen} model", unit="fit")
+    with bar.closed_on_error():
+        final, final_params, threshold, refits = _final_model(ev, spec, config, on_fit=bar.tick)
     metrics = {f: dict(m) for f, m in ev.metrics.items()}
     for m in metrics.values():
         m["cv_auc_mean_of_repeats"] = m["roc_auc"]
@@ -431,20 +456,23 @@ def train(
     training_table = pd.DataFrame(ev.X, columns=ev.features).assign(response=ev.y)
     uri = tracking_uri or settings.tracking_uri
     name = run_name or f"{chosen} on {info.name}"
-    run_id, version = log_run(
-        ev,
-        config,
-        cfg_file=cfg_file,
-        final=final,
-        refits=refits,
-        meta=meta,
-        training_table=training_table,
-        table=table,
-        uri=uri,
-        run_name=name,
-        cohort=info,
-        register=register,
-    )
+    bar.restart(None, desc="logging to MLflow", unit="step")
+    with bar.closed_on_error():
+        run_id, version = log_run(
+            ev,
+            config,
+            cfg_file=cfg_file,
+            final=final,
+            refits=refits,
+            meta=meta,
+            training_table=training_table,
+            table=table,
+            uri=uri,
+            run_name=name,
+            cohort=info,
+            register=register,
+        )
+    bar.close()
     client = mlflow.tracking.MlflowClient(uri)
     outcome = (
         assign_alias(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -319,6 +321,7 @@ def _run_cv(
     config: TrainConfig,
     *,
     importance: bool,
+    on_fold: Callable[[str], None] | None = None,
 ) -> _CVRun:
     from threadpoolctl import threadpool_limits
 
@@ -342,7 +345,8 @@ def _run_cv(
     rng = np.random.default_rng(config.seed + 7919)
     with threadpool_limits(limits=1):
         for r in range(R):
-            for tr, te in grouped_splits(y, groups, n_splits=k, seed=config.seed + r):
+            splits = grouped_splits(y, groups, n_splits=k, seed=config.seed + r)
+            for fold, (tr, te) in enumerate(splits, start=1):
                 cand, inner_oof = tune(
                     spec,
                     X[tr],
@@ -373,6 +377,8 @@ def _run_cv(
                             stack[j, s, :, j] = Xte[rng.permutation(len(te)), j]
                     p = model.predict_proba(stack.reshape(-1, d))[:, 1]
                     perm_oof[r][:, :, te] = p.reshape(d, IMPORTANCE_SHUFFLES, len(te))
+                if on_fold is not None:
+                    on_fold(f"{spec.family} repeat {r + 1}/{R} fold {fold}/{k}")
     return _CVRun(oof, calls, thresholds, params, perm_oof)
 
 
@@ -621,6 +627,7 @@ def evaluate(
     config: TrainConfig | None = None,
     config_path: str | os.PathLike[str] | None = None,
     n_jobs: int | None = None,
+    on_step: Callable[[int, str], None] | None = None,
 ) -> Evaluation:
     """Validate every configured family by nested CV, with CIs and permutation p-values.
 
@@ -632,6 +639,10 @@ def evaluate(
         Training configuration (default ``configs/train/default.yaml``).
     n_jobs
         Worker processes for families and permutations (default ``settings.n_jobs``).
+    on_step
+        Progress: called as ``on_step(total, what)`` after each outer fold of each family
+        and each permutation when they run in this process, after each family and each
+        permutation when they run in worker processes (``total``: the steps of the run).
 
     Notes
     -----
@@ -660,10 +671,26 @@ def evaluate(
     tasks = [delayed(_run_cv)(s, Xa, y, groups, config, importance=True) for s in specs]
     tasks += [delayed(_null_aucs)(specs, Xa, yp, groups, config) for yp in perms]
     # worker processes pay off only for permutation tests (each worker re-imports the stack)
+    out: list[Any] = []
     if jobs > 1 and perms:
-        out = Parallel(n_jobs=min(jobs, len(tasks)))(tasks)
+        names = [f"{s.family} cross-validated" for s in specs]
+        names += [f"permutation {i + 1}/{len(perms)}" for i in range(len(perms))]
+        runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator")(tasks)
+        for name, res in zip(names, runner, strict=True):
+            out.append(res)
+            if on_step is not None:
+                on_step(len(tasks), name)
     else:
-        out = [fn(*args, **kwargs) for fn, args, kwargs in tasks]
+        k = _n_splits(y, groups, config.outer_folds)
+        total = len(specs) * config.repeats * k + len(perms)
+        fold_done = None if on_step is None else functools.partial(on_step, total)
+        for i, (fn, args, kwargs) in enumerate(tasks):
+            if i < len(specs):
+                out.append(fn(*args, **kwargs, on_fold=fold_done))
+                continue
+            out.append(fn(*args, **kwargs))
+            if on_step is not None:
+                on_step(total, f"permutation {i - len(specs) + 1}/{len(perms)}")
     runs: list[_CVRun] = out[: len(config.models)]
     null = np.array(out[len(config.models) :], dtype=float).reshape(len(perms), len(fams))
     families: dict[str, FamilyEvaluation] = {}

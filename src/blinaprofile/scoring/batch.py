@@ -37,9 +37,9 @@ import functools
 import hashlib
 import json
 import os
-import sys
 import tempfile
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,7 @@ from blinaprofile.config import QCConfig
 from blinaprofile.errors import BlinaprofileError, InputError, OutputError, one_line
 from blinaprofile.io.atomic import atomic_path, write_csv, write_text
 from blinaprofile.parallel import ItemTimeoutError, WorkerDiedError, run_parallel
+from blinaprofile.progress import Progress
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,6 +103,10 @@ def _key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
+#: Called after each input file is hashed (the progress bar of ``score_samples``).
+_ON_HASHED: ContextVar[Callable[[], None] | None] = ContextVar("on_hashed", default=None)
+
+
 def _content_sha256(path: str) -> str:
     """The file's SHA-256 (its type checked first), or ``""`` if it cannot be used."""
     from blinaprofile.io.files import file_checksum
@@ -112,6 +117,20 @@ def _content_sha256(path: str) -> str:
         return file_checksum(path)
     except InputError:  # missing, a FIFO or device...: scoring it gives the error row
         return ""
+    finally:
+        tick = _ON_HASHED.get()
+        if tick is not None:
+            tick()
+
+
+@contextlib.contextmanager
+def _counting_hashes(tick: Callable[[], None]) -> Generator[None]:
+    """Call ``tick`` after each input file :func:`collect_jobs` hashes in this block."""
+    token = _ON_HASHED.set(tick)
+    try:
+        yield
+    finally:
+        _ON_HASHED.reset(token)
 
 
 def _job(
@@ -365,6 +384,18 @@ def _worker_failed(job: BatchJob, err: Exception) -> dict[str, Any]:
     return _error_row(job, f"{job.path}: worker failed: {type(err).__name__}: {err}")
 
 
+#: What scoring a sample imports: loaded once in the fork server, not once per worker.
+WORKER_MODULES = (
+    "blinaprofile.scoring.score",
+    "blinaprofile.features.flow",
+    "blinaprofile.gating.strategy",
+    "blinaprofile.gating.sample",
+    "blinaprofile.io.read",
+    "blinaprofile.models.loading",
+    "blinaprofile.models.compiled",
+)
+
+
 def _run_local(
     todo: list[BatchJob], options: dict[str, Any], n_jobs: int, timeout: float | None
 ) -> Generator[tuple[BatchJob, dict[str, Any]]]:
@@ -374,6 +405,7 @@ def _run_local(
         n_jobs=n_jobs,
         on_error=_worker_failed,
         timeout=timeout,
+        preload=WORKER_MODULES,
     )
 
 
@@ -501,7 +533,8 @@ def score_samples(
     retry_errors
         Rerun samples whose stored row is an error.
     progress
-        Show a progress bar (default: only when stderr is a terminal).
+        Show a progress bar on stderr (default: only when stderr is a terminal): the inputs
+        being checked (hashed), the model being loaded, then the samples scored.
     fcs_options
         Relaxations of the FCS reader's integrity checks for every sample (default: the
         enclosing :func:`blinaprofile.io.read.fcs_read_options` block's, else strict).
@@ -557,12 +590,15 @@ def score_samples(
         raise ConfigError(
             f"sample_timeout must be a positive number of seconds, got {sample_timeout!r}"
         )
-    jobs = collect_jobs(paths_or_manifest, sample_key=sample_key)
-    if keep_file_names:
-        jobs = [replace(j, keep_file_names=True) for j in jobs]
-    keys = [j.key for j in jobs]
-    if len(set(keys)) != len(keys):
-        raise InputError("the same sample (or file) is listed more than once")
+    # on screen from the start: hashing every input (part of the resume key) takes a while
+    bar = Progress(desc="checking inputs", unit="file", show=progress)
+    with bar.closed_on_error(), _counting_hashes(bar.update):
+        jobs = collect_jobs(paths_or_manifest, sample_key=sample_key)
+        if keep_file_names:
+            jobs = [replace(j, keep_file_names=True) for j in jobs]
+        keys = [j.key for j in jobs]
+        if len(set(keys)) != len(keys):
+            raise InputError("the same sample (or file) is listed more than once")
     qc = qc or load_qc()
     model_key = str(model) if model is not None else str(settings.default_model)
     if not model_key.startswith(("models:/", "runs:/")):
@@ -583,7 +619,9 @@ def score_samples(
 
     # what the model reference resolves to now (an alias may have moved, a folder re-exported):
     # resuming with another model would silently mix versions in one result table
-    resolved = load_scoring_model(model_key).info
+    bar.restart(None, desc="loading the model", unit="model")
+    with bar.closed_on_error():  # compiled into the user cache on its first use
+        resolved = load_scoring_model(model_key).info
     record = {
         "model": model_key,
         "model_version": resolved.get("version"),
@@ -594,7 +632,7 @@ def score_samples(
         "threshold": threshold,
         "interval": options["interval"],
     }
-    if not options["fcs_options"].is_strict:  # strict runs keep the record they always had
+    if not options["fcs_options"].is_default:  # default runs keep the record they always had
         record["fcs_options"] = options["fcs_options"].as_dict()
     if allow_other_modality:  # likewise
         record["allow_other_modality"] = True
@@ -603,7 +641,8 @@ def score_samples(
     if single_cell_qc is not None:
         record["single_cell_qc"] = single_cell_qc.model_dump()
     # the scheduler must answer before anything is made on disk
-    client, own_client = _connect(scheduler) if scheduler is not None else (None, False)
+    with bar.closed_on_error():
+        client, own_client = _connect(scheduler) if scheduler is not None else (None, False)
     tmpdir = None
     out: Path | None = None
     made = False
@@ -635,8 +674,7 @@ def score_samples(
             if row is None or (retry_errors and row.get("error")):
                 todo.append(job)
         n_skipped = len(jobs) - len(todo)
-        show = (sys.stderr.isatty() if progress is None else bool(progress)) and bool(todo)
-        bar = None
+        bar.restart(len(todo), desc="scoring", unit="sample")
         runner = (
             _run_dask(todo, options, client)
             if client is not None
@@ -649,17 +687,9 @@ def score_samples(
             try:
                 for job, row in runner:
                     _write_part(parts, job, row)
-                    if show and bar is None:
-                        # created after the workers started, so that they are started
-                        # before tqdm's monitor thread exists
-                        from tqdm import tqdm
-
-                        bar = tqdm(total=len(todo), desc="scoring", unit="sample", file=sys.stderr)
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
             finally:
-                if bar is not None:
-                    bar.close()
+                bar.close()
         rows = []
         for job in jobs:
             row = _read_part(parts, job.key)
@@ -683,6 +713,7 @@ def score_samples(
                 err.add_note(f"{out}: could not be removed: {cleanup.strerror or cleanup}")
         raise
     finally:
+        bar.close()
         if own_client and client is not None:
             client.close()
         if tmpdir is not None:

@@ -413,7 +413,8 @@ def cohort_png(
 
     buf = io.BytesIO()
     pixels = np.round(out * 255.0).astype(np.uint8)
-    matplotlib.image.imsave(buf, pixels, format="png", metadata={"Software": None})
+    no_software: dict[str, str | None] = {"Software": None}  # as _png: no version stamp
+    matplotlib.image.imsave(buf, pixels, format="png", metadata=no_software)  # type: ignore[arg-type]
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -744,7 +745,7 @@ def _feature_rows(r: ScoreResult) -> list[_FeatureRow]:
     return rows
 
 
-def _cv_evidence(model: Mapping[str, Any]) -> tuple[str, str]:
+def _evidence_text(model: Mapping[str, Any]) -> tuple[str, str]:
     """The model's CV ROC AUC with its 95% CI, and its permutation p, as the headline shows them."""
     auc, lo, hi = (model.get(k) for k in ("cv_roc_auc", "cv_roc_auc_ci_low", "cv_roc_auc_ci_high"))
     ci = f" [95% CI {lo:.3f}-{hi:.3f}]" if lo is not None and hi is not None else ""
@@ -764,7 +765,7 @@ def _view(result: ScoreResult, training_png: str | None, gating_png: str | None)
         hi = 100 * r.probability_high if r.probability_high is not None else 0.0
         thr = 100 * r.threshold if r.threshold is not None else 0.0
         gauge = _Gauge(100 * r.probability, lo, max(hi - lo, 0.4), thr)
-    cv_auc, perm_p = _cv_evidence(r.model)
+    cv_auc, perm_p = _evidence_text(r.model)
     z = {k: v for k, v in r.ood_z.items() if v is not None and np.isfinite(v)}
     ood = None
     if z:

@@ -667,7 +667,7 @@ def score_sample(
     from blinaprofile.cache import memo_file
     from blinaprofile.features.flow import featurize_fcs, load_qc
     from blinaprofile.gating.strategy import load_strategy
-    from blinaprofile.io.read import modality_of
+    from blinaprofile.io.read import current_fcs_read_options, modality_of
     from blinaprofile.settings import settings
 
     p = ensure_file(path)
@@ -689,10 +689,16 @@ def score_sample(
         info["gating_strategy"] = tree.name
         info["gating_strategy_version"] = tree.version
         info["adaptive"] = adaptive
-        info["panel"] = _panel_name()
+        info["panel"] = _panel_name(current_fcs_read_options().panel)  # --panel, else the default
         try:
             sf = featurize_fcs(
-                p, strategy=tree, adaptive=adaptive, sample_id=sid, qc=qc, keep_gating=True
+                p,
+                strategy=tree,
+                adaptive=adaptive,
+                sample_id=sid,
+                qc=qc,
+                keep_gating=True,
+                requested=load_scoring_model(model).runtime.features,
             )
         except PanelMismatchError as err:
             return _panel_no_call(sid, err, model=model, qc=qc, threshold=threshold, info=info)
@@ -797,14 +803,15 @@ def _single_cell_row(
     return row, info
 
 
-def _panel_name() -> str | None:
+def _panel_name(path: str | None = None) -> str | None:
     from blinaprofile.cache import memo_file
     from blinaprofile.config import PanelConfig, load_config
     from blinaprofile.errors import ConfigError
     from blinaprofile.settings import settings
 
+    where = Path(path) if path else settings.default_panel
     try:
-        panel = memo_file("panel", settings.default_panel, lambda p: load_config(PanelConfig, p))
+        panel = memo_file("panel", where, lambda p: load_config(PanelConfig, p))
     except ConfigError:
         return None
     return panel.name
