@@ -471,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-gating", help=COMMANDS["export-gating"])
     p.add_argument("file", help="an FCS file whose channels the strategy is bound to")
     _add_gating_source(p)
+    _add_placement(p)
     p.add_argument("--out", required=True)
     _add_common(p)
 
@@ -1123,8 +1124,11 @@ def cmd_export_gating(a: argparse.Namespace) -> int:
     source = _gating_source(a)
     # the strategy's marker names are declared: $PnS labels it reads stay verbatim
     data = read_flow(a.file, declared_markers=source.needed_names())
-    tree = source.bind(data.channels, data.markers, path=data.path)
-    out = tree.export_gatingml(a.out)
+    from blinaprofile.gating.sample import gate_events
+
+    # the strategy as applied to this sample: per-sample placement moves its thresholds
+    tree, res = gate_events(data, source, adaptive=a.adaptive)
+    out = tree.placed(res).export_gatingml(a.out)
     print(f"wrote {out}")
     return 0
 

@@ -6,7 +6,9 @@ committed snapshot in ``tests/golden/expected``; ``tests/test_golden.py`` runs t
 package was reorganised into stage subpackages (issue 10) and must not change unless a
 behaviour change is intended and explained in the commit. Refreshed once since, for issue 12
 (gate placement from each sample's populations, the new default; configured thresholds moved
-to where placement lands on unshifted data) and issue 11 (a ``warnings`` column).
+to where placement lands on unshifted data), issue 11 (a ``warnings`` column) and issue 14
+(four call states: two samples whose interval straddles the threshold became ``uncertain``;
+a ``call_reason`` column).
 
 Everything goes through the command line (the stable interface) except the single-cell
 features, which use the public Python function.

@@ -280,6 +280,28 @@ class GateTree:
         return result
 
     # ------------------------------------------------------------------ FlowKit
+    def placed(self, result: GatingResult) -> GateTree:
+        """This bound tree with every rectangle bound where ``result`` placed it.
+
+        Per-sample placement moves thresholds for each sample; the tree returned here is
+        the strategy *as applied* to that sample (its GatingML export reproduces the
+        sample's membership exactly), which is what results record and export.
+        """
+        gates = []
+        for g in self.gates:
+            if g.kind == "rectangle":
+                dims = tuple(
+                    replace(
+                        d,
+                        min=result.thresholds.get(f"{g.id}:{d.name}:min", d.min),
+                        max=result.thresholds.get(f"{g.id}:{d.name}:max", d.max),
+                    )
+                    for d in g.dims
+                )
+                g = replace(g, dims=dims, adaptive=tuple(None for _ in dims))
+            gates.append(g)
+        return replace(self, gates=gates)
+
     def to_flowkit(self) -> Any:
         """This strategy as a ``flowkit.GatingStrategy`` (after :meth:`bind`).
 

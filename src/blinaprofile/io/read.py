@@ -65,10 +65,14 @@ SINGLE_CELL_SUFFIXES = (".h5ad", ".h5", ".mtx", ".mtx.gz")
 
 
 def modality_of(path: str | os.PathLike[str]) -> Literal["flow", "single_cell"]:
-    """``'flow'`` for FCS files, ``'single_cell'`` for h5ad/10x inputs."""
+    """``'flow'`` for FCS files, ``'single_cell'`` for h5ad/10x inputs.
+
+    A folder is a 10x matrix folder unless it is named like an FCS file (then it is a
+    flow sample that will be refused as "not a regular file").
+    """
     p = Path(path)
     name = p.name.lower()
-    if p.is_dir() or name.endswith(SINGLE_CELL_SUFFIXES):
+    if name.endswith(SINGLE_CELL_SUFFIXES) or (p.is_dir() and not name.endswith((".fcs", ".lmd"))):
         return "single_cell"
     return "flow"
 

@@ -717,7 +717,7 @@ def score_sample(
                 "flags": list(sf.result.flags),
             }
             if keep_gating:
-                ctx.tree, ctx.gating = sf.tree, sf.result
+                ctx.tree, ctx.gating = sf.tree.placed(sf.result), sf.result
     else:
         row, sc_info = _single_cell_row(
             p,
