@@ -264,7 +264,7 @@ def test_simulation_killed_leaves_only_whole_files(tmp_path: Path) -> None:
 
 
 def test_csv_output_is_atomic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from blinaprofile.cli import _write_csv_atomic
+    from blinaprofile.io.atomic import write_csv as _write_csv_atomic  # what the CLI writes with
 
     target = tmp_path / "features.csv"
     _write_csv_atomic(pd.DataFrame({"a": [1, 2]}), target)

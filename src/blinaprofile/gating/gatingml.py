@@ -12,15 +12,30 @@ goes through FlowKit's exporter as before.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from blinaprofile.errors import GatingError
 from blinaprofile.gating.gates import FCS_COMP, FILE_COMP, Dim, Gate, Ratio, make_transform
 
-if TYPE_CHECKING:
-    from blinaprofile.gating.tree import GateTree
+
+class GateTree(Protocol):
+    """What the writer needs of a bound :class:`blinaprofile.gating.tree.GateTree`."""
+
+    @property
+    def gates(self) -> Sequence[Gate]: ...
+
+    @property
+    def transforms(self) -> Mapping[str, Any]: ...
+
+    @property
+    def matrices(self) -> Mapping[str, tuple[Sequence[str], Any]]: ...
+
+    @property
+    def bound(self) -> bool: ...
+
+    def to_flowkit(self) -> Any: ...
 
 __all__ = ["GATINGML_KINDS", "compensation_ref", "gatingml_text", "ratio_ids"]
 

@@ -196,6 +196,6 @@ def export_gatingml(tree: GateTree, path: str | os.PathLike[str]) -> Path:
 
 def gatingml_text(tree: GateTree) -> str:
     """A bound strategy as GatingML 2.0 text, to keep with a sample's results."""
-    from blinaprofile.gating import gatingml
+    from blinaprofile.gating.gatingml import gatingml_text as write_text
 
-    return gatingml.gatingml_text(tree)
+    return write_text(tree)

@@ -409,12 +409,11 @@ def cohort_png(
     alpha = top[..., 3:4]
     rgb = top[..., :3] * alpha + under[..., :3] * (1.0 - alpha)
     out = np.concatenate([rgb, np.maximum(alpha, under[..., 3:4])], axis=-1)
-    import matplotlib.image
+    from PIL import Image  # matplotlib's own PNG writer
 
     buf = io.BytesIO()
     pixels = np.round(out * 255.0).astype(np.uint8)
-    no_software: dict[str, str | None] = {"Software": None}  # as _png: no version stamp
-    matplotlib.image.imsave(buf, pixels, format="png", metadata=no_software)  # type: ignore[arg-type]
+    Image.fromarray(pixels, "RGBA").save(buf, format="png", dpi=(_FIGURE_DPI, _FIGURE_DPI))
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

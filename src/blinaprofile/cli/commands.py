@@ -1,492 +1,20 @@
-"""Command-line interface: a thin layer over the public functions scripts use.
+"""The command handlers: each reads its options and calls the same public functions scripts use.
 
-Only the standard library is imported at start-up, so ``blinaprofile --help`` is
-instant; each command imports what it needs.
+Each handler imports what it needs when it runs (the CLI starts with the standard library only).
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-COMMANDS: dict[str, str] = {
-    "demo": "simulate a cohort, gate, featurize, train (MLflow) and score a new sample",
-    "simulate": "write a simulated FCS cohort with per-event truth and a manifest",
-    "gate": "gate one FCS file and print population counts (optionally save .h5ad)",
-    "featurize": "build the per-sample feature table from FCS files or a manifest",
-    "train": "cross-validate models, log to MLflow, register and export the best",
-    "score": "score one sample: HTML report, JSON, probability with interval, call "
-    "(responder, nonresponder, uncertain or no call) and why",
-    "score-batch": "score many samples (manifest or folder) in parallel; resumable Parquet/CSV",
-    "promote": "point a registry alias (e.g. champion) at a model version",
-    "compare": "leaderboard of training runs (metrics with 95 percent CIs, p-values) from MLflow",
-    "schema": "print the versioned feature schema",
-    "export-gating": "write the gating strategy bound to a sample as GatingML 2.0",
-    "convert": "write a CSV/TSV table of events (one column per marker) as an FCS file",
-}
+from blinaprofile.cli.parser import check_panel, fcs_options, print_warnings, usage
 
 
-def _probability(text: str) -> float:
-    """argparse type: a finite number in [0, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= v <= 1.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in [0, 1]")
-    return v
-
-
-def _seconds(text: str) -> float:
-    """argparse type: a finite number of seconds > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0.0 < v < float("inf"):  # also rejects nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return v
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-
-
-def _add_fcs_options(p: argparse.ArgumentParser) -> None:
-    """The documented relaxations of the FCS reader's integrity checks (off by default), and
-    how to label and scale channels (gate, featurize, score, score-batch)."""
-    g = p.add_argument_group("FCS integrity overrides (each use is reported as a warning)")
-    g.add_argument(
-        "--accept-tot-mismatch",
-        action="store_true",
-        help="read only the first $TOT events when the DATA segment holds more "
-        "(refused by default: events would be silently lost)",
-    )
-    g.add_argument(
-        "--data-offsets",
-        choices=("header", "text"),
-        default=None,
-        help="which DATA offsets to trust when the HEADER and $BEGINDATA/$ENDDATA disagree "
-        "(refused by default)",
-    )
-    g = p.add_argument_group("channel labels and scale")
-    g.add_argument(
-        "--panel",
-        default=None,
-        metavar="PANEL.yaml",
-        help="the lab's panel: labels the channels it lists whose $PnS is empty, declares its "
-        "markers and checks the gating strategy's required markers are in it",
-    )
-    g.add_argument(
-        "--marker",
-        action="append",
-        default=[],
-        metavar="CHANNEL=MARKER",
-        help="label a channel with a marker whatever its $PnS says (repeatable), e.g. "
-        "Pt195Di=Viability; declares the marker",
-    )
-    g.add_argument(
-        "--display-scale",
-        action="store_true",
-        help="the values are display-scale channel numbers (0-$PnR, e.g. 0-1023), not "
-        "intensities: map them back through FlowJo's default logicle before gating",
-    )
-
-
-def _fcs_options(a: argparse.Namespace) -> Any:
-    """The :class:`blinaprofile.io.read.FCSReadOptions` the command line asks for."""
-    from blinaprofile.io.read import FCSReadOptions
-
-    given = list(getattr(a, "marker", None) or [])
-    pairs = [m.split("=", 1) for m in given]
-    bad = [m for m, p in zip(given, pairs, strict=True) if len(p) != 2 or not all(p)]
-    if bad:
-        raise _usage(f"--marker takes CHANNEL=MARKER, got {bad}")
-    return FCSReadOptions(
-        allow_tot_mismatch=bool(getattr(a, "accept_tot_mismatch", False)),
-        data_offsets=getattr(a, "data_offsets", None) or "strict",
-        markers=tuple((c.strip(), m.strip()) for c, m in pairs),
-        panel=getattr(a, "panel", None),
-        display_scale=bool(getattr(a, "display_scale", False)),
-    )
-
-
-def _check_panel(a: argparse.Namespace, tree: Any = None) -> None:
-    """With ``--panel``: the strategy's required markers must be in it (one error if not)."""
-    if not getattr(a, "panel", None):
-        return
-    from blinaprofile.gating.strategy import check_panel, load_strategy
-
-    check_panel(tree if tree is not None else load_strategy(a.strategy), a.panel)
-
-
-def _print_warnings(file: str, warnings: Sequence[str]) -> None:
-    """One ``warning: FILE: ...`` line on stderr per reader warning."""
-    from blinaprofile.errors import one_line
-
-    for w in warnings:
-        print(f"warning: {one_line(f'{file}: {w}')}", file=sys.stderr)
-
-
-def _add_privacy_options(p: argparse.ArgumentParser, *, keep_column: bool = False) -> None:
-    """Opt-ins to carrying identifying names into outputs (all off by default)."""
-    p.add_argument(
-        "--keep-file-names",
-        action="store_true",
-        help="name samples and errors by their input file names in outputs "
-        "(default: sample_id or the pseudonym S-<sha12>; file names often name the patient)",
-    )
-    if keep_column:
-        p.add_argument(
-            "--keep-column",
-            action="append",
-            default=[],
-            metavar="NAME",
-            help="also copy this manifest column into the feature table (repeatable); only "
-            "sample_id, patient_id, response, timepoint and batch are copied otherwise",
-        )
-
-
-def _add_modality_option(p: argparse.ArgumentParser) -> None:
-    """Score a sample of another modality than the model's training data (as uncertain)."""
-    p.add_argument(
-        "--allow-other-modality",
-        action="store_true",
-        help="score a sample of another modality than the model was trained on (e.g. "
-        "single-cell on a flow model) with the call 'uncertain' instead of refusing it",
-    )
-
-
-def _add_qc_option(p: argparse.ArgumentParser) -> None:
-    """``--qc FILE``: QC thresholds for both modalities (featurize, train, score, score-batch)."""
-    p.add_argument(
-        "--qc",
-        default=None,
-        metavar="QC.yaml",
-        help="QC thresholds (keys of configs/qc.yaml; default: that file); a 'single_cell:' "
-        "section sets the single-cell minimums min_cells, min_cd3, min_cd4, min_cd8 "
-        "(default: sample_qc of the annotator's configs/single_cell.yaml)",
-    )
-
-
-def _add_single_cell_options(p: argparse.ArgumentParser, *, labels: bool) -> None:
-    """Keys and matrix kind of a single-cell cohort object (featurize, train --h5ad)."""
-    g = p.add_argument_group("single-cell objects (.h5ad, 10x .h5 or 10x folder)")
-    g.add_argument(
-        "--sample-key",
-        default=None,
-        metavar="KEY",
-        help="obs column naming each cell's sample (default: sample_id or sample if present)",
-    )
-    g.add_argument(
-        "--patient-key",
-        default=None,
-        metavar="KEY",
-        help="obs column naming each sample's patient: CV keeps a patient's samples together "
-        "(default: patient_id, patient, donor_id or donor if present, else each sample)",
-    )
-    if labels:
-        g.add_argument(
-            "--label-key",
-            default=None,
-            metavar="KEY",
-            help="obs column with each sample's response (responder/nonresponder, R/NR, 1/0, "
-            "true/false, yes/no; any case) -> column 'response' 1/0",
-        )
-    g.add_argument(
-        "--x-kind",
-        choices=("auto", "counts", "log1p-cp10k", "log-tpm", "tpm"),
-        default="auto",
-        help="what the RNA matrix holds (default: detected)",
-    )
-
-
-def _add_placement(p: argparse.ArgumentParser) -> None:
-    """Gate placement: per sample (default) or the configured thresholds as they are."""
-    p.set_defaults(adaptive=True)
-    p.add_argument(
-        "--fixed-gates",
-        dest="adaptive",
-        action="store_false",
-        help="use the strategy's configured thresholds as they are (default: place each "
-        "threshold from the sample's own populations; a sample far from the configured "
-        "positions is flagged either way)",
-    )
-    # the per-sample default used to need this flag; still accepted
-    p.add_argument("--adaptive", dest="adaptive", action="store_true", help=argparse.SUPPRESS)
-
-
-def _add_gating_source(p: argparse.ArgumentParser) -> None:
-    """Where the gating strategy comes from (gate / export-gating)."""
-    src = p.add_mutually_exclusive_group()
-    src.add_argument(
-        "--strategy",
-        default=None,
-        help="gating YAML, GatingML .xml or FlowJo .wsp (default: configs/gating/default_tcell.yaml)",
-    )
-    src.add_argument("--gatingml", default=None, metavar="XML", help="GatingML 2.0 file")
-    src.add_argument("--wsp", default=None, metavar="WSP", help="FlowJo 10 workspace")
-    p.add_argument(
-        "--wsp-sample", default=None, help="which workspace sample's gates (default: the first)"
-    )
-    p.add_argument(
-        "--rename",
-        action="append",
-        default=[],
-        metavar="OLD=NEW",
-        help="rename an imported gate (repeatable), e.g. 'CD8 T cells=cd8'",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="blinaprofile",
-        description="Immune-profiling responder classifier for blinatumomab maintenance.",
-    )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("demo", help=COMMANDS["demo"])
-    p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
-    p.add_argument("--n-patients", type=int, default=None)
-    p.add_argument("--events", type=int, default=None, help="events per sample")
-    _add_common(p)
-
-    p = sub.add_parser("simulate", help=COMMANDS["simulate"])
-    p.add_argument(
-        "--scenario", default="default", help="name in configs/simulation or a YAML path"
-    )
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n-patients", type=int, default=None)
-    p.add_argument("--events", type=int, default=None, help="events per sample")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--brightness-shift", type=float, default=None)
-    p.add_argument("--panel", default=None, help="panel YAML (default: the shipped T-cell panel)")
-    _add_common(p)
-
-    p = sub.add_parser("gate", help=COMMANDS["gate"])
-    p.add_argument("file")
-    _add_gating_source(p)
-    _add_placement(p)
-    p.add_argument("--h5ad", default=None, help="write the gated events as AnnData")
-    p.add_argument(
-        "--plot", default=None, metavar="PNG", help="draw every gate on its parent's events"
-    )
-    p.add_argument("--json", action="store_true")
-    _add_fcs_options(p)
-    _add_privacy_options(p)
-    _add_common(p)
-
-    p = sub.add_parser("featurize", help=COMMANDS["featurize"])
-    p.add_argument("files", nargs="*", help="FCS files, or one single-cell cohort object")
-    p.add_argument("--manifest", default=None)
-    p.add_argument("--out", required=True, help="CSV to write")
-    p.add_argument("--strategy", default=None)
-    _add_placement(p)
-    p.add_argument("--jobs", type=int, default=None)
-    _add_qc_option(p)
-    _add_single_cell_options(p, labels=True)
-    ann = p.add_mutually_exclusive_group()
-    ann.add_argument(
-        "--annotator",
-        default=None,
-        metavar="JSON",
-        help="single-cell: label cells with this fitted annotator (e.g. a model's "
-        "artifacts/single_cell_annotator.json) instead of fitting one on the object",
-    )
-    ann.add_argument(
-        "--annotator-out",
-        default=None,
-        metavar="JSON",
-        help="single-cell: write the annotator fitted on the object here",
-    )
-    _add_fcs_options(p)
-    _add_privacy_options(p, keep_column=True)
-    _add_common(p)
-
-    p = sub.add_parser("train", help=COMMANDS["train"])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--manifest", help="manifest CSV with response labels (files are featurized)")
-    src.add_argument("--features", help="feature table CSV (from 'featurize') with response")
-    src.add_argument(
-        "--h5ad",
-        metavar="OBJECT",
-        help="single-cell cohort (.h5ad, 10x .h5 or folder) with --sample-key and --label-key; "
-        "the annotator fitted on it is stored with the model",
-    )
-    p.add_argument(
-        "--config", default=None, help="training YAML (default: configs/train/default.yaml)"
-    )
-    p.add_argument("--export", default=None, help="also save the final model to this folder")
-    p.add_argument("--strategy", default=None)
-    _add_placement(p)
-    p.add_argument("--trained-on", default=None, help="free text stored with the model")
-    p.add_argument(
-        "--cohort",
-        default=None,
-        help="cohort name for run names, tags and 'compare --cohort' (default: from the file)",
-    )
-    p.add_argument(
-        "--timepoint", default=None, help="train on the samples of this timepoint only (e.g. D28)"
-    )
-    _add_qc_option(p)
-    _add_single_cell_options(p, labels=True)
-    p.add_argument("--run-name", default=None, help="MLflow run name")
-    p.add_argument(
-        "--no-register",
-        action="store_true",
-        help="log the model to the run but do not register it (no alias moves)",
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="let a model that meets the promotion rule replace an alias set by 'promote'",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
-    )
-    _add_common(p)
-
-    p = sub.add_parser("score", help=COMMANDS["score"])
-    p.add_argument("file", help="FCS file, .h5ad, 10x .h5 or 10x folder")
-    p.add_argument("--model", default=None, help="models:/NAME@ALIAS, runs:/..., or a model folder")
-    p.add_argument("--strategy", default=None)
-    _add_placement(p)
-    p.add_argument(
-        "--threshold", type=_probability, default=None, help="decision threshold in [0, 1]"
-    )
-    p.add_argument(
-        "--sample-id", default=None, help="default: S-<first 12 hex of the file's sha256>"
-    )
-    p.add_argument(
-        "--sample-key",
-        default=None,
-        help="single-cell: obs column naming the sample (the object must hold one; score-batch "
-        "scores every sample of a cohort object)",
-    )
-    _add_qc_option(p)
-    _add_modality_option(p)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
-    p.add_argument(
-        "--out-dir",
-        default=".",
-        help="where <sample_id>.report.html and .score.json go (default: .)",
-    )
-    p.add_argument(
-        "--report", default=None, help="HTML report path (default: OUT_DIR/<sample_id>.report.html)"
-    )
-    p.add_argument("--no-report", action="store_true", help="write no HTML report or JSON file")
-    _add_fcs_options(p)
-    _add_privacy_options(p)
-    _add_common(p)
-
-    p = sub.add_parser("score-batch", help=COMMANDS["score-batch"])
-    p.add_argument("inputs", nargs="*", help="FCS/single-cell files or a folder of them")
-    p.add_argument("--manifest", default=None, help="manifest CSV (sample_id, file)")
-    p.add_argument(
-        "--out", required=True, help="output folder (results.parquet, results.csv, parts/)"
-    )
-    p.add_argument("--model", default=None, help="models:/NAME@ALIAS, runs:/..., or a model folder")
-    p.add_argument("--jobs", type=int, default=None, help="local worker processes (default 2)")
-    p.add_argument("--scheduler", default=None, help="Dask scheduler address tcp://HOST:PORT")
-    p.add_argument("--strategy", default=None)
-    _add_placement(p)
-    p.add_argument(
-        "--threshold", type=_probability, default=None, help="decision threshold in [0, 1]"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    p.add_argument(
-        "--sample-key",
-        default=None,
-        metavar="KEY",
-        help="single-cell: obs column naming samples; a cohort object is scored sample by "
-        "sample (default: sample_id or sample if present); manifest rows pointing at an "
-        "object score the cells of their sample_id",
-    )
-    _add_qc_option(p)
-    _add_modality_option(p)
-    p.add_argument(
-        "--sample-timeout",
-        type=_seconds,
-        default=None,
-        metavar="SECONDS",
-        help="a sample still running after this long becomes an error row and its worker is "
-        "restarted (default 600; local workers only)",
-    )
-    _add_fcs_options(p)
-    _add_privacy_options(p)
-    _add_common(p)
-
-    p = sub.add_parser("promote", help=COMMANDS["promote"])
-    p.add_argument("name")
-    # dest differs from the top-level --version flag, which would otherwise swallow it
-    p.add_argument(
-        "model_version", metavar="VERSION", help="a version number, or @ALIAS (e.g. @candidate)"
-    )
-    p.add_argument("--alias", default="champion")
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
-    )
-    _add_common(p)
-
-    p = sub.add_parser("compare", help=COMMANDS["compare"])
-    p.add_argument(
-        "--experiment",
-        action="append",
-        default=None,
-        help="experiment name (repeatable; default: every experiment)",
-    )
-    p.add_argument(
-        "--out",
-        default="leaderboard",
-        help="folder for leaderboard.csv/.md/.html (default: leaderboard)",
-    )
-    p.add_argument("--sort-by", default="roc_auc", help="column to rank by (default: roc_auc)")
-    p.add_argument("--cohort", default=None, help="only runs on this cohort")
-    p.add_argument(
-        "--max-runs", type=int, default=1000, help="read at most this many candidate runs"
-    )
-    p.add_argument("--top", type=int, default=None, help="print only the best N rows")
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
-    )
-    _add_common(p)
-
-    p = sub.add_parser("schema", help=COMMANDS["schema"])
-    p.add_argument("--json", action="store_true")
-    _add_common(p)
-
-    p = sub.add_parser("export-gating", help=COMMANDS["export-gating"])
-    p.add_argument("file", help="an FCS file whose channels the strategy is bound to")
-    _add_gating_source(p)
-    _add_placement(p)
-    p.add_argument("--out", required=True)
-    _add_common(p)
-
-    p = sub.add_parser("convert", help=COMMANDS["convert"])
-    p.add_argument(
-        "table",
-        help="CSV/TSV of events: a header naming each column's channel or marker "
-        "(FlowJo's 'BV421-A :: CCR7' gives both), one row per event",
-    )
-    p.add_argument("--out", required=True, help="the FCS file to write")
-    _add_common(p)
-    return parser
-
-
-# --------------------------------------------------------------------------- commands
 def _scenario_path(name: str) -> Path:
     from blinaprofile.settings import settings
 
@@ -536,7 +64,7 @@ def _gating_source(a: argparse.Namespace) -> Any:
             r for r, p in zip(a.rename, pairs, strict=True) if len(p) != 2 or not p[0] or not p[1]
         ]
         if bad:
-            raise _usage(f"--rename takes OLD=NEW, got {bad}")
+            raise usage(f"--rename takes OLD=NEW, got {bad}")
         tree = rename_gates(tree, {old: new for old, new in pairs})
     return tree
 
@@ -551,9 +79,9 @@ def cmd_gate(a: argparse.Namespace) -> int:
 
     # pre-gated exports: gates whose markers the file lacks are skipped or omitted
     tree = replace(_gating_source(a), partial=True)
-    _check_panel(a, tree)
+    check_panel(a, tree)
     # the strategy's marker names are declared: $PnS labels it reads stay verbatim
-    data = read_flow(a.file, fcs_options=_fcs_options(a), declared_markers=tree.needed_names())
+    data = read_flow(a.file, fcs_options=fcs_options(a), declared_markers=tree.needed_names())
     tree = as_exported(tree, data)
     bound = tree.bind(data.channels, data.markers, path=data.path)  # as gate_sample binds it
     adata = None
@@ -570,7 +98,7 @@ def cmd_gate(a: argparse.Namespace) -> int:
     g["skipped_gates"] = {gid: gone.reason for gid, gone in bound.skipped.items()}
     label = sample_label(data, keep_file_names=a.keep_file_names)  # the pseudonym by default
     warned = [*data.warnings, *problems, *absent_notes(bound.skipped)]
-    _print_warnings(label, warned)
+    print_warnings(label, warned)
     if a.plot:
         from blinaprofile.gating.plot import plot_sample, save_gating_png
 
@@ -727,7 +255,7 @@ def _featurize_single_cell(a: argparse.Namespace) -> int:
     from blinaprofile.io.atomic import atomic_path
 
     if a.manifest or len(a.files) != 1:
-        raise _usage(
+        raise usage(
             "featurize takes one single-cell object (FCS files and single-cell objects cannot "
             "be mixed); combine samples into one .h5ad with a sample column, or featurize each "
             "with --annotator JSON"
@@ -769,7 +297,7 @@ def cmd_featurize(a: argparse.Namespace) -> int:
     sc_only = [o for o in ("label_key", "annotator", "annotator_out") if getattr(a, o)]
     if sc_only:
         flag = "--" + sc_only[0].replace("_", "-")
-        raise _usage(f"{flag} applies to a single-cell object (.h5ad, 10x .h5 or folder)")
+        raise usage(f"{flag} applies to a single-cell object (.h5ad, 10x .h5 or folder)")
     qc, _ = _qc_files(a)
     if a.manifest:
         df = read_manifest(a.manifest)
@@ -778,7 +306,7 @@ def cmd_featurize(a: argparse.Namespace) -> int:
         manifest_columns(list(df.columns), keep=a.keep_column, path=a.manifest)
     elif a.files:
         if a.keep_column:
-            raise _usage("--keep-column needs --manifest")
+            raise usage("--keep-column needs --manifest")
         paths = [ensure_file(f) for f in a.files]
         ids = [p.stem if a.keep_file_names else file_pseudonym(p) for p in paths]
         unreadable = next((p for p, i in zip(paths, ids, strict=True) if not i), None)
@@ -788,20 +316,20 @@ def cmd_featurize(a: argparse.Namespace) -> int:
             raise InputError("cannot read the file to name it by its checksum", path=unreadable)
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
-            raise _usage(f"the same sample is given more than once ({', '.join(dup)})")
+            raise usage(f"the same sample is given more than once ({', '.join(dup)})")
         df = pd.DataFrame(
             {"sample_id": ids, "patient_id": ids, "path": [str(p.resolve()) for p in paths]}
         )
     else:
-        raise _usage("featurize needs FILES or --manifest")
-    _check_panel(a)
+        raise usage("featurize needs FILES or --manifest")
+    check_panel(a)
     table = featurize_manifest(
         df,
         strategy_path=a.strategy,
         adaptive=a.adaptive,
         qc=qc,
         n_jobs=a.jobs,
-        fcs_options=_fcs_options(a),
+        fcs_options=fcs_options(a),
         keep_columns=a.keep_column,
         keep_file_names=a.keep_file_names,
     )
@@ -818,18 +346,10 @@ def cmd_featurize(a: argparse.Namespace) -> int:
     files = dict(zip(df["sample_id"].astype(str), df["path"].astype(str), strict=True))
     for sid, cell in zip(table["sample_id"].astype(str), table["warnings"], strict=True):
         name = files.get(sid, sid) if a.keep_file_names else sid
-        _print_warnings(name, split_warnings(cell))
+        print_warnings(name, split_warnings(cell))
     for r in table[table["error"] != ""].itertuples() if n_err else []:
         print(f"error: {r.error}", file=sys.stderr)
     return 0 if n_err == 0 else 1
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _usage(msg: str) -> _UsageError:
-    return _UsageError(msg)
 
 
 def _cohort_name(path: Path) -> str:
@@ -852,7 +372,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         sc_only = [o for o in ("sample_key", "patient_key", "label_key") if getattr(a, o)]
         if sc_only:
             flag = "--" + sc_only[0].replace("_", "-")
-            raise _usage(f"{flag} applies to a single-cell cohort: train --h5ad OBJECT")
+            raise usage(f"{flag} applies to a single-cell cohort: train --h5ad OBJECT")
     if a.manifest:
         qc, _ = _qc_files(a)
         manifest = read_manifest(a.manifest, require_response=True)
@@ -863,7 +383,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         source = Path(a.manifest)
     elif a.features:
         if a.qc:
-            raise _usage(
+            raise usage(
                 "--qc has no effect on a feature table (its qc_pass is already computed): "
                 "pass --qc to `blinaprofile featurize`"
             )
@@ -897,9 +417,9 @@ def _single_cell_training_table(a: argparse.Namespace) -> tuple[Any, Any, dict[s
     from blinaprofile.errors import SingleCellInputError
 
     if not a.label_key:
-        raise _usage("train --h5ad needs --label-key (the obs column with each sample's response)")
+        raise usage("train --h5ad needs --label-key (the obs column with each sample's response)")
     if a.timepoint is not None:
-        raise _usage("--timepoint applies to manifests and feature tables; subset the object")
+        raise usage("--timepoint applies to manifests and feature tables; subset the object")
     table, feats, notes = _single_cell_table(a, a.h5ad, labels=True)
     unlabelled = table.loc[table["response"].isna(), "sample_id"].astype(str).tolist()
     if unlabelled:
@@ -958,10 +478,10 @@ def cmd_score(a: argparse.Namespace) -> int:
     from blinaprofile.io.read import fcs_read_options
     from blinaprofile.scoring.score import score_sample
 
-    _check_panel(a)
+    check_panel(a)
     qc, sc_qc = _qc_files(a)
     # the report reads the file again for its gating plots: the same options apply
-    with fcs_read_options(_fcs_options(a)):
+    with fcs_read_options(fcs_options(a)):
         res = score_sample(
             a.file,
             model=a.model,
@@ -976,7 +496,7 @@ def cmd_score(a: argparse.Namespace) -> int:
             qc=qc,
             single_cell_qc=sc_qc,
         )
-        _print_warnings(res.sample_id, res.warnings)
+        print_warnings(res.sample_id, res.warnings)
         written = []
         if not a.no_report:
             from blinaprofile.io.atomic import write_text
@@ -1008,10 +528,10 @@ def cmd_score_batch(a: argparse.Namespace) -> int:
     from blinaprofile.scoring.batch import DEFAULT_SAMPLE_TIMEOUT, collect_jobs, score_samples
 
     if a.manifest and a.inputs:
-        raise _usage("give --manifest or input files/folder, not both")
+        raise usage("give --manifest or input files/folder, not both")
     if not a.manifest and not a.inputs:
-        raise _usage("score-batch needs --manifest or input files/folder")
-    _check_panel(a)
+        raise usage("score-batch needs --manifest or input files/folder")
+    check_panel(a)
     qc, sc_qc = _qc_files(a)
     src: Any = a.manifest or (a.inputs[0] if len(a.inputs) == 1 else a.inputs)
     df = score_samples(
@@ -1024,7 +544,7 @@ def cmd_score_batch(a: argparse.Namespace) -> int:
         adaptive=a.adaptive,
         threshold=a.threshold,
         progress=False if a.no_progress else None,
-        fcs_options=_fcs_options(a),
+        fcs_options=fcs_options(a),
         sample_timeout=a.sample_timeout or DEFAULT_SAMPLE_TIMEOUT,
         keep_file_names=a.keep_file_names,
         allow_other_modality=a.allow_other_modality,
@@ -1043,7 +563,7 @@ def cmd_score_batch(a: argparse.Namespace) -> int:
         else df["sample_id"].astype(str).tolist()
     )
     for name, cell in zip(names, df["warnings"], strict=True):
-        _print_warnings(name, split_warnings(cell))
+        print_warnings(name, split_warnings(cell))
     info = df.attrs.get("batch", {})
     calls = df["call"].value_counts().to_dict()
     order = [*(s for s in (*CALL_STATES, "error") if s in calls), *sorted(calls)]
@@ -1144,7 +664,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     print(f"wrote {a.out}: {table.n_events} events x {len(table.channels)} channels ({labels})")
     note = table.scale_note()
     if note:
-        _print_warnings(a.table, [note])
+        print_warnings(a.table, [note])
     return 0
 
 
@@ -1153,92 +673,3 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     run_demo(a.out, n_patients=a.n_patients, events=a.events)
     return 0
-
-
-HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": cmd_demo,
-    "simulate": cmd_simulate,
-    "gate": cmd_gate,
-    "featurize": cmd_featurize,
-    "train": cmd_train,
-    "score": cmd_score,
-    "score-batch": cmd_score_batch,
-    "promote": cmd_promote,
-    "compare": cmd_compare,
-    "schema": cmd_schema,
-    "export-gating": cmd_export_gating,
-    "convert": cmd_convert,
-}
-
-
-#: errno values of a storage that cannot take more output (disk full, quota, read-only).
-_STORAGE_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, name)
-)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``blinaprofile`` command."""
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    if a.version:
-        from importlib.metadata import version
-
-        print(version("blinaprofile"))
-        return 0
-    if not a.command:
-        parser.print_help()
-        return 2
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if not getattr(a, "debug", False):
-        # MLflow's INFO chatter (table migrations, uv.lock copies) buries our own output
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # Errors: one line on stderr and a non-zero exit; the traceback only with --debug.
-    # 2 = the user's input/config/model is at fault (the message names the file),
-    # 3 = an internal error (a bug: please report it with the --debug traceback).
-    debug = bool(getattr(a, "debug", False))
-    try:
-        return HANDLERS[a.command](a)
-    except _UsageError as err:
-        parser.error(str(err))
-        return 2
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        from blinaprofile.errors import BlinaprofileError, one_line
-
-        if debug:
-            raise
-        if isinstance(err, BrokenPipeError):  # e.g. `blinaprofile schema | head`
-            return 141
-        if isinstance(err, BlinaprofileError):
-            print(f"error: {one_line(str(err))}", file=sys.stderr)
-            return err.exit_code
-        if isinstance(err, OSError) and err.filename is not None:
-            # a file or folder the user named cannot be read or written (permissions,
-            # disk full, read-only file system...)
-            reason = err.strerror or type(err).__name__
-            print(f"error: {one_line(f'{err.filename}: {reason}')}", file=sys.stderr)
-            return 2
-        if isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS:
-            # outputs go through blinaprofile.io.atomic, which names the file; this is the
-            # last resort for a library that raised without a file name
-            print(f"error: cannot write output: {err.strerror or err}", file=sys.stderr)
-            return 2
-        if isinstance(err, MemoryError):
-            print(
-                "error: out of memory (use fewer events per sample, fewer --jobs or more RAM)",
-                file=sys.stderr,
-            )
-            return 3
-        detail = one_line(f"{type(err).__name__}: {err}")
-        print(f"internal error: {detail} (rerun with --debug for a traceback)", file=sys.stderr)
-        return 3
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
