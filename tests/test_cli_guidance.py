@@ -47,3 +47,19 @@ def test_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
         main(["compare", "--help"])
     out = capsys.readouterr().out
     assert "(default: roc_auc)" in out and "example:" in out
+
+
+def test_messages_point_to_the_right_command(
+    small_cohort, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fcs_dir = small_cohort.out_dir / "fcs"
+    with pytest.raises(SystemExit) as info:
+        main(["score", str(fcs_dir)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: blinaprofile score")
+    assert "score-batch" in err and "folder of 8 FCS files" in err, err
+    # a manifest given as a feature table: pointed to --manifest, not a list of columns
+    assert main(["train", "--features", str(small_cohort.manifest)]) == 2
+    err = capsys.readouterr().err
+    assert f"train --manifest {small_cohort.manifest}" in err and "lacks" not in err, err

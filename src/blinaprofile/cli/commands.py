@@ -478,6 +478,14 @@ def cmd_score(a: argparse.Namespace) -> int:
     from blinaprofile.io.read import fcs_read_options
     from blinaprofile.scoring.score import score_sample
 
+    folder = Path(a.file)
+    if folder.is_dir() and not any(folder.glob("matrix.mtx*")):
+        n = sum(1 for _ in folder.glob("*.fcs"))
+        what = f"a folder of {n} FCS files" if n else "a folder, not a 10x matrix folder"
+        raise usage(
+            f"{a.file} is {what}: score many samples with `blinaprofile score-batch "
+            f"{a.file} --out results`"
+        )
     check_panel(a)
     qc, sc_qc = _qc_files(a)
     # the report reads the file again for its gating plots: the same options apply

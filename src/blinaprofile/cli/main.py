@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return HANDLERS[a.command](a)
     except UsageError as err:
-        parser.error(str(err))
+        # the usage of the command that was typed, then the message
+        getattr(parser, "commands", {}).get(a.command, parser).error(str(err))
         return 2
     except KeyboardInterrupt:
         if debug:

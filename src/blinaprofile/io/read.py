@@ -493,6 +493,15 @@ def read_feature_table(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise ManifestError(
             f"not a readable CSV feature table: {one_line(str(err))}", path=p
         ) from None
+    from blinaprofile.features.schema import MODEL_FEATURES
+
+    if {"file", "path"} & set(table.columns) and not set(MODEL_FEATURES) & set(table.columns):
+        raise ManifestError(
+            "this is a manifest (it lists files), not a feature table: use "
+            f"`blinaprofile train --manifest {p}` (or `blinaprofile featurize --manifest {p} "
+            "--out features.csv` first)",
+            path=p,
+        )
     missing = [c for c in ("response", "patient_id") if c not in table.columns]
     if missing:
         raise ManifestError(
