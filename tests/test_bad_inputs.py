@@ -783,7 +783,7 @@ def test_cli_traceback_only_with_debug(case: Case, base: Base, tmp_path: Path) -
 def test_cli_internal_error_is_one_line(tmp_path: Path) -> None:
     """An unexpected exception (a bug) is one line too, and says how to get the traceback."""
     code = (
-        "import sys, blinaprofile.cli as c\n"
+        "import sys, blinaprofile.cli.dispatch as c\n"
         "def boom(a):\n"
         "    raise RuntimeError('line one\\nline two')\n"
         "c.HANDLERS['schema'] = boom\n"

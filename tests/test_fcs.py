@@ -7,6 +7,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# Free-text TEXT values are never quoted in messages (they may name a patient): numbers and
+# short codes are, anything else is described by its length ("a 3-character text").
+
 import flowio
 import numpy as np
 import pytest
@@ -722,7 +725,7 @@ BAD_FILES: list[tuple[str, Callable[[], bytes], str]] = [
         _data_end_past_eof,
         "DATA segment ends at byte 98765 but the file has",
     ),
-    ("begindata_text", _begindata_non_numeric, "$BEGINDATA is not a non-negative integer: 'abc'"),
+    ("begindata_text", _begindata_non_numeric, "$BEGINDATA is not a non-negative integer: a 3-character text"),
     ("no_data_offsets", _no_data_offsets, "neither the HEADER nor $BEGINDATA/$ENDDATA"),
     ("datatype_ascii", lambda: _with_keywords(_DATATYPE="A"), "unsupported $DATATYPE 'A' (ASCII)"),
     ("datatype_missing", lambda: _with_keywords(_DATATYPE=None), "required keyword $DATATYPE"),
@@ -764,7 +767,7 @@ BAD_FILES: list[tuple[str, Callable[[], bytes], str]] = [
     (
         "spill_value",
         lambda: _with_keywords(SPILL="2,FSC-A,CD3,1,abc,0,1"),
-        "SPILL value 'abc' at row 1, column 2 is not a finite number",
+        "SPILL value a 3-character text at row 1, column 2 is not a finite number",
     ),
     (
         "spill_nan",
@@ -774,7 +777,7 @@ BAD_FILES: list[tuple[str, Callable[[], bytes], str]] = [
     (
         "spill_n",
         lambda: _with_keywords(_SPILLOVER="two,FSC-A,CD3,1,0,0,1"),
-        "$SPILLOVER channel count n is not a non-negative integer: 'two'",
+        "$SPILLOVER channel count n is not a non-negative integer: a 3-character text",
     ),
     (
         "spill_duplicate_names",
@@ -782,7 +785,7 @@ BAD_FILES: list[tuple[str, Callable[[], bytes], str]] = [
         "$SPILLOVER names a channel more than once: CD3",
     ),
     ("pne_malformed", lambda: _with_keywords(_P1E="4"), "$P1E must be two comma-separated"),
-    ("pnr_text", lambda: _with_keywords(_P3R="big"), "$P3R is not a number: 'big'"),
+    ("pnr_text", lambda: _with_keywords(_P3R="big"), "$P3R is not a number: a 3-character text"),
     ("nextdata_text", lambda: _with_keywords(_NEXTDATA="x"), "$NEXTDATA is not a non-negative"),
     (
         "stext_outside",

@@ -563,11 +563,11 @@ def _parameters(
         width = parse_int(ctx, width_text, f"$P{i}B") if width_text != "*" else -1
         if expected is not None and width != expected:
             raise ctx.error(
-                f"$DATATYPE {datatype} needs $PnB={expected} but $P{i}B={quote_value(width_text)}"
+                f"$DATATYPE {datatype} needs $PnB={expected} but $P{i}B={quote_value(width_text, quote=False)}"
             )
         if width not in (8, 16, 32, 64):
             raise ctx.error(
-                f"$P{i}B={quote_value(width_text)} is not supported: integer bit widths must be "
+                f"$P{i}B={quote_value(width_text, quote=False)} is not supported: integer bit widths must be "
                 f"8, 16, 32 or 64"
             )
         widths.append(width)

@@ -70,13 +70,16 @@ def short(name: str, limit: int = 40) -> str:
 #: what a TEXT value may look like to be quoted in a message: numbers, number lists and
 #: short codes ("L", "F", "1,2,3,4", "4.0,1.0", "$P5N"); never free text, which may name a
 #: patient (a value after an escaped delimiter joins the one before it, per the standard)
-_QUOTABLE = re.compile(r"\$?[A-Za-z]?[0-9.,eE+\- ]{0,24}|\$[A-Za-z0-9]{1,12}")
+_QUOTABLE = re.compile(
+    r"\$?[A-Za-z]?[0-9.,eE+\- ]{0,24}|\$[A-Za-z0-9]{1,12}|[-+]?(?i:nan|inf|infinity)"
+)
 
 
-def quote_value(value: str) -> str:
-    """``repr(value)`` for numbers and short codes; otherwise only its length (privacy)."""
+def quote_value(value: str, *, quote: bool = True) -> str:
+    """``value`` (``repr`` when ``quote``) for numbers and short codes; otherwise only its
+    length (privacy: free text in TEXT may name a patient)."""
     if _QUOTABLE.fullmatch(value):
-        return repr(value)
+        return repr(value) if quote else value
     return f"a {len(value)}-character text"
 
 
@@ -173,7 +176,7 @@ def parse_text(
             )
         if len(name) > max_keyword_length:
             raise ctx.error(
-                f"keyword name {quote_value(short(name))} is {len(name)} characters long, more than "
+                f"keyword name {short(name)!r} is {len(name)} characters long, more than "
                 f"max_keyword_length={max_keyword_length}"
             )
         limit = max_keyword_length
@@ -182,17 +185,17 @@ def parse_text(
             limit = max_keyword_length * MATRIX_LENGTH_FACTOR
         if len(value) > limit:
             raise ctx.error(
-                f"keyword {quote_value(name)} has a value of {len(value)} characters, more than "
+                f"keyword {short(name)!r} has a value of {len(value)} characters, more than "
                 f"the limit of {limit} (max_keyword_length={max_keyword_length})"
             )
         if name in keywords:
             if keywords[name] != value:
                 if name.startswith("$"):
                     raise ctx.error(
-                        f"keyword {quote_value(name)} appears more than once with different values"
+                        f"keyword {short(name)!r} appears more than once with different values"
                     )
                 ctx.warn(
-                    f"keyword {quote_value(name)} appears more than once with different values; "
+                    f"keyword {short(name)!r} appears more than once with different values; "
                     f"kept the first"
                 )
             continue
