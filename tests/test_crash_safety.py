@@ -219,7 +219,12 @@ def test_batch_records_bad_samples_and_goes_on(
         manifest, model=str(model_dir), n_jobs=1, out_dir=tmp_path / "out", progress=False
     ).set_index("sample_id")
     assert len(df) == len(rows)
-    assert set(df.loc[["G0", "G1"], "call"]) <= {"responder", "nonresponder", "uncertain", "no call"}
+    assert set(df.loc[["G0", "G1"], "call"]) <= {
+        "responder",
+        "nonresponder",
+        "uncertain",
+        "no call",
+    }
     assert (df.loc[["G0", "G1"], "error"] == "").all()
     for sid, (path, _, phrase) in bad.items():
         assert df.loc[sid, "call"] == "error"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 # Free-text TEXT values are never quoted in messages (they may name a patient): numbers and
 # short codes are, anything else is described by its length ("a 3-character text").
-
 import flowio
 import numpy as np
 import pytest
@@ -725,7 +724,11 @@ BAD_FILES: list[tuple[str, Callable[[], bytes], str]] = [
         _data_end_past_eof,
         "DATA segment ends at byte 98765 but the file has",
     ),
-    ("begindata_text", _begindata_non_numeric, "$BEGINDATA is not a non-negative integer: a 3-character text"),
+    (
+        "begindata_text",
+        _begindata_non_numeric,
+        "$BEGINDATA is not a non-negative integer: a 3-character text",
+    ),
     ("no_data_offsets", _no_data_offsets, "neither the HEADER nor $BEGINDATA/$ENDDATA"),
     ("datatype_ascii", lambda: _with_keywords(_DATATYPE="A"), "unsupported $DATATYPE 'A' (ASCII)"),
     ("datatype_missing", lambda: _with_keywords(_DATATYPE=None), "required keyword $DATATYPE"),

@@ -33,7 +33,7 @@ from typing import Any
 
 from blinaprofile.errors import BlinaprofileError, one_line
 
-__all__ = ["ItemTimeoutError", "WorkerDiedError", "run_parallel"]
+__all__ = ["ItemTimeoutError", "WorkerDiedError", "run_parallel", "start_fork_server"]
 
 #: Seconds a worker is given to exit after being asked to stop, before it is killed.
 _STOP_GRACE = 5.0
@@ -162,6 +162,20 @@ class _Pool:
                 w.process.join(max(0.0, deadline - time.monotonic()))
             self._kill(w)
         self.workers = []
+
+
+def start_fork_server(preload: Sequence[str] = ()) -> None:
+    """Start the fork server now, importing ``preload`` in it, without waiting for it.
+
+    The workers of a later :func:`run_parallel` call (with the same ``preload``) are forked
+    from it: call this before other slow work (hashing the inputs, loading a model) and the
+    server's imports happen meanwhile on another core instead of after it.
+    """
+    import multiprocessing as mp
+    from multiprocessing import forkserver
+
+    mp.get_context("forkserver").set_forkserver_preload(["__main__", *preload])
+    forkserver.ensure_running()
 
 
 def _died(w: _Worker) -> str:

@@ -37,6 +37,7 @@ class GateTree(Protocol):
 
     def to_flowkit(self) -> Any: ...
 
+
 __all__ = ["GATINGML_KINDS", "compensation_ref", "gatingml_text", "ratio_ids"]
 
 _NS = {

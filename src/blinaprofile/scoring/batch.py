@@ -47,7 +47,12 @@ from typing import TYPE_CHECKING, Any
 from blinaprofile.config import QCConfig
 from blinaprofile.errors import BlinaprofileError, InputError, OutputError, one_line
 from blinaprofile.io.atomic import atomic_path, write_csv, write_text
-from blinaprofile.parallel import ItemTimeoutError, WorkerDiedError, run_parallel
+from blinaprofile.parallel import (
+    ItemTimeoutError,
+    WorkerDiedError,
+    run_parallel,
+    start_fork_server,
+)
 from blinaprofile.progress import Progress
 
 if TYPE_CHECKING:
@@ -590,6 +595,9 @@ def score_samples(
         raise ConfigError(
             f"sample_timeout must be a positive number of seconds, got {sample_timeout!r}"
         )
+    workers = settings.n_jobs if n_jobs is None else n_jobs
+    if scheduler is None and (workers > 1 or sample_timeout is not None):
+        start_fork_server(WORKER_MODULES)  # its imports overlap the hashing and model loading
     # on screen from the start: hashing every input (part of the resume key) takes a while
     bar = Progress(desc="checking inputs", unit="file", show=progress)
     with bar.closed_on_error(), _counting_hashes(bar.update):
@@ -678,9 +686,7 @@ def score_samples(
         runner = (
             _run_dask(todo, options, client)
             if client is not None
-            else _run_local(
-                todo, options, settings.n_jobs if n_jobs is None else n_jobs, sample_timeout
-            )
+            else _run_local(todo, options, workers, sample_timeout)
         )
         # closing: a failure here (disk full) stops the workers at once
         with contextlib.closing(runner):

@@ -29,7 +29,7 @@ import io
 import os
 import re
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -415,6 +415,48 @@ def cohort_png(
     pixels = np.round(out * 255.0).astype(np.uint8)
     Image.fromarray(pixels, "RGBA").save(buf, format="png", dpi=(_FIGURE_DPI, _FIGURE_DPI))
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _drawn_aside(draw: Callable[[], str], *, alongside: bool) -> Callable[[], str]:
+    """``draw()`` in a forked child while this process does other work ``alongside``.
+
+    Returns a function that gives ``draw()``'s text. The child is used only where forking
+    is safe and can help: a POSIX system other than macOS, more than one core, other work to
+    overlap with and no other Python thread in this process (a notebook kernel has some).
+    Otherwise, or if the child fails, ``draw()`` runs here.
+    """
+    import sys
+    import threading
+
+    if not (
+        alongside
+        and hasattr(os, "fork")
+        and sys.platform != "darwin"
+        and (os.cpu_count() or 1) > 1
+        and threading.active_count() == 1
+    ):
+        text = draw()
+        return lambda: text
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: draw, send, leave without running the parent's exit code
+        code = 1
+        try:
+            os.close(read_end)
+            with os.fdopen(write_end, "wb") as fh:
+                fh.write(draw().encode("utf-8"))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+
+    def collect() -> str:
+        with os.fdopen(read_end, "rb") as fh:
+            data = fh.read()
+        _, status = os.waitpid(pid, 0)
+        return data.decode("utf-8") if status == 0 else draw()  # failed: draw it here
+
+    return collect
 
 
 def _cohort_background_layer(
@@ -908,12 +950,19 @@ def write_report(
     feats = [f for f in (result.ood_z or {}) if training is not None and f in training.columns]
     if not feats and training is not None:
         feats = [f for f in MODEL_FEATURES if f in training.columns]
-    training_png = cohort_png(result, training, feats) if training is not None and feats else None
-    gating_png = None
     ctx = result.context
-    if ctx is not None and ctx.tree is not None and ctx.gating is not None:
-        gating_png = _png(gating_figure(ctx.path, ctx.tree, ctx.gating))
-    elif result.modality == "flow":
-        notes.append("Gating plots need score_sample(..., keep_gating=True).")
+    gated = ctx is not None and ctx.tree is not None and ctx.gating is not None
+    cohort = None
+    if training is not None and feats:
+        # drawn by a second process while this one draws the gating figure (one per core)
+        cohort = _drawn_aside(lambda: cohort_png(result, training, feats), alongside=gated)
+    gating_png = None
+    try:
+        if ctx is not None and ctx.tree is not None and ctx.gating is not None:
+            gating_png = _png(gating_figure(ctx.path, ctx.tree, ctx.gating))
+        elif result.modality == "flow":
+            notes.append("Gating plots need score_sample(..., keep_gating=True).")
+    finally:
+        training_png = cohort() if cohort is not None else None
     text = render_report(result, training_png=training_png, gating_png=gating_png, notes=notes)
     return write_text(path, text)
