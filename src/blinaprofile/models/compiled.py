@@ -30,6 +30,7 @@ float32.
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import json
 import math
@@ -131,9 +132,11 @@ class TreeEnsemble:
         m = self.margin(Z)
         return np.float32(1.0) / (_expf(np.minimum(-m, np.float32(88.7))) + np.float32(1.0))
 
-    def shap(self, Z: np.ndarray) -> np.ndarray:
-        """Path-dependent TreeSHAP of the margin (samples x features)."""
-        from blinaprofile.models.runtime import path_shap, tree_paths
+    @functools.cached_property
+    def paths(self) -> tuple[np.ndarray, list[dict[int, tuple[float, float, float]]]]:
+        """Every leaf's value and path (:func:`blinaprofile.models.runtime.tree_paths`),
+        worked out once: they do not depend on the sample."""
+        from blinaprofile.models.runtime import tree_paths
 
         # x < t on float32 values is x <= the float32 just below t
         below = np.nextafter(self.threshold, np.float32(-np.inf)).astype(np.float64)
@@ -151,7 +154,13 @@ class TreeEnsemble:
             )
             vals.extend(v)
             paths.extend(p)
-        phi, _ = path_shap(np.asarray(vals), paths, Z)
+        return np.asarray(vals), paths
+
+    def shap(self, Z: np.ndarray) -> np.ndarray:
+        """Path-dependent TreeSHAP of the margin (samples x features)."""
+        from blinaprofile.models.runtime import path_shap
+
+        phi, _ = path_shap(*self.paths, Z)
         return phi
 
 
