@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import struct
 import subprocess
@@ -141,16 +142,17 @@ def test_progress_follows_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
         def isatty(self) -> bool:
             return self.tty
 
-    monkeypatch.setattr(sys, "stderr", Stream(False))
+    piped, terminal = Stream(False), Stream(True)
+    monkeypatch.setattr(sys, "stderr", piped)
     assert not wants_progress() and wants_progress(True) and not wants_progress(False)
     bar = Progress(3, desc="x", unit="step")
     bar.update()  # a no-op without a terminal
-    assert not bar.shown and sys.stderr.getvalue() == ""
-    monkeypatch.setattr(sys, "stderr", Stream(True))
+    assert not bar.shown and piped.getvalue() == ""
+    monkeypatch.setattr(sys, "stderr", terminal)
     with Progress(3, desc="counting", unit="step") as bar:
         assert bar.shown
         bar.tick(3, "first")
-    assert "counting" in sys.stderr.getvalue() and "1/3" in sys.stderr.getvalue()
+    assert "counting" in terminal.getvalue() and "1/3" in terminal.getvalue()
 
 
 def test_training_reports_every_fold_of_every_family() -> None:
@@ -318,29 +320,171 @@ def test_cohort_figure_background_is_drawn_once(
 ) -> None:
     import base64
 
-    import matplotlib.image
+    from PIL import Image
 
     from blinaprofile.scoring import report
     from blinaprofile.scoring.score import load_scoring_model, score_sample
 
-    monkeypatch.setenv("BLINAPROFILE_CACHE_DIR", str(tmp_path / "cache"))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BLINAPROFILE_CACHE_DIR", str(cache))
+    # as in a new process: an earlier test may have drawn this cohort's background
     monkeypatch.setattr(report, "_COHORT_BACKGROUNDS", {})
-    drawn: list[int] = []
-    real = report._draw_cohort_background
-    monkeypatch.setattr(report, "_draw_cohort_background", lambda *a: drawn.append(1) or real(*a))
     training = load_scoring_model(str(DEFAULT_MODEL)).training
     assert training is not None
-    pngs = []
+    pngs, entries = [], []
     for fcs in sorted((cohort.parent / "fcs").glob("*.fcs")):
         res = score_sample(fcs, model=str(DEFAULT_MODEL))
         feats = [f for f in res.ood_z if f in training.columns]
         pngs.append(report.cohort_png(res, training, feats))
-        full = report._png(report.training_figure(res, training, feats))
-        shape = matplotlib.image.imread(io.BytesIO(base64.b64decode(full))).shape
-        assert matplotlib.image.imread(io.BytesIO(base64.b64decode(pngs[-1]))).shape == shape
-    assert len(drawn) == 1  # one background for all samples
-    assert list((tmp_path / "cache" / "report-cohort").glob("*.npz"))
-    assert len(set(pngs)) == len(pngs)  # each sample still drawn on it
-    monkeypatch.setattr(report, "_COHORT_BACKGROUNDS", {})  # a new process: from the file
-    report.cohort_png(res, training, feats)
-    assert len(drawn) == 1
+        full = io.BytesIO()
+        report.training_figure(res, training, feats).savefig(full, format="png", dpi=150)
+        fast = Image.open(io.BytesIO(base64.b64decode(pngs[-1])))
+        assert fast.size == Image.open(full).size and round(fast.info["dpi"][0]) == 150
+        entries.append({p: p.stat().st_mtime_ns for p in cache.rglob("report-cohort/*.npz")})
+    # one background, drawn for the first sample and never again; each sample on top of it
+    assert len(entries[0]) == 1 and entries[0] == entries[-1]
+    assert len(set(pngs)) == len(pngs)
+    # a new process takes it from the user cache
+    code = (
+        "import pandas as pd\n"
+        "from blinaprofile.scoring.report import cohort_png\n"
+        "from blinaprofile.scoring.score import load_scoring_model, score_sample\n"
+        f"res = score_sample({str(fcs)!r}, model={str(DEFAULT_MODEL)!r})\n"
+        f"tr = load_scoring_model({str(DEFAULT_MODEL)!r}).training\n"
+        "print(cohort_png(res, tr, [f for f in res.ood_z if f in tr.columns])[:20])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=_env(cache), capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("report-cohort/*.npz")} == entries[0]
+
+
+def test_report_figures_survive_a_failed_helper_process(
+    cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gating figure is drawn by a helper process where one could be forked safely;
+    should the helper fail, the report process draws it itself (the same pixels)."""
+    from blinaprofile.scoring import report
+    from blinaprofile.scoring.score import score_sample
+
+    monkeypatch.setenv("BLINAPROFILE_CACHE_DIR", str(tmp_path / "cache"))
+
+    class FailingHelper:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def submit(self, func: object, *args: object) -> None:
+            self.calls.append("submit")
+
+        def result(self) -> str | None:
+            self.calls.append("result")
+            return None  # the helper died
+
+        def close(self) -> None:
+            self.calls.append("close")
+
+    fcs = sorted((cohort.parent / "fcs").glob("*.fcs"))[0]
+    res = score_sample(fcs, model=str(DEFAULT_MODEL), keep_gating=True)
+    helper = FailingHelper()
+    out = report.write_report(res, tmp_path / "r.html", helper=helper)  # type: ignore[arg-type]
+    html = out.read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 2  # the cohort and the gating figure
+    assert helper.calls == ["submit", "result", "close"]
+    alone = report.write_report(res, tmp_path / "alone.html").read_text(encoding="utf-8")
+    figures = re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", html)
+    assert figures == re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", alone)
+
+
+_HELPER_SCRIPT = """
+import os, sys
+from blinaprofile.scoring import helper as module
+from blinaprofile.scoring.helper import one_thread, start_helper
+module.free_core = lambda: True  # whatever else this machine is running
+assert one_thread()
+helper = start_helper(preload=())
+assert helper is not None and helper.pid != os.getpid()
+helper.submit(str.upper, "drawn aside")
+print(helper.result())
+failing = start_helper(preload=())
+failing.submit(str.upper, 1)  # TypeError in the helper
+print(failing.result())
+unused = start_helper(preload=("json",))
+unused.close()
+stuck = start_helper(preload=())
+stuck.submit(str.upper, lambda: 0)  # cannot be pickled: nothing is sent
+print(stuck.result())
+import numpy  # starts BLAS threads on a machine with several cores
+print(start_helper() is None or one_thread())
+"""
+
+
+def test_helper_process_draws_aside_only_when_forking_is_safe() -> None:
+    from blinaprofile.scoring.helper import one_thread, start_helper
+
+    if one_thread():  # pragma: no cover - pytest with numpy imported runs other threads
+        pytest.skip("this test process runs a single thread")
+    assert start_helper() is None  # never forked from a process running other threads
+    out = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", _HELPER_SCRIPT],
+        env=_env(None),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    if (os.cpu_count() or 1) < 2 or sys.platform == "darwin":  # pragma: no cover
+        pytest.skip("no helper process on this machine")
+    assert out.stdout.split("\n")[:4] == ["DRAWN ASIDE", "None", "None", "True"], out.stdout
+
+
+_SCORE_WITH_HELPER = """
+import sys
+from blinaprofile.scoring import helper
+helper.free_core = lambda: True  # as on an idle machine
+result = helper.Helper.result
+def told(self, *args, **kwargs):
+    text = result(self, *args, **kwargs)
+    print("helper drew the gating figure:", text is not None, file=sys.stderr)
+    return text
+helper.Helper.result = told
+from blinaprofile.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_score_command_forks_no_threaded_process(cohort: Path, tmp_path: Path) -> None:
+    """``blinaprofile score`` draws its report's figures on two cores without forking a
+    process that runs threads (Python's DeprecationWarning about fork() stays silent)."""
+    fcs = sorted((cohort.parent / "fcs").glob("*.fcs"))[0]
+    args = ["score", str(fcs), "--model", str(DEFAULT_MODEL), "--out-dir"]
+    htmls = []
+    for run, cmd in (("helper", ["-c", _SCORE_WITH_HELPER]), ("cli", ["-m", "blinaprofile"])):
+        out = subprocess.run(
+            [sys.executable, "-W", "always::DeprecationWarning", *cmd, *args, str(tmp_path / run)],
+            env=_env(tmp_path / "cache"),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "fork()" not in out.stderr, out.stderr[-2000:]
+        if run == "helper" and (os.cpu_count() or 1) > 1 and sys.platform != "darwin":
+            assert "helper drew the gating figure: True" in out.stderr, out.stderr[-2000:]
+        (html,) = (tmp_path / run).glob("*.report.html")
+        htmls.append(html.read_text(encoding="utf-8"))
+    figures = [re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", h) for h in htmls]
+    assert len(figures[0]) == 2 and figures[0] == figures[1]  # the same pixels either way
+
+
+def test_helper_only_with_a_free_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    from blinaprofile.scoring.helper import free_core
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.7, 1.0, 1.0))
+    assert free_core()
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 1.0, 1.0))
+    assert not free_core()  # every core busy: the figures are drawn one after the other
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert not free_core()

@@ -646,3 +646,184 @@ def test_no_genes_and_cellranger2_h5(tmp_path: Path) -> None:
     a = read_single_cell(h5)
     assert list(a.var_names) == ["CD3E", "CD8A", "CD4"] and list(a.obs_names) == ["AAA-1", "CCC-1"]
     assert (a.X != X).nnz == 0 and "protein" not in a.obsm
+
+
+# --------------------------------------------------------------------------- scale (issue 13)
+def _variant(src: Path, dst: Path, kind: str) -> Path:
+    """The simulated cohort as RNA only, with its samples' cells interleaved, or log1p-cp10k."""
+    a = ad.read_h5ad(src)
+    if kind in ("rna", "lognorm"):
+        del a.obsm["protein"]
+    if kind == "interleaved":
+        a = a[np.random.default_rng(0).permutation(a.n_obs)].copy()
+    if kind == "lognorm":
+        x = sp.csr_matrix(a.X, dtype=np.float64)
+        x = sp.diags(1e4 / np.asarray(x.sum(axis=1)).ravel()) @ x
+        x.data = np.log1p(x.data)
+        a.X = sp.csr_matrix(x, dtype=np.float32)
+    a.write_h5ad(dst)
+    return dst
+
+
+def _same_features(got: Any, want: Any) -> None:
+    """Bit-identical tables (values, NaNs, order, dtypes) and the same evidence."""
+    pd.testing.assert_frame_equal(got.table, want.table, check_exact=True)
+    assert got.evidence == want.evidence
+    assert got.table.attrs["blinaprofile"] == want.table.attrs["blinaprofile"]
+
+
+@pytest.mark.parametrize("kind", ["protein", "rna", "interleaved", "lognorm"])
+def test_chunked_cohort_equals_in_memory(sim_path: Path, tmp_path: Path, kind: str) -> None:
+    from blinaprofile.annotate.estimator import TCellAnnotator
+    from blinaprofile.features.singlecell import featurize_cells
+    from blinaprofile.features.singlecell_chunked import featurize_cohort
+    from blinaprofile.io.h5ad_stream import streamable
+
+    path = sim_path if kind == "protein" else _variant(sim_path, tmp_path / f"{kind}.h5ad", kind)
+    assert streamable(path)
+    adata = read_single_cell(path)
+    ann = TCellAnnotator().fit(adata, sample_key="sample_id", max_cells_per_sample=700)
+    want = featurize_cells(adata, annotator=ann, sample_key="sample_id")
+    assert want.table["qc_pass"].sum() >= 6
+    # a tiny block (a few cells) and one sample per group: many reads, many groups
+    got = featurize_cohort(
+        path, annotator=ann, sample_key="sample_id", chunk_cells=1, block_values=3000
+    )
+    _same_features(got, want)
+    assert not got.fitted_on_input
+    # an AnnData in memory, two samples per group
+    _same_features(featurize_cohort(adata, annotator=ann, chunk_cells=2500), want)
+
+
+def test_cohort_not_streamable_is_read_whole(sim_path: Path, tmp_path: Path) -> None:
+    """A dense X (or CSC, or antibody features in X) is read whole, then labelled in groups:
+    the same table; the single sample of an object without a sample column is named after
+    the file, as featurize_single_cell names it."""
+    from blinaprofile.annotate.estimator import TCellAnnotator
+    from blinaprofile.features.singlecell import featurize_cells
+    from blinaprofile.features.singlecell_chunked import featurize_cohort
+    from blinaprofile.io.h5ad_stream import streamable
+
+    a = ad.read_h5ad(sim_path)
+    a.X = np.asarray(a.X.toarray())
+    dense = tmp_path / "dense.h5ad"
+    a.write_h5ad(dense)
+    assert not streamable(dense) and not streamable(tmp_path / "missing.h5ad")
+    adata = read_single_cell(sim_path)
+    ann = TCellAnnotator().fit(adata, max_cells_per_sample=300)
+    want = featurize_cells(dense, annotator=ann)
+    _same_features(featurize_cohort(dense, annotator=ann, chunk_cells=2000), want)
+    one = adata[adata.obs["sample_id"] == adata.obs["sample_id"].iloc[0]].copy()
+    one.obs = one.obs.drop(columns=["sample_id"])
+    single = tmp_path / "P_one.h5ad"
+    one.write_h5ad(single)
+    assert streamable(single)
+    got = featurize_cohort(single, annotator=ann, block_values=20_000)
+    _same_features(got, featurize_cells(single, annotator=ann))
+    assert got.table["sample_id"].tolist() == ["P_one"]
+
+
+def test_streamed_subsample_fit_equals_in_memory_fit(sim_path: Path) -> None:
+    from blinaprofile.annotate.estimator import TCellAnnotator
+    from blinaprofile.features.singlecell import featurize_cells
+    from blinaprofile.features.singlecell_chunked import featurize_cohort
+
+    timings: dict[str, float] = {}
+    got = featurize_cohort(
+        sim_path, max_cells_per_sample=400, subsample_seed=3, block_values=50_000, timings=timings
+    )
+    assert {"open_s", "fit_read_s", "fit_s", "label_s", "label_cpu_s"} <= set(timings)
+    adata = read_single_cell(sim_path)
+    ann = TCellAnnotator().fit(adata, max_cells_per_sample=400, subsample_seed=3)
+    assert got.annotator.to_dict() == ann.to_dict()
+    assert ann.subsample_ == got.annotator.subsample_
+    assert ann.subsample_ == {
+        "max_cells_per_sample": 400,
+        "seed": 3,
+        "n_cells": 8 * 400,
+        "n_cells_offered": adata.n_obs,
+    }
+    assert ann.n_cells_fit_ == 3200
+    want = featurize_cells(adata, annotator=ann)
+    assert got.fitted_on_input
+    pd.testing.assert_frame_equal(got.table, want.table, check_exact=True)
+    ev = got.table.attrs["blinaprofile"]
+    assert ev["annotator_fitted_on_input"] and ev["annotator"]["fitted_on_input"]
+    assert all(e["annotator"]["fitted_on"] == "this object" for e in got.evidence.values())
+
+
+def test_parallel_groups_equal_serial(sim_path: Path) -> None:
+    from blinaprofile.annotate.estimator import TCellAnnotator
+    from blinaprofile.features.singlecell_chunked import featurize_cohort
+
+    ann = TCellAnnotator().fit(read_single_cell(sim_path), max_cells_per_sample=300)
+    one = featurize_cohort(sim_path, annotator=ann, chunk_cells=3000)
+    two = featurize_cohort(sim_path, annotator=ann, chunk_cells=3000, n_jobs=2)
+    _same_features(two, one)
+
+
+def test_subsample_fit_close_to_full_fit(sim_path: Path) -> None:
+    """The documented bounds (docs/single_cell.md, "Scale"): on this simulated cohort (8 x 1,500
+    cells) a fit on 300 cells per sample moves the features from the fit on every cell by at
+    most 2.5 points with protein + RNA (a sample near the edge of a cohort fallback: TIM3) and
+    4.5 points with RNA only (the PD-1 mixture moves for every sample), on average by 0.3 and
+    1.0 points, and the CD4/CD8 ratio by < 0.05."""
+    from blinaprofile.annotate.estimator import TCellAnnotator
+    from blinaprofile.features.singlecell import featurize_cells
+
+    for protein, bound, mean_bound in ((True, 2.5, 0.3), (False, 4.5, 1.0)):
+        adata = read_single_cell(sim_path)
+        if not protein:
+            del adata.obsm["protein"]
+        full = featurize_cells(adata).table.set_index("sample_id")
+        sub = TCellAnnotator().fit(adata, max_cells_per_sample=300)
+        assert sub.n_cells_fit_ == 8 * 300
+        got = featurize_cells(adata, annotator=sub).table.set_index("sample_id")
+        f = [c for c in feature_names() if full[c].notna().any()]
+        assert len(f) >= 12
+        assert (got[f].isna() == full[f].isna()).all().all()
+        d = (got[f] - full[f]).abs()
+        pct = d.drop(columns="cd4_cd8_ratio")
+        assert pct.max().max() <= bound, pct.max().sort_values().tail(3)
+        assert pct.mean().mean() <= mean_bound, pct.mean().sort_values().tail(3)
+        assert d["cd4_cd8_ratio"].max() <= 0.05
+        assert pct.max().max() > 0  # a different fit: the bounds are not vacuous
+
+
+def test_stratified_subsample_is_per_sample_and_fixed() -> None:
+    from blinaprofile.annotate.estimator import stratified_subsample
+
+    codes = np.repeat([0, 1, 2], [500, 40, 300])
+    rows = stratified_subsample(codes, ["a", "b", "c"], max_cells_per_sample=100, seed=1)
+    assert np.all(np.diff(rows) > 0)
+    assert np.bincount(codes[rows]).tolist() == [100, 40, 100]
+    assert np.array_equal(
+        rows, stratified_subsample(codes, ["a", "b", "c"], max_cells_per_sample=100, seed=1)
+    )
+    other = stratified_subsample(codes, ["a", "b", "c"], max_cells_per_sample=100, seed=2)
+    assert not np.array_equal(rows, other)
+    # sample c alone (its cells first): the same cells of c are drawn
+    alone = stratified_subsample(
+        np.zeros(300, dtype=np.int64), ["c"], max_cells_per_sample=100, seed=1
+    )
+    assert np.array_equal(alone + 540, rows[codes[rows] == 2])
+    with pytest.raises(ValueError, match="max_cells_per_sample"):
+        stratified_subsample(codes, ["a", "b", "c"], max_cells_per_sample=0)
+
+
+def test_gene_panel_is_labelled_not_fitted(sim_path: Path) -> None:
+    from blinaprofile.annotate.estimator import TCellAnnotator
+    from blinaprofile.io.h5ad_stream import H5adStream
+
+    ann = TCellAnnotator().fit(read_single_cell(sim_path), max_cells_per_sample=300)
+    with H5adStream(sim_path, block_values=100_000) as st:
+        cols = st.set_panel(ann.panel_genes(), ann.config_.cell_qc.mito_prefix)
+        assert 50 < cols.size < 400  # gene sets, controls and mitochondrial genes only
+        blocks = list(st.panel_blocks())
+        panel = st.panel(blocks, np.arange(st.n_obs))
+    assert panel.n_vars == cols.size and panel.uns["blinaprofile"]["gene_panel"]["n_genes"] == 1000
+    with pytest.raises(SingleCellInputError, match="cannot fit an annotator on a gene panel"):
+        TCellAnnotator().fit(panel)
+    with pytest.raises(SingleCellInputError, match="was read as counts"):
+        ann.transform(panel, x_kind="tpm")
+    assert len(ann.transform(panel)) == st.n_obs

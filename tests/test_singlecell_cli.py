@@ -269,12 +269,18 @@ def test_train_stores_the_annotator(trained: tuple[Path, str, str], work: Path) 
     data = (model / ANNOTATOR).read_bytes()
     assert entry["sha256"] == hashlib.sha256(data).hexdigest()
     assert entry["sample_key"] == "sample_id" and entry["patient_key"] == "patient_id"
-    assert entry["cv_groups"] == "patient" and "cohort" in entry["cv_annotator"]
+    assert entry["cv_groups"] == "patient"
+    # the CV refitted the annotator inside each of the 3 outer training splits
+    assert entry["cv_annotator_per_fold"] is True
+    assert entry["cv_annotator_fits"] == {"cv": 3, "permutations": 0}
+    assert "inside each outer CV training split" in entry["cv_annotator"]
+    assert "whole training cohort" not in entry["cv_annotator"]
     assert "state" not in entry  # the state is the artifact, not a copy in meta.json
     # the stored annotator is the one `featurize --annotator-out` fits on the same object
     if (work / "annotator.json").is_file():
         assert json.loads(data) == json.loads((work / "annotator.json").read_text())
-    assert "note: the CV features of every fold come from one annotator fitted" in out
+    assert "note: the CV refits the annotator inside each outer training split" in out
+    assert "informed them: a known limitation" not in out
     assert "stored with the model (artifacts/single_cell_annotator.json)" in out
     loaded = load_packaged_model(model)
     assert loaded.annotator is not None and loaded.annotator.n_samples_fit_ == 24
@@ -287,6 +293,23 @@ def test_train_stores_the_annotator(trained: tuple[Path, str, str], work: Path) 
     assert registered.annotator is not None
     assert registered.annotator.to_dict() == loaded.annotator.to_dict()
     assert meta["n_samples"] == 23 and meta["n_patients"] == 12  # P009_D28 fails QC
+
+
+def test_train_permutation_test_refits_the_annotator_per_split(cohort: Path, work: Path) -> None:
+    """Permuted labels have outer splits of their own: each new training split gets its own
+    annotator (fitted in worker processes), and the p-value comes from those runs."""
+    cfg = work / "train_perm.yaml"
+    cfg.write_text(FAST_TRAIN.replace("n_permutations: 0", "n_permutations: 3"))
+    code, out, err = _train(
+        cohort, work, "model_perm", "--sample-key", "sample_id", "--config", cfg, "--no-register"
+    )
+    assert code == 0, err
+    meta = json.loads((work / "model_perm" / "artifacts" / "meta.json").read_text())
+    fits = meta["single_cell_annotator"]["cv_annotator_fits"]
+    assert fits["cv"] == 3 and 1 <= fits["permutations"] <= 9
+    assert meta["cv_metrics"]["n_permutations"] == 3.0
+    assert meta["selection_pvalue"] in (0.25, 0.5, 0.75, 1.0)  # (1 + #null >= obs) / 4
+    assert "note: the CV refits the annotator inside each outer training split" in out
 
 
 def test_missing_patient_column_warns_and_is_recorded(cohort: Path, work: Path) -> None:

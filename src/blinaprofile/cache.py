@@ -13,8 +13,10 @@ an empty value) turns the cache off: everything is then recomputed in every proc
 
 The cache is best effort: an entry that cannot be read or written is simply recomputed, and
 entries are written atomically, so a crash leaves no half-written file. Entries are plain
-data (``.npz`` read without pickle, PNG, JSON); nothing in the cache is code. Delete the
-folder at any time to reclaim the space (a model's entries take about a megabyte).
+data (``.npz`` read without pickle, JSON); nothing in the cache is code. Delete the folder at
+any time to reclaim the space (a model's entries take about a megabyte). The compiled model
+arrays decide probabilities: the folder is trusted like the Python environment itself, so it
+lives in the user's own cache folder by default.
 """
 
 from __future__ import annotations

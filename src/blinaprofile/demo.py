@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from blinaprofile.models.train import TrainResult
 
 __all__ = ["run_demo"]
 
@@ -56,7 +60,9 @@ def run_demo(
         table,
         export_dir=out / "model",
         trained_on=f"simulated cohort '{scen.name}' (seed {scen.seed}); NOT patient data",
-        run_name="demo",
+        cohort="demo",
+        simulated=True,
+        source=feats,
     )
     for fam, m in res.metrics.items():
         mark = "  <- chosen" if fam == res.chosen else ""
@@ -67,6 +73,7 @@ def run_demo(
     step(
         f"  registered {res.registered_model} v{res.version} @{res.alias}; exported {res.export_dir}"
     )
+    step(f"  {_promotion_note(res)}")
     step("simulating and scoring a new patient sample")
     new = simulate_cohort(
         scen,
@@ -88,9 +95,44 @@ def run_demo(
     step("done")
     print(f"outputs        {out.resolve()}")
     print(f"MLflow UI      mlflow ui --backend-store-uri {settings.tracking_uri} --host 127.0.0.1")
+    print(f"               then open {_runs_page(res.experiment, settings.tracking_uri)}")
     return {
         "cohort": cohort.as_dict(),
         "features": str(feats),
         "train": res.as_dict(),
         "score": scored.as_dict(),
     }
+
+
+def _promotion_note(res: TrainResult) -> str:
+    """One line: why the model was (not) promoted, and what that means for this demo.
+
+    The reasons are :attr:`TrainResult.reasons` (from
+    :func:`~blinaprofile.models.train.promotion_failures` and the alias checks), not a second
+    statement of the rule.
+    """
+    if res.promoted:
+        return f"promoted: {res.promotion_line()}"
+    return (
+        f"not promoted to @{res.serving_alias}: {'; '.join(res.reasons)}. The demo exports "
+        f"and scores this @{res.alias} model anyway; from a real cohort you would not serve it."
+    )
+
+
+def _runs_page(experiment: str, tracking_uri: str) -> str:
+    """The MLflow UI address of the experiment's runs with the headline columns.
+
+    The view is the ``Headline metrics`` saved view
+    (:func:`~blinaprofile.models.tracking.headline_view`); ``workflowType`` selects the UI's
+    classic ML layout (docs/models.md).
+    """
+    import mlflow
+
+    from blinaprofile.models.tracking import HEADLINE_VIEW
+
+    exp = mlflow.tracking.MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    where = f"#/experiments/{exp.experiment_id}/runs" if exp is not None else "#/experiments"
+    return (
+        f"http://127.0.0.1:5000/{where}?viewStateShareKey={HEADLINE_VIEW[0]}"
+        "&workflowType=machine_learning"
+    )

@@ -138,6 +138,12 @@ class _Cascade:
             and self.m
             and (fitting or fitted.controls is not None)
         ):
+            if fitting and inp.panel is not None:
+                raise SingleCellInputError(
+                    "cannot fit an annotator on a gene panel (the control genes are chosen "
+                    "among every gene): fit on the whole matrix or a subsample of its cells",
+                    path=inp.source,
+                )
             rna = RNABlock(
                 inp.matrix,
                 inp.info,
@@ -145,6 +151,7 @@ class _Cascade:
                 inp.symbols,
                 cfg.rna,
                 None if fitting else fitted.controls,
+                None if inp.panel is None else inp.panel.total,
             )
             if rna.present:
                 self.rna = rna

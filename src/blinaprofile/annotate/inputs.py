@@ -15,6 +15,9 @@ from blinaprofile.annotate.config import SingleCellConfig
 from blinaprofile.errors import SingleCellInputError
 from blinaprofile.io.singlecell import (
     ANTIBODY_TYPES,
+    GENE_PANEL_KEY,
+    PANEL_DETECTED_COLUMN,
+    PANEL_TOTAL_COLUMN,
     MatrixInfo,
     find_obsm_protein,
     gene_symbols,
@@ -23,7 +26,27 @@ from blinaprofile.io.singlecell import (
     rna_matrix,
 )
 
-__all__ = ["CellInput", "CellQC", "cell_qc", "prepare"]
+__all__ = ["CellInput", "CellQC", "PanelSums", "cell_qc", "prepare", "sample_codes"]
+
+
+@dataclass(frozen=True)
+class PanelSums:
+    """Per-cell sums over every gene of a gene-panel object (``matrix`` holds only some genes).
+
+    Attributes
+    ----------
+    n_genes
+        Genes of the whole matrix.
+    total
+        Each cell's sum over every gene on the linear scale (float32 for raw counts, as the
+        float32 matrix's row sum; float64 for normalised data).
+    detected
+        Each cell's number of stored values (genes detected).
+    """
+
+    n_genes: int
+    total: np.ndarray
+    detected: np.ndarray
 
 
 @dataclass
@@ -43,6 +66,7 @@ class CellInput:
     sample_key: str | None
     patient_of_sample: list[str]
     patient_key: str | None
+    panel: PanelSums | None = None  # the object is a gene panel: sums over every gene
 
     @property
     def x_kind(self) -> str:
@@ -77,6 +101,50 @@ def _signature_genes(cfg: SingleCellConfig) -> list[str]:
     return [*out, *(f"{cfg.cell_qc.mito_prefix}{g}" for g in ("CO1", "CO2", "ND1", "ATP6"))]
 
 
+def sample_codes(
+    adata: ad.AnnData,
+    cfg: SingleCellConfig,
+    *,
+    sample_key: str | None,
+    default_sample: str = "sample",
+) -> tuple[np.ndarray, list[str], str | None]:
+    """Each cell's sample as the annotator resolves it.
+
+    Parameters
+    ----------
+    adata
+        The object (only ``obs`` and ``uns`` are read).
+    cfg
+        Its ``sample_key_candidates`` are tried when ``sample_key`` is ``None``.
+    sample_key
+        ``obs`` column of the sample.
+    default_sample
+        The name of the one sample of an object without a sample column.
+
+    Returns
+    -------
+    codes, names, key
+        An int code per cell, the sample names in order of first appearance, and the column
+        used (``None``: one sample).
+
+    Raises
+    ------
+    SingleCellInputError
+        An unknown key, or missing values in the sample column.
+    """
+    source = _source_of(adata)
+    skey = _resolve_key(adata, sample_key, cfg.sample_key_candidates, "sample", source)
+    if skey is None:
+        return np.zeros(adata.n_obs, dtype=np.int64), [default_sample], None
+    svals = adata.obs[skey]
+    if svals.isna().any():
+        raise SingleCellInputError(
+            f"sample key {skey!r} has {int(svals.isna().sum())} missing values", path=source
+        )
+    codes, uniq = pd.factorize(svals.astype(str), sort=False)
+    return np.asarray(codes, dtype=np.int64), [str(u) for u in uniq], skey
+
+
 def prepare(
     adata: ad.AnnData,
     cfg: SingleCellConfig,
@@ -97,19 +165,10 @@ def prepare(
     source = _source_of(adata)
     if adata.n_obs == 0:
         raise SingleCellInputError("the object has no cells", path=source)
-    skey = _resolve_key(adata, sample_key, cfg.sample_key_candidates, "sample", source)
+    codes, names, skey = sample_codes(
+        adata, cfg, sample_key=sample_key, default_sample=default_sample
+    )
     pkey = _resolve_key(adata, patient_key, cfg.patient_key_candidates, "patient", source)
-    if skey is not None:
-        svals = adata.obs[skey]
-        if svals.isna().any():
-            raise SingleCellInputError(
-                f"sample key {skey!r} has {int(svals.isna().sum())} missing values", path=source
-            )
-        codes, uniq = pd.factorize(svals.astype(str), sort=False)
-        names = [str(u) for u in uniq]
-    else:
-        codes = np.zeros(adata.n_obs, dtype=np.int64)
-        names = [default_sample]
     patients: list[str] = []
     pvals = adata.obs[pkey].astype(str).to_numpy() if pkey is not None else None
     for i, s in enumerate(names):
@@ -142,11 +201,14 @@ def prepare(
     matrix: sp.csr_matrix | None = None
     symbols = np.array([], dtype=object)
     sym_src = ""
+    panel = _panel_sums(adata)
     if keep.any():
         m = mat if keep.all() else sp.csr_matrix(mat)[:, np.flatnonzero(keep)]
         matrix = m if isinstance(m, sp.csr_matrix) else sp.csr_matrix(m)
         vsub = var if keep.all() else var[keep]
-        symbols, sym_src = gene_symbols(vsub, _signature_genes(cfg))
+        symbols, sym_src = gene_symbols(
+            vsub, _signature_genes(cfg), source=panel[1] if panel is not None else None
+        )
     if matrix is None and protein is None:
         raise SingleCellInputError("the object has no genes and no protein", path=source)
     return CellInput(
@@ -163,7 +225,22 @@ def prepare(
         sample_key=skey,
         patient_of_sample=patients,
         patient_key=pkey,
+        panel=panel[0] if panel is not None and matrix is not None else None,
     )
+
+
+def _panel_sums(adata: ad.AnnData) -> tuple[PanelSums, str] | None:
+    """The sums over every gene and the symbol source of a gene-panel object, else ``None``."""
+    meta = adata.uns.get("blinaprofile", {})
+    panel = meta.get(GENE_PANEL_KEY) if isinstance(meta, Mapping) else None
+    if not isinstance(panel, Mapping):
+        return None
+    sums = PanelSums(
+        n_genes=int(panel["n_genes"]),
+        total=adata.obs[PANEL_TOTAL_COLUMN].to_numpy(),
+        detected=adata.obs[PANEL_DETECTED_COLUMN].to_numpy(),
+    )
+    return sums, str(panel["symbol_source"])
 
 
 @dataclass
@@ -199,19 +276,19 @@ def cell_qc(inp: CellInput, cfg: SingleCellConfig) -> CellQC:
     ok = np.ones(inp.n_obs, dtype=bool)
     if inp.matrix is None or inp.info is None:
         return CellQC(ok, ["none (no RNA)"])
-    mat, info = inp.matrix, inp.info
+    mat, info, panel = inp.matrix, inp.info, inp.panel
     rules: list[str] = []
     fails: dict[str, np.ndarray] = {}
-    n_genes_total = mat.shape[1]
+    n_genes_total = mat.shape[1] if panel is None else panel.n_genes
     if n_genes_total < q.min_panel_genes:
         rules.append(
             f"gene/count rules skipped: {n_genes_total} genes < min_panel_genes {q.min_panel_genes}"
         )
         return CellQC(ok, rules)
-    ngen = np.diff(mat.indptr)
+    ngen = np.diff(mat.indptr) if panel is None else panel.detected
     fails[f"genes >= {q.min_genes}"] = ngen < q.min_genes
     if info.is_counts:
-        lib = np.asarray(mat.sum(axis=1)).ravel()
+        lib = np.asarray(mat.sum(axis=1)).ravel() if panel is None else panel.total
         fails[f"counts >= {q.min_counts}"] = lib < q.min_counts
     else:
         rules.append(f"counts rule skipped: {info.kind} data, not raw counts")
@@ -224,7 +301,7 @@ def cell_qc(inp: CellInput, cfg: SingleCellConfig) -> CellQC:
             lin = mat.copy()
             lin.data = linear_values(lin.data, info)
             mt = np.asarray(lin[:, mito].sum(axis=1)).ravel()
-            tot = np.asarray(lin.sum(axis=1)).ravel()
+            tot = np.asarray(lin.sum(axis=1)).ravel() if panel is None else panel.total
         rule = f"mitochondrial % <= {q.max_mito_pct:g} ({mito.size} genes)"
         fails[rule] = ~(100.0 * mt / np.maximum(tot, 1.0) <= q.max_mito_pct)
     for m in fails.values():

@@ -261,9 +261,15 @@ def apply_gate(
     fits: dict[str, dict[str, Any]] = {}
     pooled = model.pooled
     any_ok = False
+    # each sample's parent cells in their original order, found with one stable sort
+    cells = np.flatnonzero(parent)
+    g = groups[cells]
+    order = np.argsort(g, kind="stable")
+    cells, g = cells[order], g[order]
+    bounds = np.searchsorted(g, np.arange(len(sample_names) + 1))
     for s, name in enumerate(sample_names):
-        sel = parent & (groups == s)
-        if not sel.any():
+        sel = cells[bounds[s] : bounds[s + 1]]
+        if not sel.size:
             continue
         v = values[sel]
         fit: GMM | None = None

@@ -61,6 +61,9 @@ class RNABlock:
     controls
         The control genes learned when fitting; ``None`` chooses them from this object
         (fitting) and keeps them in :attr:`controls`.
+    total
+        Each cell's linear sum over every gene when ``matrix`` holds only some genes (a gene
+        panel, :class:`~blinaprofile.annotate.inputs.PanelSums`); ``None`` sums ``matrix``.
     """
 
     def __init__(
@@ -71,12 +74,17 @@ class RNABlock:
         symbols: np.ndarray,
         spec: RNASpec,
         controls: Controls | None,
+        total: np.ndarray | None = None,
     ) -> None:
         self.spec = spec
         self.info = info
         self.is_counts = info.is_counts
         csr = matrix if sp.issparse(matrix) and matrix.format == "csr" else sp.csr_matrix(matrix)
-        total_all = _linear_row_sums(csr, info)
+        total_all = (
+            _linear_row_sums(csr, info)
+            if total is None
+            else np.asarray(total, dtype=np.float64).ravel()
+        )
         n_all = csr.shape[0]
         sym_index: dict[str, int] = {}
         for j, s in enumerate(symbols):

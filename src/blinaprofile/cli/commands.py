@@ -145,11 +145,11 @@ def _qc_files(a: argparse.Namespace) -> tuple[Any, Any]:
     return load_qc_file(a.qc)
 
 
-#: Printed by ``train --h5ad`` and recorded in the model's ``meta.json``.
+#: Printed by ``train --h5ad`` (``meta.json`` records the same: ``cv_annotator``).
 CV_ANNOTATOR_NOTE = (
-    "the CV features of every fold come from one annotator fitted on the whole training "
-    "cohort (thresholds, mixtures and rates; no labels), so each fold's test patients "
-    "informed them: a known limitation (docs/single_cell.md)"
+    "the CV refits the annotator inside each outer training split (its samples' cells "
+    "only) and labels the split's test samples with it, so no test patient informs a "
+    "threshold (docs/single_cell.md)"
 )
 NO_PATIENT_KEY = (
     "no --patient-key: CV groups by sample; samples of one patient may land on both sides "
@@ -159,13 +159,13 @@ NO_PATIENT_KEY = (
 
 def _single_cell_table(
     a: argparse.Namespace, path: str, *, annotator: Any = None, labels: bool
-) -> tuple[Any, Any, dict[str, Any]]:
+) -> tuple[Any, Any, dict[str, Any], Any]:
     """Featurize a single-cell cohort object for ``featurize`` / ``train --h5ad``.
 
     Prints one line each on the samples and the labels, and warns (stderr) when several
     samples have no patient column or a sample fails QC. Returns the feature table (with
-    ``response`` 1/0 when ``--label-key`` is given), the :class:`SingleCellFeatures` and
-    what to record with a model.
+    ``response`` 1/0 when ``--label-key`` is given), the :class:`SingleCellFeatures`,
+    what to record with a model and the object read.
     """
     import pandas as pd
 
@@ -218,11 +218,10 @@ def _single_cell_table(
         "sample_key": skey,
         "patient_key": pkey,
         "cv_groups": "patient" if pkey else "sample (no patient column)",
-        "cv_annotator": CV_ANNOTATOR_NOTE,
         "x_kind": info["x_kind"],
         "simulated": "simulation" in adata.uns,
     }
-    return table, feats, notes
+    return table, feats, notes, adata
 
 
 def _refuse_single_cell_manifest(df: Any, manifest: str, command: str) -> None:
@@ -265,7 +264,7 @@ def _featurize_single_cell(a: argparse.Namespace) -> int:
         from blinaprofile.annotate.estimator import TCellAnnotator
 
         annotator = TCellAnnotator.from_json(a.annotator)
-    table, feats, notes = _single_cell_table(a, a.files[0], annotator=annotator, labels=True)
+    table, feats, notes, _ = _single_cell_table(a, a.files[0], annotator=annotator, labels=True)
     if feats.fitted_on_input:
         out = a.annotator_out
         kept = f"written to {out}" if out else "--annotator-out keeps it"
@@ -362,11 +361,16 @@ def _cohort_name(path: Path) -> str:
 def cmd_train(a: argparse.Namespace) -> int:
     from blinaprofile.features.flow import featurize_manifest
     from blinaprofile.io.read import read_feature_table, read_manifest
-    from blinaprofile.models.train import select_timepoint, train
+    from blinaprofile.models.train import train
 
-    annotator, notes = None, None
+    if a.change_from is not None and a.timepoint is None:
+        raise usage(
+            f"--change-from {a.change_from} needs --timepoint (the later timepoint, e.g. D28)"
+        )
+    annotator, notes, per_fold = None, None, None
+    no_patient_column = False
     if a.h5ad:
-        table, annotator, notes, simulated = _single_cell_training_table(a)
+        table, annotator, notes, simulated, per_fold = _single_cell_training_table(a)
         source = Path(a.h5ad)
     else:
         sc_only = [o for o in ("sample_key", "patient_key", "label_key") if getattr(a, o)]
@@ -376,9 +380,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.manifest:
         qc, _ = _qc_files(a)
         manifest = read_manifest(a.manifest, require_response=True)
+        no_patient_column = _no_patient(manifest)
         _refuse_single_cell_manifest(manifest, a.manifest, "train")
         if a.timepoint is not None:  # featurize only the samples trained on
-            manifest = select_timepoint(manifest, a.timepoint, source=a.manifest)
+            manifest = _training_samples(manifest, a.timepoint, a.change_from, a.manifest)
         table = featurize_manifest(manifest, strategy_path=a.strategy, adaptive=a.adaptive, qc=qc)
         source = Path(a.manifest)
     elif a.features:
@@ -390,8 +395,11 @@ def cmd_train(a: argparse.Namespace) -> int:
         table = read_feature_table(a.features)
         source = Path(a.features)
     if not a.h5ad:
+        _warn_sample_grouping(table, source, no_column=no_patient_column)
         # the simulator writes cohort.json beside its manifest: such data are simulated
         simulated = True if (source.parent / "cohort.json").is_file() else None
+    if a.change_from is not None:
+        _warn_unpaired(table, a.timepoint, a.change_from, source)
     res = train(
         table,
         config_path=a.config,
@@ -403,24 +411,101 @@ def cmd_train(a: argparse.Namespace) -> int:
         simulated=simulated,
         source=source,
         timepoint=a.timepoint,
+        change_from=a.change_from,
         register=not a.no_register,
         force=a.force,
         annotator=annotator,
         annotator_notes=notes,
+        fold_featurizer=per_fold,
     )
     _print_train(res)
+    if a.change_from is not None:  # the model scores a patient's two samples together
+        print(
+            f"change features {a.timepoint} - {a.change_from}: score a patient's {a.timepoint} "
+            f"sample with `blinaprofile score POST.fcs --baseline BASE.fcs`"
+        )
     return 0
 
 
-def _single_cell_training_table(a: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], Any]:
-    """``train --h5ad``: features, the annotator fitted on the cohort, its notes, simulated."""
+def _training_samples(manifest: Any, timepoint: str, change_from: str | None, path: str) -> Any:
+    """The manifest rows ``train`` featurizes: ``timepoint``, and ``change_from`` if given."""
+    import pandas as pd
+
+    from blinaprofile.models.train import select_timepoint
+
+    rows = [select_timepoint(manifest, timepoint, source=path)]
+    if change_from is not None:
+        rows.append(select_timepoint(manifest, change_from, source=path))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _no_patient(manifest: Any) -> bool:
+    return bool(manifest.attrs.get("patient_id_from_sample", False))
+
+
+def _warn_sample_grouping(table: Any, source: Path, *, no_column: bool) -> None:
+    """Warn when CV will group by sample although samples may share a patient.
+
+    A manifest without ``patient_id`` gets the sample as its patient; so does a feature
+    table made from one. When such a cohort holds several timepoints, samples of one
+    patient may land on both sides of a split, which inflates the CV estimate.
+    """
+    if "patient_id" not in table.columns or "sample_id" not in table.columns:
+        return
+    same = bool((table["patient_id"].astype(str) == table["sample_id"].astype(str)).all())
+    if not (no_column or same):
+        return
+    tps: list[str] = []
+    if "timepoint" in table.columns:
+        tps = sorted({str(t) for t in table["timepoint"].dropna() if str(t).strip()})
+    if not no_column and len(tps) < 2:
+        return  # one sample per patient, declared as such
+    what = "has no patient_id column" if no_column else "gives every sample its own patient_id"
+    extra = (
+        f" although it holds {len(tps)} timepoints ({', '.join(tps[:4])})" if len(tps) > 1 else ""
+    )
+    print(
+        f"warning: {source.name}: {what}{extra}: CV groups by sample, so samples of one "
+        "patient may land on both sides of a split; add a patient_id column",
+        file=sys.stderr,
+    )
+
+
+def _warn_unpaired(table: Any, timepoint: str | None, change_from: str, source: Path) -> None:
+    """``train --change-from``: one warning line on the patients that cannot be paired."""
+    import warnings
+
+    from blinaprofile.features.change import UnpairedPatientsWarning, pairing_problems
+
+    problems = pairing_problems(
+        table, timepoint=str(timepoint), baseline=change_from, source=source
+    )
+    unpaired = {p: r for p, r in problems.items() if r.startswith("no ")}
+    if unpaired and len(unpaired) == len(problems):
+        shown = ", ".join(f"{p} ({r})" for p, r in list(unpaired.items())[:20])
+        more = f" ... and {len(unpaired) - 20} more" if len(unpaired) > 20 else ""
+        print(
+            f"warning: {source}: {len(unpaired)} patient(s) dropped, they lack a sample for "
+            f"change features ({timepoint} - {change_from}): {shown}{more}",
+            file=sys.stderr,
+        )
+    warnings.simplefilter("ignore", UnpairedPatientsWarning)  # said above, once
+
+
+def _single_cell_training_table(
+    a: argparse.Namespace,
+) -> tuple[Any, Any, dict[str, Any], Any, Any]:
+    """``train --h5ad``: features, the annotator fitted on the cohort, its notes, simulated,
+    and the per-fold annotator featurizer for the CV."""
     from blinaprofile.errors import SingleCellInputError
+    from blinaprofile.features.singlecell import FoldAnnotatorFeatures
 
     if not a.label_key:
         raise usage("train --h5ad needs --label-key (the obs column with each sample's response)")
-    if a.timepoint is not None:
-        raise usage("--timepoint applies to manifests and feature tables; subset the object")
-    table, feats, notes = _single_cell_table(a, a.h5ad, labels=True)
+    if a.timepoint is not None or a.change_from is not None:
+        flag = "--timepoint" if a.timepoint is not None else "--change-from"
+        raise usage(f"{flag} applies to manifests and feature tables; subset the object")
+    table, feats, notes, adata = _single_cell_table(a, a.h5ad, labels=True)
     unlabelled = table.loc[table["response"].isna(), "sample_id"].astype(str).tolist()
     if unlabelled:
         raise SingleCellInputError(
@@ -440,7 +525,16 @@ def _single_cell_training_table(a: argparse.Namespace) -> tuple[Any, Any, dict[s
     )
     print(f"note: {CV_ANNOTATOR_NOTE}")
     simulated = True if notes.pop("simulated") else None
-    return table, feats.annotator, notes, simulated
+    _, sc_qc = _qc_files(a)
+    per_fold = FoldAnnotatorFeatures(
+        adata,
+        annotator=feats.annotator,
+        sample_key=notes["sample_key"] or None,
+        patient_key=notes["patient_key"] or None,
+        x_kind=notes["x_kind"],
+        sample_qc=sc_qc,
+    )
+    return table, feats.annotator, notes, simulated, per_fold
 
 
 def _print_train(res: Any) -> None:
@@ -475,6 +569,10 @@ def _print_train(res: Any) -> None:
 def cmd_score(a: argparse.Namespace) -> int:
     import re
 
+    from blinaprofile.scoring.helper import start_helper
+
+    # forked first, while this process runs one thread: it draws the report's gating figure
+    helper = None if a.no_report else start_helper()
     from blinaprofile.io.read import fcs_read_options
     from blinaprofile.scoring.score import score_sample
 
@@ -503,6 +601,8 @@ def cmd_score(a: argparse.Namespace) -> int:
             allow_other_modality=a.allow_other_modality,
             qc=qc,
             single_cell_qc=sc_qc,
+            baseline=a.baseline,
+            baseline_id=Path(a.baseline).stem if a.baseline and a.keep_file_names else None,
         )
         print_warnings(res.sample_id, res.warnings)
         written = []
@@ -513,7 +613,7 @@ def cmd_score(a: argparse.Namespace) -> int:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "_", res.sample_id) or "sample"
             out_dir = Path(a.out_dir)
             report = Path(a.report) if a.report else out_dir / f"{stem}.report.html"
-            written.append(write_report(res, report))
+            written.append(write_report(res, report, helper=helper))
             js = out_dir / f"{stem}.score.json"
             write_text(js, json.dumps(res.as_dict(), indent=2))
             written.append(js)
@@ -567,7 +667,7 @@ def cmd_score_batch(a: argparse.Namespace) -> int:
             f"{j.path} ({j.sample_id})" if j.sample_key else j.path or str(j.sample_id)
             for j in collect_jobs(src, sample_key=a.sample_key)
         ]
-        if a.keep_file_names
+        if a.keep_file_names and "paired" not in df.attrs.get("batch", {})
         else df["sample_id"].astype(str).tolist()
     )
     for name, cell in zip(names, df["warnings"], strict=True):
@@ -575,10 +675,13 @@ def cmd_score_batch(a: argparse.Namespace) -> int:
     info = df.attrs.get("batch", {})
     calls = df["call"].value_counts().to_dict()
     order = [*(s for s in (*CALL_STATES, "error") if s in calls), *sorted(calls)]
-    print(
-        f"{info.get('n_samples', len(df))} samples: {info.get('n_scored', 0)} scored now, "
-        f"{info.get('n_skipped', 0)} already finished"
-    )
+    if "paired" in info:  # a change-feature model scores patients (scoring.paired_batch)
+        print(f"{len(df)} patients paired for change features ({info['paired']})")
+    else:
+        print(
+            f"{info.get('n_samples', len(df))} samples: {info.get('n_scored', 0)} scored now, "
+            f"{info.get('n_skipped', 0)} already finished"
+        )
     print("calls         " + ", ".join(f"{k} {calls[k]}" for k in dict.fromkeys(order)))
     print(f"results       {Path(a.out) / 'results.parquet'} and results.csv")
     errors = df[df["error"] != ""]

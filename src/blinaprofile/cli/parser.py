@@ -429,6 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timepoint", default=None, help="train on the samples of this timepoint only (e.g. D28)"
     )
+    p.add_argument(
+        "--change-from",
+        default=None,
+        metavar="BASELINE",
+        help="with --timepoint: also train on each patient's change since this timepoint, "
+        "delta_<feature> = value at --timepoint minus value at BASELINE (percentage points for "
+        "%% features), one row per patient; patients lacking either sample are dropped with a "
+        "warning; scoring then needs the baseline sample (score --baseline). Default: none "
+        "(one sample per prediction). Example: --timepoint D28 --change-from baseline",
+    )
     _add_qc_option(p)
     _add_single_cell_options(p, labels=True)
     p.add_argument("--run-name", default=None, help="MLflow run name")
@@ -451,6 +461,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help=COMMANDS["score"])
     p.add_argument("file", help="FCS file, .h5ad, 10x .h5 or 10x folder")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="BASE.fcs",
+        help="the same patient's baseline sample, for a model trained on change features "
+        "(train --change-from): FILE is scored with its change since BASE.fcs. Default: none "
+        "(required by such models, refused by others). Example: "
+        "score d28.fcs --baseline baseline.fcs --model my-model",
+    )
     p.add_argument("--model", default=None, help="models:/NAME@ALIAS, runs:/..., or a model folder")
     p.add_argument("--strategy", default=None)
     _add_placement(p)

@@ -14,20 +14,33 @@ Units
     Median of the compensated, transformed intensity (flow only).
 ``count``
     A number of events or cells (QC columns).
+
+Change features
+---------------
+Paired designs (:mod:`blinaprofile.features.change`) add ``delta_<feature>`` columns: the
+value at a later timepoint minus the value at the patient's baseline. They are described by
+:data:`CHANGE_FEATURES` (``Feature.change`` true): a percentage's change is in percentage
+points of the same parent ("percentage points of CD8"), a ratio's and an intensity's as a
+difference in the feature's own unit. :data:`FEATURE_INFO` maps every schema and change
+feature name to its description (labels and units for reports).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 __all__ = [
+    "CHANGE_FEATURES",
+    "CHANGE_PREFIX",
     "FEATURES",
+    "FEATURE_INFO",
     "MODEL_FEATURES",
     "PARENT_LABELS",
     "QC_COLUMNS",
     "SCHEMA_VERSION",
     "Feature",
+    "change_feature",
     "feature_columns",
     "feature_names",
     "schema_table",
@@ -66,6 +79,9 @@ class Feature:
         The data types that provide the feature.
     label
         A plain-language name for readers of reports ("Effector-memory CD8 T cells").
+    change
+        A change feature (``delta_<feature>``, :func:`change_feature`): the value at a later
+        timepoint minus the value at baseline, in :attr:`units` of change.
     """
 
     name: str
@@ -74,10 +90,18 @@ class Feature:
     parent: str
     modalities: tuple[Modality, ...] = ("flow", "single_cell")
     label: str = ""
+    change: bool = False
 
     @property
     def units(self) -> str:
-        """The unit in plain language: ``% of CD8``, ``ratio of counts``..."""
+        """The unit in plain language: ``% of CD8``, ``ratio of counts``...
+
+        A change feature's: ``percentage points of CD8``, ``difference in ratio of counts``...
+        """
+        if self.change:
+            if self.unit == "pct_of_parent":
+                return f"percentage points of {PARENT_LABELS.get(self.parent, self.parent)}"
+            return "difference in " + replace(self, change=False).units
         if self.unit == "pct_of_parent":
             return f"% of {PARENT_LABELS.get(self.parent, self.parent)}"
         if self.unit == "ratio":
@@ -205,6 +229,30 @@ MODEL_FEATURES: tuple[str, ...] = tuple(
     f.name for f in FEATURES if set(f.modalities) == {"flow", "single_cell"}
 )
 
+#: Prefix of a change feature's column: ``delta_cd8_em_pct_cd8``.
+CHANGE_PREFIX = "delta_"
+
+
+def change_feature(feature: Feature) -> Feature:
+    """The change feature of a schema feature: ``delta_<name>``, later value minus baseline."""
+    return replace(
+        feature,
+        name=CHANGE_PREFIX + feature.name,
+        definition=(
+            f"{feature.name} at the later timepoint minus at the patient's baseline "
+            f"({feature.definition})"
+        ),
+        label=f"Change in {feature.label or feature.name}",
+        change=True,
+    )
+
+
+#: The change feature of every schema feature (paired designs).
+CHANGE_FEATURES: tuple[Feature, ...] = tuple(change_feature(f) for f in FEATURES)
+
+#: Every schema feature and change feature by name (schema order, then the changes).
+FEATURE_INFO: dict[str, Feature] = {f.name: f for f in (*FEATURES, *CHANGE_FEATURES)}
+
 #: QC columns carried beside the features (counts; not model inputs).
 QC_COLUMNS: tuple[str, ...] = (
     "n_events",  # events (or cells) read
@@ -258,8 +306,9 @@ def ood_scale(name: str) -> Literal["logit", "log", "identity"]:
     """The scale on which a feature's distance from the training cohort is measured.
 
     Percentages are skewed near 0 and 100, so they are compared on the logit scale, ratios on
-    the log scale, and everything else as is; on these scales the simulator's (and typical
-    cytometry) features are close to normal, so a robust z has its usual meaning.
+    the log scale, and everything else (change features too: they can be negative) as is; on
+    these scales the simulator's (and typical cytometry) features are close to normal, so a
+    robust z has its usual meaning.
     """
     unit = next((f.unit for f in FEATURES if f.name == name), None)
     if unit == "pct_of_parent":

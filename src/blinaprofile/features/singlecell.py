@@ -311,6 +311,114 @@ def featurize_single_cell(
     ).table
 
 
+class FoldAnnotatorFeatures:
+    """The annotator refitted inside each CV training split (a ``FoldFeaturizer``).
+
+    :func:`blinaprofile.models.validation.evaluate` calls :meth:`fold_features` once per
+    distinct outer training split: a fresh :class:`TCellAnnotator` with the configuration
+    of the whole-cohort one is fitted on the cells of that split's samples only, and every
+    sample asked for (the split's training and test samples) is featurized with it. No
+    labels are used, and no cell of a test sample informs a threshold, mixture or rate.
+
+    Parameters
+    ----------
+    adata
+        The cohort object the features came from (left unmodified).
+    annotator
+        The annotator fitted on the whole cohort (its configuration is reused per fold; the
+        final model keeps this one).
+    sample_key, patient_key
+        The ``obs`` columns (``None``: the first of the configuration's candidates present;
+        a sample column is required).
+    x_kind
+        What the RNA matrix holds (the kind resolved for the whole cohort).
+    sample_qc
+        The per-sample QC minimums applied to the cohort's features (``None``: the
+        annotator's).
+    """
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        *,
+        annotator: TCellAnnotator,
+        sample_key: str | None,
+        patient_key: str | None = None,
+        x_kind: XKind = "auto",
+        sample_qc: SampleQCSpec | None = None,
+    ) -> None:
+        self.adata = adata
+        self.config = annotator.config_
+        key, _ = sample_column(
+            adata, sample_key=sample_key, candidates=self.config.sample_key_candidates
+        )
+        if key is None:
+            raise SingleCellInputError(
+                "per-fold annotator fits need a sample column (obs has none of "
+                f"{list(self.config.sample_key_candidates)})",
+                path=_source_name(adata),
+            )
+        self.sample_key = key
+        self.patient_key = patient_key
+        self.x_kind: XKind = x_kind
+        self.sample_qc = sample_qc
+
+    def _cells_of(self, sample_ids: Sequence[str]) -> ad.AnnData:
+        key, names = sample_column(self.adata, sample_key=self.sample_key)
+        wanted = {str(s) for s in sample_ids}
+        unknown = sorted(wanted - set(names))
+        if unknown:
+            raise SingleCellInputError(
+                f"sample(s) {unknown[:5]} are not in obs {key!r}", path=_source_name(self.adata)
+            )
+        if wanted == set(names):
+            return self.adata
+        keep = self.adata.obs[key].astype(str).isin(wanted).to_numpy()
+        return self.adata[keep].copy()
+
+    def fit_split(self, train_ids: Sequence[str]) -> TCellAnnotator:
+        """A fresh annotator fitted on the cells of the samples ``train_ids`` only."""
+        return TCellAnnotator(config=self.config).fit(
+            self._cells_of(train_ids), sample_key=self.sample_key, x_kind=self.x_kind
+        )
+
+    def fold_features(self, train_ids: Sequence[str], sample_ids: Sequence[str]) -> pd.DataFrame:
+        """Features of ``sample_ids`` labelled by an annotator fitted on ``train_ids`` alone.
+
+        The training samples get the features computed while fitting (as the whole-cohort
+        features of the final model are), the others are labelled with the fitted state
+        (each sample on its own cells, as when scored).
+
+        Returns
+        -------
+        DataFrame
+            :func:`featurize_single_cell` columns, indexed by sample id, in the order of
+            ``sample_ids``.
+        """
+        fitted = featurize_cells(
+            self._cells_of(train_ids),
+            config=self.config,
+            sample_key=self.sample_key,
+            patient_key=self.patient_key,
+            x_kind=self.x_kind,
+            sample_qc=self.sample_qc,
+        )
+        parts = [fitted.table]
+        held_out = [str(s) for s in sample_ids if str(s) not in set(map(str, train_ids))]
+        if held_out:
+            applied = featurize_cells(
+                self._cells_of(held_out),
+                annotator=fitted.annotator,
+                sample_key=self.sample_key,
+                patient_key=self.patient_key,
+                x_kind=self.x_kind,
+                sample_qc=self.sample_qc,
+            )
+            parts.append(applied.table)
+        table = pd.concat(parts, ignore_index=True).set_index("sample_id")
+        return table.loc[[str(s) for s in sample_ids]]
+
+
 # =========================================================================== cohort objects
 def sample_column(
     adata: ad.AnnData, *, sample_key: str | None = None, candidates: Sequence[str] = ()

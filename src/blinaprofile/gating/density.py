@@ -28,7 +28,7 @@ Methods (written for this package after the published descriptions):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "brentq",
     "dct2",
     "isj_bandwidth",
+    "raw_quantiles",
     "silverman_bandwidth",
     "smooth",
     "tail_fit",
@@ -173,8 +174,12 @@ class ScaleFreeAxis:
     @classmethod
     def from_values(cls, raw: np.ndarray) -> ScaleFreeAxis:
         """Scale ``max(|5th percentile|, |median| / 10)`` of ``raw`` (1.0 if that is 0)."""
-        stride = max(1, raw.size // 20_000)
-        q05, q50 = np.quantile(raw[::stride], (0.05, 0.5))
+        q05, q50 = _raw_quantiles(raw, (0.05, 0.5))
+        return cls.from_quantiles(q05, q50)
+
+    @classmethod
+    def from_quantiles(cls, q05: float, q50: float) -> ScaleFreeAxis:
+        """:meth:`from_values` given the values' 5th percentile and median."""
         s = max(abs(float(q05)), 0.1 * abs(float(q50)))
         return cls(s if s > 0 and np.isfinite(s) else 1.0)
 
@@ -187,12 +192,19 @@ class ScaleFreeAxis:
         return self.scale * np.sinh(np.asarray(u, dtype=np.float64))
 
 
-def _raw_quantiles(raw: np.ndarray, qs: tuple[float, float]) -> tuple[float, float]:
-    """Quantiles of at most ~20,000 evenly strided values (deterministic, cheap)."""
+def raw_quantiles(raw: np.ndarray, qs: Sequence[float]) -> tuple[float, ...]:
+    """Quantiles of at most ~20,000 evenly strided values (deterministic, cheap).
+
+    Each quantile is the same whichever others are asked for in the same call: one call
+    serves :meth:`ScaleFreeAxis.from_values` and the range of :func:`binned_density`.
+    """
     stride = max(1, raw.size // 20_000)
-    sub = raw[::stride]
-    lo, hi = np.quantile(sub, qs)
-    return float(lo), float(hi)
+    return tuple(float(q) for q in np.quantile(raw[::stride], qs))
+
+
+def _raw_quantiles(raw: np.ndarray, qs: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = raw_quantiles(raw, qs)
+    return lo, hi
 
 
 def binned_density(
@@ -202,6 +214,7 @@ def binned_density(
     include: tuple[float, float] | None = None,
     n_bins: int = N_BINS,
     bandwidth: float | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> Density:
     """Histogram a parent's values on a uniform grid in transformed units and smooth it.
 
@@ -218,8 +231,10 @@ def binned_density(
         Grid size.
     bandwidth
         Smoothing bandwidth; default :func:`isj_bandwidth` (bounded, see the module doc).
+    value_range
+        ``raw_quantiles(raw, (0.0005, 0.9995))`` when already known.
     """
-    lo_r, hi_r = _raw_quantiles(raw, (0.0005, 0.9995))
+    lo_r, hi_r = value_range or _raw_quantiles(raw, (0.0005, 0.9995))
     if transform is None:
         lo_t, hi_t = lo_r, hi_r
     else:
@@ -305,11 +320,21 @@ def isj_bandwidth(counts: np.ndarray, step: float) -> float | None:
             return -1.0
         return float(t - (2 * n * np.sqrt(np.pi) * f) ** (-0.4))
 
+    seen: dict[float, float] = {}
+
+    def once(t: float) -> float:
+        """``fixed_point(t)``, each ``t`` computed once: the bracket's low end is tried
+        again every widening, and Brent's method starts from both ends."""
+        v = seen.get(t)
+        if v is None:
+            v = seen[t] = fixed_point(t)
+        return v
+
     hi = max(0.01, 5.0 / m**2)
     for _ in range(6):
         try:
-            if fixed_point(1e-12) * fixed_point(hi) < 0:
-                t = brentq(fixed_point, 1e-12, hi, xtol=1e-10, rtol=1e-4)
+            if once(1e-12) * once(hi) < 0:
+                t = brentq(once, 1e-12, hi, xtol=1e-10, rtol=1e-4)
                 return float(np.sqrt(t) * m * step)
         except (ValueError, OverflowError, FloatingPointError):
             return None

@@ -84,7 +84,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blinaprofile.errors import GatingError
-from blinaprofile.gating.density import ScaleFreeAxis, binned_density, tail_fit, valleys
+from blinaprofile.gating.density import (
+    Density,
+    ScaleFreeAxis,
+    Valley,
+    binned_density,
+    raw_quantiles,
+    tail_fit,
+    valleys,
+)
 
 if TYPE_CHECKING:
     from blinaprofile.gating.events import EventCache
@@ -225,14 +233,56 @@ def place_threshold(
     tail, tail_sd
         Side of a minority population without a valley, and the SDs off the main mode.
     """
+    return _decide(
+        _structure(values, transform),
+        configured=configured,
+        low=low,
+        high=high,
+        min_confidence=min_confidence,
+        tail=tail,
+        tail_sd=tail_sd,
+    )
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """What one parent's values show, whatever the bound: axis, density, valleys."""
+
+    axis: _Axis
+    density: Density
+    valleys: list[Valley]
+
+
+def _structure(values: np.ndarray, transform: Any) -> _Structure | None:
+    """The populations of one parent's values (``None``: fewer than :data:`MIN_EVENTS`)."""
     x = np.asarray(values, dtype=np.float64)
     x = x[np.isfinite(x)]
     if x.size < MIN_EVENTS:
-        return Placement(float(configured), 0.0, "few events", None, low, high)
-    axis = _Axis(transform, x)
-    lo_u, hi_u = axis.to_axis(low), axis.to_axis(high)
-    d = binned_density(x, axis.axis)  # the grid follows the data, not the search range
+        return None
+    # one pass for the axis's scale and the density's range
+    q_lo, q05, q50, q_hi = raw_quantiles(x, (0.0005, 0.05, 0.5, 0.9995))
+    axis = _Axis(transform, x, (q05, q50))
+    # the grid follows the data, not the search range
+    d = binned_density(x, axis.axis, value_range=(q_lo, q_hi))
     every = valleys(d, float(d.grid[0]), float(d.grid[-1]), min_share=MIN_SIDE_SHARE, limit=8)
+    return _Structure(axis, d, every)
+
+
+def _decide(
+    found_in: _Structure | None,
+    *,
+    configured: float,
+    low: float,
+    high: float,
+    min_confidence: float,
+    tail: str | None,
+    tail_sd: float,
+) -> Placement:
+    """Steps 1, 3, 5 and 6 of the module doc on a parent's :func:`_structure`."""
+    if found_in is None:
+        return Placement(float(configured), 0.0, "few events", None, low, high)
+    axis, d, every = found_in.axis, found_in.density, found_in.valleys
+    lo_u, hi_u = axis.to_axis(low), axis.to_axis(high)
     found = [v for v in every if lo_u <= v.position <= hi_u]
     best = found[0] if found and found[0].depth >= STRUCTURE_DEPTH else None
     outside = None
@@ -277,9 +327,17 @@ def place_threshold(
 class _Axis:
     """Gate units <-> the axis placement works on (:class:`ScaleFreeAxis` of the raw values)."""
 
-    def __init__(self, transform: Any, raw: np.ndarray) -> None:
+    def __init__(
+        self, transform: Any, raw: np.ndarray, quantiles: tuple[float, float] | None = None
+    ) -> None:
+        """``quantiles``: the 5th percentile and median of ``raw`` (see ``raw_quantiles``)."""
         self.transform = transform
-        self.axis = None if transform is None else ScaleFreeAxis.from_values(raw)
+        if transform is None:
+            self.axis = None
+        elif quantiles is not None:
+            self.axis = ScaleFreeAxis.from_quantiles(*quantiles)
+        else:
+            self.axis = ScaleFreeAxis.from_values(raw)
 
     def to_axis(self, t: float) -> float:
         if self.transform is None or self.axis is None:
@@ -305,6 +363,13 @@ class SampleState:
     shift_flag: int | None = None
     ranges: dict[tuple[Any, ...], tuple[float, float]] = field(default_factory=dict)
     units: dict[tuple[Any, ...], float | None] = field(default_factory=dict)
+    #: each parent's placement rows (:func:`_subsample`), shared by its gates' bounds
+    rows: dict[str | None, np.ndarray | None] = field(default_factory=dict)
+    #: populations per (parent, channel, ratio, compensation, transform)
+    structures: dict[tuple[Any, ...], _Structure | None] = field(default_factory=dict)
+
+
+_NOT_YET = np.empty(0, dtype=np.intp)  # a parent whose rows are not chosen yet
 
 
 def _state(event_cache: EventCache) -> SampleState:
@@ -331,10 +396,12 @@ def _subsample(n: int, mask: np.ndarray | None) -> np.ndarray | None:
     """
     if mask is None:
         return None if n <= MAX_EVENTS else np.arange(0, n, -(-n // MAX_EVENTS))
-    where = np.flatnonzero(mask)
-    if where.size > MAX_EVENTS:
-        where = where[where % -(-where.size // MAX_EVENTS) == 0]
-    return where
+    size = int(np.count_nonzero(mask))
+    if size <= MAX_EVENTS:
+        return np.flatnonzero(mask)
+    k = -(-size // MAX_EVENTS)
+    # the parent's rows that are multiples of k, without listing every parent row first
+    return np.flatnonzero(mask[::k]) * k
 
 
 def _confident(p: Placement, min_confidence: float) -> bool:
@@ -375,14 +442,20 @@ def _place_on(
     )
     p = st.placements.get(key)
     if p is None:
-        where = _subsample(event_cache.n, mask)
-        vals, tf = _values(event_cache, d, where)
-        p = place_threshold(
-            vals,
+        # the parent's populations on this dimension, found once for all its bounds
+        skey = key[:5]
+        if skey in st.structures:
+            found = st.structures[skey]
+        else:
+            where = st.rows.get(parent, _NOT_YET)
+            if where is _NOT_YET:
+                where = st.rows[parent] = _subsample(event_cache.n, mask)
+            found = st.structures[skey] = _structure(*_values(event_cache, d, where))
+        p = _decide(
+            found,
             configured=bound,
             low=low,
             high=high,
-            transform=tf,
             min_confidence=spec.min_confidence,
             tail=spec.tail,
             tail_sd=spec.tail_sd,

@@ -423,6 +423,8 @@ def read_manifest(
         raise ManifestError(f"duplicate sample_id(s) {dup[:10]}", path=p)
     if "patient_id" not in df.columns:
         df["patient_id"] = df["sample_id"]
+        # read by `train`, which warns that CV then groups by sample
+        df.attrs["patient_id_from_sample"] = True
     df["patient_id"] = df["patient_id"].where(df["patient_id"].str.strip() != "", df["sample_id"])
     if "timepoint" not in df.columns:
         df["timepoint"] = ""

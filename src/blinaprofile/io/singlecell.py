@@ -26,14 +26,22 @@ from blinaprofile.gating.panel import canonical_marker
 
 __all__ = [
     "ANTIBODY_TYPES",
+    "GENE_PANEL_KEY",
+    "PANEL_DETECTED_COLUMN",
+    "PANEL_TOTAL_COLUMN",
     "SYMBOL_COLUMNS",
     "X_KINDS",
     "MatrixInfo",
     "XKind",
+    "constant_row_total",
     "cytometry_reason",
+    "detect_rows",
     "detect_x_kind",
+    "detect_x_kind_from",
     "find_obsm_protein",
+    "gene_panel_info",
     "gene_symbols",
+    "linear_row_sums",
     "linear_values",
     "protein_frame",
     "read_single_cell",
@@ -63,6 +71,18 @@ X_KINDS: tuple[str, ...] = tuple(k for k in get_args(XKind) if k != "auto")
 _LOG_MAX = 50.0
 #: rows whose linear sums agree to this relative spread were normalised to a fixed total
 _CONSTANT_ROWS = 1e-3
+#: values of a matrix looked at to decide its kind (evenly spaced over the stored values)
+DETECT_SAMPLE_VALUES = 200_000
+#: cells whose row sums decide whether a normalised matrix has one shared total
+DETECT_ROWS = 500
+
+#: ``uns['blinaprofile'][GENE_PANEL_KEY]`` marks an object whose ``X`` holds only some genes
+#: of the file (a gene panel read by :mod:`blinaprofile.io.h5ad_stream`): the matrix kind and
+#: the gene-symbol source decided on the whole matrix, and its number of genes; the per-cell
+#: sums over every gene are in ``obs[PANEL_TOTAL_COLUMN]`` and ``obs[PANEL_DETECTED_COLUMN]``
+GENE_PANEL_KEY = "gene_panel"
+PANEL_TOTAL_COLUMN = "bp_all_genes_total"
+PANEL_DETECTED_COLUMN = "bp_all_genes_detected"
 
 
 # =========================================================================== protein
@@ -163,7 +183,7 @@ class MatrixInfo:
         return self.kind == "counts"
 
 
-def _data_sample(m: Any, n: int = 200_000) -> np.ndarray:
+def _data_sample(m: Any, n: int = DETECT_SAMPLE_VALUES) -> np.ndarray:
     data = m.data if sp.issparse(m) else np.asarray(m).ravel()
     if data.size > n:  # evenly spaced, so a matrix sorted by cell is sampled throughout
         data = data[np.linspace(0, data.size - 1, n).astype(np.int64)]
@@ -192,6 +212,11 @@ def linear_values(values: np.ndarray, info: MatrixInfo) -> np.ndarray:
     return np.asarray(_inverse(info.log_base)(np.asarray(values, dtype=np.float64)))
 
 
+def linear_row_sums(m: Any, base: str) -> np.ndarray:
+    """Row sums of ``m`` on the linear scale (``base`` ``""``, ``"e"`` or ``"2"``), float64."""
+    return _row_sums(m, base)
+
+
 def _row_sums(m: Any, base: str, rows: np.ndarray | None = None, chunk: int = 20_000) -> np.ndarray:
     """Row sums on the linear scale (inverse log applied to the stored values only)."""
     csr = m if sp.issparse(m) and m.format == "csr" else sp.csr_matrix(m)
@@ -207,13 +232,33 @@ def _row_sums(m: Any, base: str, rows: np.ndarray | None = None, chunk: int = 20
     return out
 
 
+def detect_rows(n_obs: int) -> np.ndarray:
+    """The (up to 500) evenly spaced cells whose row sums :func:`detect_x_kind` compares."""
+    return np.unique(np.linspace(0, n_obs - 1, min(n_obs, DETECT_ROWS)).astype(np.int64))
+
+
 def _constant_total(m: Any, base: str) -> float:
     """The shared linear row total of up to 500 evenly spaced cells, or ``nan``."""
     n = m.shape[0]
     if n == 0:
         return float("nan")
-    rows = np.unique(np.linspace(0, n - 1, min(n, 500)).astype(np.int64))
-    sums = _row_sums(m, base, rows)
+    return constant_row_total(_row_sums(m, base, detect_rows(n)))
+
+
+def constant_row_total(sums: np.ndarray) -> float:
+    """The total the given linear row sums share (their median), or ``nan`` when they spread.
+
+    Parameters
+    ----------
+    sums
+        Linear row sums of the cells of :func:`detect_rows`.
+
+    Returns
+    -------
+    float
+    """
+    if sums.size == 0:
+        return float("nan")
     med = float(np.median(sums))
     if med <= 0 or (float(sums.max()) - float(sums.min())) / med > _CONSTANT_ROWS:
         return float("nan")
@@ -250,7 +295,42 @@ def detect_x_kind(m: Any, *, declared: str = "auto", where: str = "X") -> Matrix
     ``log-tpm``, which includes log1p CPM). Without a shared total (genes removed after
     normalising) ``log1p-cp10k`` is assumed. Data above 50 are linear (``tpm``).
     """
-    vals = _data_sample(m)
+    return detect_x_kind_from(
+        _data_sample(m),
+        _max_value(m),
+        lambda base: _constant_total(m, base),
+        declared=declared,
+        where=where,
+    )
+
+
+def detect_x_kind_from(
+    vals: np.ndarray,
+    vmax: float,
+    total_of: Callable[[str], float],
+    *,
+    declared: str = "auto",
+    where: str = "X",
+) -> MatrixInfo:
+    """:func:`detect_x_kind` from what it looks at, for a matrix read in pieces.
+
+    Parameters
+    ----------
+    vals
+        The stored values at ``np.linspace(0, nnz - 1, 200_000)`` (all of them when fewer),
+        as float64.
+    vmax
+        The largest stored value (0 for an empty matrix).
+    total_of
+        ``base -> `` :func:`constant_row_total` of the linear row sums (``""``: as stored,
+        ``"e"``: ``expm1``, ``"2"``: ``2**x - 1``) of the cells of :func:`detect_rows`.
+    declared, where
+        As :func:`detect_x_kind`.
+
+    Returns
+    -------
+    MatrixInfo
+    """
     if vals.size and not np.all(np.isfinite(vals)):
         raise SingleCellInputError(f"the RNA matrix ({where}) holds NaN or infinite values")
     if vals.size and vals.min() < 0:
@@ -260,7 +340,6 @@ def detect_x_kind(m: Any, *, declared: str = "auto", where: str = "X") -> Matrix
             "log-normalised values"
         )
     integer = _is_integer(vals)
-    vmax = _max_value(m)
     if declared == "counts":
         if not integer:
             raise SingleCellInputError(
@@ -276,7 +355,7 @@ def detect_x_kind(m: Any, *, declared: str = "auto", where: str = "X") -> Matrix
             f"{vmax:.3g}, which is not log-scale"
         )
     if declared == "tpm" or (declared == "auto" and vmax > _LOG_MAX):
-        total = _constant_total(m, "")
+        total = total_of("")
         note = (
             f"linear normalised values, every cell sums to {total:.4g}"
             if np.isfinite(total)
@@ -284,7 +363,7 @@ def detect_x_kind(m: Any, *, declared: str = "auto", where: str = "X") -> Matrix
         )
         return MatrixInfo("tpm", where, declared != "auto", "", total, f"{note}: TPM")
     for base in ("e", "2"):
-        total = _constant_total(m, base)
+        total = total_of(base)
         if np.isfinite(total):
             kind = "log-tpm" if total > 1e5 else "log1p-cp10k"
             if declared != "auto":
@@ -330,6 +409,14 @@ def rna_matrix(
         raise SingleCellInputError(
             f"x_kind must be one of auto, {', '.join(X_KINDS)}; got {x_kind!r}", path=source
         )
+    panel = gene_panel_info(adata)
+    if panel is not None:  # a gene panel: kind decided on the whole matrix when it was read
+        if x_kind not in ("auto", panel.kind):
+            raise SingleCellInputError(
+                f"x_kind={x_kind!r} was given but this gene panel was read as {panel.kind}",
+                path=source,
+            )
+        return adata.X, adata.var, panel
     reason = cytometry_reason(adata)
     if reason is not None:
         raise SingleCellInputError(reason, path=source)
@@ -364,16 +451,37 @@ def rna_matrix(
         raise
 
 
+def gene_panel_info(adata: ad.AnnData) -> MatrixInfo | None:
+    """The matrix kind recorded for a gene panel (see :data:`GENE_PANEL_KEY`), else ``None``."""
+    meta = adata.uns.get("blinaprofile", {})
+    panel = meta.get(GENE_PANEL_KEY) if isinstance(meta, dict) else None
+    if not isinstance(panel, dict):
+        return None
+    return MatrixInfo(
+        kind=str(panel["kind"]),
+        where=str(panel["where"]),
+        declared=bool(panel["declared"]),
+        log_base=str(panel["log_base"]),
+        row_total=float(panel["row_total"]),
+        note=str(panel["note"]),
+    )
+
+
 # =========================================================================== gene symbols
 _ENSEMBL = r"^ENS[A-Z]*G\d+"
 
 
-def gene_symbols(var: pd.DataFrame, wanted: Sequence[str] = ()) -> tuple[np.ndarray, str]:
+def gene_symbols(
+    var: pd.DataFrame, wanted: Sequence[str] = (), *, source: str | None = None
+) -> tuple[np.ndarray, str]:
     """Upper-case gene symbols per ``var`` row and where they came from.
 
     ``var_names`` are used unless a column of :data:`SYMBOL_COLUMNS` matches more of the
     ``wanted`` genes (e.g. the annotator's gene sets), or, without ``wanted`` matches, the
     ``var_names`` are mostly Ensembl IDs and such a column exists.
+
+    ``source`` (a source this function returned for the same genes, e.g. recorded for a
+    gene panel) takes the symbols from there instead of choosing.
 
     Returns
     -------
@@ -385,6 +493,9 @@ def gene_symbols(var: pd.DataFrame, wanted: Sequence[str] = ()) -> tuple[np.ndar
     for col in SYMBOL_COLUMNS:
         if col in var.columns:
             cands.append((f"var[{col!r}]", pd.Index(var[col].astype(str))))
+    fixed = [c for c in cands if c[0] == source]
+    if fixed:
+        return np.asarray(fixed[0][1].str.upper(), dtype=object), fixed[0][0]
     want = {g.upper() for g in wanted}
     best_src, best = cands[0]
     if want:

@@ -17,6 +17,9 @@ What a model folder may hold (:func:`check_model_folder`)
   ``artifacts/uncertainty.skops``, ``artifacts/training_features.csv`` and
   ``artifacts/single_cell_annotator.json`` (:func:`load_annotator`: its SHA-256 must be the
   one ``meta.json`` records and its content a valid annotator state; plain JSON, no code);
+- ``meta.json`` with ``features``, ``schema_version`` and ``threshold``; a model using change
+  features (``delta_...``) must record a valid ``change_features`` design
+  (:func:`blinaprofile.features.change.design_from_meta`);
 - ``_pyfunc_entry.py`` byte-identical to this installation's
   ``blinaprofile/models/_pyfunc_entry.py`` (it is what ``mlflow models serve`` runs; scoring
   never runs it);
@@ -47,6 +50,7 @@ from typing import Any
 import pandas as pd
 
 from blinaprofile.errors import ModelError, one_line
+from blinaprofile.features.change import design_from_meta
 from blinaprofile.models.runtime import ResponderModel
 
 __all__ = [
@@ -513,6 +517,7 @@ def _read_meta(path: Path, *, source: str) -> dict[str, Any]:
     t = meta["threshold"]
     if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= t <= 1.0:
         raise ModelError(f"meta.json threshold must be in [0, 1], got {t!r}", path=source)
+    design_from_meta(meta, source=source)  # a change-feature model's two timepoints
     return meta
 
 

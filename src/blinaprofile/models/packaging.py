@@ -82,8 +82,9 @@ def training_modality(table: pd.DataFrame) -> str:
 
 
 def _check_meta(meta: dict[str, Any]) -> None:
-    """What scoring needs from ``meta`` beyond the loader's checks: a known modality, and the
-    training distribution of every feature (for the out-of-distribution check)."""
+    """What scoring needs from ``meta`` beyond the loader's checks: a known modality, the
+    training distribution of every feature (for the out-of-distribution check) and, for change
+    features, the design (the loader checks it again)."""
     if meta.get("modality", "flow") not in MODALITIES:
         raise ModelError(
             f"meta modality must be one of {list(MODALITIES)}, got {meta.get('modality')!r}"
@@ -92,6 +93,9 @@ def _check_meta(meta: dict[str, Any]) -> None:
     lacking = [f for f in meta["features"] if f not in stats]
     if lacking:
         raise ModelError(f"meta training_stats lacks the training distribution of {lacking}")
+    from blinaprofile.features.change import design_from_meta
+
+    design_from_meta(meta)  # a change-feature model records its two timepoints
 
 
 def _package(

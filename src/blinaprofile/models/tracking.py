@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ALIAS_SET_BY",
     "EXPERIMENT_KIND",
+    "HEADLINE_TAGS",
+    "HEADLINE_VIEW",
     "AliasOutcome",
     "CohortInfo",
     "alias_versions",
@@ -38,6 +40,7 @@ __all__ = [
     "describe_registered_model",
     "git_commit",
     "headline_table",
+    "headline_view",
     "log_run",
     "model_card",
     "package_versions",
@@ -48,8 +51,15 @@ __all__ = [
 #: Model-version tag prefix recording who set an alias: ``blinaprofile.alias_set_by.<alias>``
 #: is ``train`` or ``promote``. ``train`` only replaces a serving alias that ``train`` set.
 ALIAS_SET_BY = "blinaprofile.alias_set_by"
-#: Experiment tag the MLflow UI reads for the experiment's kind (classic ML, not GenAI).
+#: Experiment tag of the experiment's kind (classic ML, not GenAI). The MLflow 3.17 UI does
+#: not read it (its layout follows the ``workflowType`` URL parameter or the browser's
+#: remembered switch: docs/models.md); other MLflow versions and servers may.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: Run tags holding the headline numbers as text, e.g. ``0.744 [0.601, 0.871]`` (MLflow
+#: metrics are bare numbers). Named to sort in this order, the runs page's default column order.
+HEADLINE_TAGS = ("AUC 95 CI", "Balanced accuracy 95 CI", "Brier 95 CI", "Permutation p")
+#: The runs page's saved view (id, name) showing them as columns: :func:`headline_view`.
+HEADLINE_VIEW = ("blinaprofile-headline", "Headline metrics")
 #: Registered-model tag naming the alias that serves (its card is the model's description).
 SERVING_ALIAS_TAG = "blinaprofile.serving_alias"
 
@@ -120,6 +130,8 @@ class CohortInfo:
         The features file or manifest the table came from (the dataset's source).
     timepoint
         The one timepoint trained on, or ``None`` for all samples.
+    change
+        Change features, ``"D28 - baseline"`` (later minus baseline timepoint), or ``None``.
     """
 
     name: str
@@ -127,6 +139,7 @@ class CohortInfo:
     simulated: bool | None = None
     source: str | None = None
     timepoint: str | None = None
+    change: str | None = None
 
     @property
     def simulated_tag(self) -> str:
@@ -184,6 +197,16 @@ def _cohort_counts(ev: Evaluation) -> str:
     )
 
 
+def _change_text(change: str | None) -> str:
+    """The model card's line on change features (``"change features: D28 - baseline"``)."""
+    if not change:
+        return "none (one sample per prediction)"
+    return (
+        f"{change}: one row per patient; delta_<feature> = the {change.split(' - ')[0]} value "
+        "minus the baseline value (percentage points for % features); scoring needs both samples"
+    )
+
+
 def model_card(
     ev: Evaluation,
     *,
@@ -225,6 +248,7 @@ def model_card(
         ("decision at training", status),
         ("cohort", f"{cohort.name}: {_cohort_counts(ev)}"),
         ("timepoint", cohort.timepoint or "all samples"),
+        ("change features", _change_text(cohort.change)),
         ("design", label_design(ev.y, ev.groups)),
         ("trained on", cohort.origin),
         ("data source", cohort.source or "in-memory table"),
@@ -261,14 +285,87 @@ def _log_batch(client: Any, run_id: str, metrics: list[Any]) -> None:
 
 
 def _experiment(client: Any, name: str) -> str:
-    """Create or get the experiment, tagged so the MLflow UI shows the classic ML view."""
+    """Create or get the experiment: kind tag, headline saved view, a description if none."""
     import mlflow
 
     exp = mlflow.set_experiment(name)
     key, value = EXPERIMENT_KIND
     if exp.tags.get(key) != value:
         client.set_experiment_tag(exp.experiment_id, key, value)
+    view_key, view = headline_view()
+    try:
+        same = json.loads(exp.tags[view_key])["state"] == json.loads(view)["state"]
+    except (KeyError, TypeError, ValueError):  # absent or not a saved view
+        same = False
+    if not same:
+        client.set_experiment_tag(exp.experiment_id, view_key, view)
+    if not exp.tags.get("mlflow.note.content"):
+        client.set_experiment_tag(
+            exp.experiment_id, "mlflow.note.content", _experiment_note(str(exp.experiment_id))
+        )
     return str(exp.experiment_id)
+
+
+def headline_view() -> tuple[str, str]:
+    """The experiment tag of the MLflow UI saved view :data:`HEADLINE_VIEW` (key, value).
+
+    MLflow 3.17 keeps an experiment's saved views (the runs page's *Views* menu; opened
+    directly by ``#/experiments/<id>/runs?viewStateShareKey=<id>``) in experiment tags
+    ``mlflow.sharedViewState.<id>`` whose value is ``{name, createdAt, [updatedAt,] state}``,
+    ``state`` being the runs page's search and column state as a JSON string (read by the
+    UI as is, or gzip-compressed when MLflow writes it itself).
+    """
+    col = [f"tags.`{t}`" for t in (*HEADLINE_TAGS, "blinaprofile.promotion")]
+    widths = dict(zip(col, (150, 185, 150, 195, 120), strict=True))
+    col.append("attributes.`Models`")
+    state = {
+        "searchFilter": "",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": col,
+        "columnOrder": col,
+        "columnWidths": widths,
+        "runsHiddenMode": "FIRST_10_RUNS",
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "groupBy": None,
+        "groupsExpanded": {},
+    }
+    view_id, name = HEADLINE_VIEW
+    envelope = {
+        "name": name,
+        "createdAt": int(time.time() * 1000),
+        "state": json.dumps(state, sort_keys=True),
+    }
+    return f"mlflow.sharedViewState.{view_id}", json.dumps(envelope)
+
+
+def _experiment_note(experiment_id: str) -> str:
+    view_id, name = HEADLINE_VIEW
+    link = f"#/experiments/{experiment_id}/runs?viewStateShareKey={view_id}&workflowType=machine_learning"
+    return (
+        f"**Headline metrics as columns: [saved view '{name}']({link})** (or the *Views* "
+        "menu). One run per `blinaprofile train`, named `<chosen family> on <cohort>`, with "
+        "one child run per family; a run's description is its headline table.\n"
+    )
+
+
+def _headline_tags(m: dict[str, float]) -> dict[str, str]:
+    """:data:`HEADLINE_TAGS` of one family's metrics."""
+    values = (
+        _ci(m, "roc_auc"),
+        _ci(m, "balanced_accuracy"),
+        _ci(m, "brier"),
+        _p(m["perm_pvalue"], m["n_permutations"]),
+    )
+    return dict(zip(HEADLINE_TAGS, values, strict=True))
 
 
 def log_run(
@@ -311,6 +408,7 @@ def log_run(
         "simulated": cohort.simulated_tag,
         "timepoint": cohort.timepoint or "all",
         "design": label_design(ev.y, ev.groups),
+        "change_features": cohort.change or "none",
     }
     with mlflow.start_run(run_name=run_name) as run:
         run_id = run.info.run_id
@@ -322,6 +420,7 @@ def log_run(
                 "chosen_family": chosen,
                 "registered_model": config.registered_model,
                 **cohort_tags,
+                **_headline_tags(ev.families[chosen].metrics),
                 **{f"version.{k}": v for k, v in versions.items()},
             }
         )
@@ -344,17 +443,18 @@ def log_run(
                 "n_responders": int(ev.y.sum()),
                 "n_dropped": ev.n_dropped,
                 "n_features": len(ev.features),
+                "change_features": cohort.change or "none",
                 "features": ",".join(ev.features),
                 "schema_version": SCHEMA_VERSION,
                 "uncertainty_models": len(refits),
                 **{f"final_{k}": v for k, v in meta["params"].items()},
             }
         )
-        parent: dict[str, float] = {}
+        # the chosen family's unprefixed metrics first: the UI lists metrics in logging order
+        parent: dict[str, float] = dict(ev.families[chosen].metrics)
+        parent["selection_pvalue"] = ev.selection_pvalue
         for fam, fe in ev.families.items():
             parent.update({f"{fam}.{k}": v for k, v in fe.metrics.items()})
-        parent.update(ev.families[chosen].metrics)
-        parent["selection_pvalue"] = ev.selection_pvalue
         parent["final_threshold"] = meta["threshold"]
         _log_batch(client, run_id, _metric_batch(parent, ts))
         # the configuration: the YAML as written and the validated result
@@ -384,6 +484,7 @@ def log_run(
                         "chosen": str(fam == chosen).lower(),
                         "schema_version": SCHEMA_VERSION,
                         **cohort_tags,
+                        **_headline_tags(m),
                         "mlflow.note.content": (
                             f"{fam} on {cohort.name}: ROC AUC {_ci(m, 'roc_auc')}, balanced "
                             f"accuracy {_ci(m, 'balanced_accuracy')}, Brier {_ci(m, 'brier')}, "

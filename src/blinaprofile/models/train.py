@@ -50,6 +50,7 @@ from blinaprofile.models.tracking import (
 from blinaprofile.models.validation import (
     DEFAULT_UNCERTAINTY_MODELS,
     Evaluation,
+    FoldFeaturizer,
     build_pipeline,
     evaluate,
     fit_with_params,
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 
     from blinaprofile.annotate.estimator import TCellAnnotator
 
-__all__ = ["TrainResult", "promotion_failures", "select_timepoint", "train"]
+__all__ = ["TrainResult", "cv_annotator_notes", "promotion_failures", "select_timepoint", "train"]
 
 
 # --------------------------------------------------------------------------- final model
@@ -161,6 +162,37 @@ def _final_model(
         else []
     )
     return final, params, float(threshold), refits
+
+
+def cv_annotator_notes(ev: Evaluation) -> dict[str, Any]:
+    """How the CV of ``ev`` fitted the single-cell annotator, for ``meta.json``.
+
+    Returns
+    -------
+    dict
+        ``cv_annotator`` (a sentence), ``cv_annotator_per_fold`` (bool) and
+        ``cv_annotator_fits`` (``{"cv": ..., "permutations": ...}``: annotators fitted on
+        the real labels' outer training splits, and on further splits met only in permuted
+        runs).
+    """
+    if not ev.per_fold_features:
+        sentence = (
+            "the CV features came from the table given, labelled by one annotator fitted "
+            "on the whole training cohort: each fold's test patients informed its "
+            "thresholds (no labels)"
+        )
+    else:
+        sentence = (
+            "fitted inside each outer CV training split on its samples' cells only; each "
+            "split's test samples were labelled with it, so no test patient informed a "
+            "threshold, mixture or rate (the permutation test refits it the same way); the "
+            "stored annotator, fitted on every training sample, serves the final model"
+        )
+    return {
+        "cv_annotator": sentence,
+        "cv_annotator_per_fold": ev.per_fold_features,
+        "cv_annotator_fits": {"cv": ev.fold_fits_cv, "permutations": ev.fold_fits_permutations},
+    }
 
 
 # --------------------------------------------------------------------------- promotion
@@ -320,10 +352,12 @@ def train(
     simulated: bool | None = None,
     source: str | os.PathLike[str] | None = None,
     timepoint: str | None = None,
+    change_from: str | None = None,
     register: bool = True,
     force: bool = False,
     annotator: TCellAnnotator | None = None,
     annotator_notes: dict[str, Any] | None = None,
+    fold_featurizer: FoldFeaturizer | None = None,
     progress: bool | None = None,
 ) -> TrainResult:
     """Validate every configured family, refit the best, log it to MLflow, register it and
@@ -354,6 +388,14 @@ def train(
         The features file or manifest the table came from (the MLflow dataset's source).
     timepoint
         Train on the samples of this ``timepoint`` only.
+    change_from
+        Also give the model each patient's change since this baseline timepoint
+        (``delta_<feature>`` = value at ``timepoint`` minus value at ``change_from``; needs
+        ``timepoint``): one row per patient, pairing rules in
+        :mod:`blinaprofile.features.change` (unpaired patients are dropped with an
+        :class:`~blinaprofile.features.change.UnpairedPatientsWarning`). The model records
+        the design in ``meta.json`` (``change_features``) and scores a patient's
+        ``timepoint`` sample only with its baseline sample.
     register
         Register the model (``False``: only log it to the run).
     force
@@ -364,8 +406,16 @@ def train(
         ``artifacts/single_cell_annotator.json``, SHA-256 in ``meta.json``) so that a sample
         scored later is labelled exactly as in training.
     annotator_notes
-        Provenance recorded beside it in ``meta.json`` (keys, what it was fitted on, how the
-        CV used it).
+        Provenance recorded beside it in ``meta.json`` (keys, what it was fitted on).
+    fold_featurizer
+        Features whose state is learned (single-cell:
+        :class:`~blinaprofile.features.singlecell.FoldAnnotatorFeatures` over the object
+        ``table`` came from): the CV learns the state again inside each outer training
+        split, so no test patient informs it (see
+        :func:`~blinaprofile.models.validation.evaluate`); ``table`` (the whole-cohort
+        features) still trains the final model. With an ``annotator``, ``meta.json``
+        records how the CV fitted it (``cv_annotator``, ``cv_annotator_per_fold``,
+        ``cv_annotator_fits``).
     progress
         A progress bar on stderr (default: when stderr is a terminal): each family's outer
         folds (or, with permutation workers, each family and permutation), the final model's
@@ -394,7 +444,25 @@ def train(
         config = load_train_config(cfg_file)
     else:
         cfg_file = Path(config_path) if config_path else None
-    if timepoint is not None:
+    change = None
+    if change_from is not None:
+        from blinaprofile.features.change import change_training_table
+
+        if timepoint is None:
+            raise ManifestError(
+                f"change features need the later timepoint too: pass timepoint (--timepoint "
+                f"D28) with change_from={change_from!r}",
+                path=source,
+            )
+        table, change, feats = change_training_table(
+            table,
+            timepoint=timepoint,
+            baseline=change_from,
+            features=config.features,
+            source=source,
+        )
+        config = config.model_copy(update={"features": feats})
+    elif timepoint is not None:
         table = select_timepoint(table, timepoint, source=source)
     info = CohortInfo(
         name=cohort or "unnamed",
@@ -402,10 +470,11 @@ def train(
         simulated=simulated,
         source=str(Path(source).resolve()) if source is not None else None,
         timepoint=timepoint,
+        change=change.description if change is not None else None,
     )
     bar.restart(None, desc="cross-validating", unit="fold")
     with bar.closed_on_error():
-        ev = evaluate(table, config=config, on_step=bar.tick)
+        ev = evaluate(table, config=config, on_step=bar.tick, featurizer=fold_featurizer)
     chosen = ev.chosen
     spec = next(s for s in config.models if s.family == chosen)
     bar.restart(None, desc=f"final {chosen} model", unit="fit")
@@ -443,8 +512,14 @@ def train(
         "timepoint": timepoint,
         "git_commit": commit,
     }
+    if change is not None:  # scoring needs the baseline sample too (features.change)
+        meta["change_features"] = change.as_meta()
     if annotator is not None:  # packaging writes it as an artifact (models.packaging)
-        meta["single_cell_annotator"] = {"state": annotator.to_dict(), **(annotator_notes or {})}
+        meta["single_cell_annotator"] = {
+            "state": annotator.to_dict(),
+            **(annotator_notes or {}),
+            **cv_annotator_notes(ev),
+        }
     failures = promotion_failures(
         ev.families[chosen].metrics,
         selection_pvalue=ev.selection_pvalue,
@@ -547,8 +622,13 @@ def _record_outcome(client: Any, res: TrainResult, ev: Evaluation, info: CohortI
     status = "promoted" if res.promoted else ("candidate" if res.registered else "unregistered")
     client.set_tag(res.run_id, "blinaprofile.promotion", status)
     client.set_tag(res.run_id, "blinaprofile.promotion_reason", "; ".join(res.reasons)[:5000])
+    # one short line, then the table: the run page shows a description's first lines only
+    # until "Show more"; the full promotion line comes after the table
+    verdict = "promoted" if res.promoted else "not promoted"
+    held = f"v{res.version} @{res.alias} ({verdict})" if res.registered else "not registered"
     description = (
-        f"**{res.chosen} on {res.cohort}** - {res.promotion_line()}\n\n{headline_table(ev)}"
+        f"**{res.chosen} on {res.cohort}**: {held}\n\n{headline_table(ev)}\n"
+        f"{res.promotion_line()}\n"
     )
     client.set_tag(res.run_id, "mlflow.note.content", description)
     if res.version is None:

@@ -6,9 +6,9 @@ import functools
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -19,7 +19,6 @@ from blinaprofile.models.metrics import choose_threshold, permutation_pvalue, ro
 
 if TYPE_CHECKING:
     import pandas as pd
-
 
 
 #: Bootstrap refits stored with a model for its probability interval (when the
@@ -119,7 +118,10 @@ def build_pipeline(spec: ModelSpec, *, seed: int = 0) -> Any:
     )
     return Pipeline(
         [
-            ("impute", SimpleImputer(strategy="median")),
+            # a feature with no observed value in a training set (e.g. a fold's annotator
+            # has no TIM3 route) becomes a constant 0 column, which no model can use,
+            # instead of being dropped with a warning per fit
+            ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
             ("scale", StandardScaler()),
             ("select", select),
             ("clf", _classifier(spec, params, seed)),
@@ -251,6 +253,125 @@ def grouped_splits(
     return splits
 
 
+# --------------------------------------------------------------------------- fold features
+@runtime_checkable
+class FoldFeaturizer(Protocol):
+    """Features with a learned, label-free state that must be learned inside each CV split.
+
+    Flow features have no such state (each sample is gated on its own); single-cell features
+    do (the annotator's thresholds, mixtures and rates are learned from a cohort's cells:
+    :class:`blinaprofile.features.singlecell.FoldAnnotatorFeatures`).
+    """
+
+    def fold_features(self, train_ids: Sequence[str], sample_ids: Sequence[str]) -> pd.DataFrame:
+        """Learn the state from the samples ``train_ids`` alone; the features of ``sample_ids``.
+
+        Parameters
+        ----------
+        train_ids
+            The samples of one outer training split: nothing else may inform the state.
+        sample_ids
+            The samples to featurize with that state (training and test samples).
+
+        Returns
+        -------
+        DataFrame
+            Indexed by sample id, with (at least) the model's feature columns.
+        """
+        ...
+
+
+def split_key(train_rows: np.ndarray) -> bytes:
+    """The key of a split in the per-split feature matrices: its sorted training rows."""
+    return np.sort(np.asarray(train_rows, dtype=np.int64)).tobytes()
+
+
+def outer_training_sets(
+    labellings: Sequence[np.ndarray], groups: np.ndarray, config: TrainConfig
+) -> list[np.ndarray]:
+    """The distinct outer training rows the nested CV uses over ``labellings``, in order.
+
+    Outer splits are stratified on the labels, so a permuted labelling generally has splits
+    of its own; a training set shared by several labellings or repeats is listed once.
+    """
+    out: dict[bytes, np.ndarray] = {}
+    for y in labellings:
+        k = _n_splits(y, groups, config.outer_folds)
+        if k < 2:
+            continue  # the CV itself refuses it, with the reason
+        for r in range(config.repeats):
+            for tr, _ in grouped_splits(y, groups, n_splits=k, seed=config.seed + r):
+                out.setdefault(split_key(tr), np.sort(tr))
+    return list(out.values())
+
+
+def _fold_matrices_chunk(
+    featurizer: FoldFeaturizer,
+    sample_ids: np.ndarray,
+    features: list[str],
+    train_sets: list[np.ndarray],
+) -> list[np.ndarray]:
+    """Per training set: the ``samples x features`` matrix from a state learned on it."""
+    out = []
+    ids = [str(s) for s in sample_ids]
+    for tr in train_sets:
+        table = featurizer.fold_features([ids[i] for i in tr], ids)
+        missing = [f for f in features if f not in table.columns]
+        absent = [s for s in ids if s not in table.index]
+        if missing or absent:
+            raise ModelError(
+                f"the fold featurizer returned no column(s) {missing} / no row(s) {absent[:5]}"
+            )
+        out.append(table.loc[ids, features].to_numpy(dtype=float))
+    return out
+
+
+def fold_feature_matrices(
+    featurizer: FoldFeaturizer,
+    sample_ids: np.ndarray,
+    features: list[str],
+    train_sets: Sequence[np.ndarray],
+    *,
+    n_jobs: int = 1,
+    on_fit: Callable[[str], None] | None = None,
+) -> dict[bytes, np.ndarray]:
+    """Every training set's feature matrix, keyed by :func:`split_key`.
+
+    Each matrix holds all samples (rows as ``sample_ids``): the training rows featurized with
+    the state learned on them, the others (the split's test samples) transformed with it.
+    ``n_jobs > 1`` spreads the fits over worker processes (one featurizer copy per worker),
+    through the same joblib pool as the permutation runs of :func:`evaluate`: these are
+    CPU-bound model fits over whole cohorts, not the per-sample file work that
+    :func:`blinaprofile.parallel.run_parallel` schedules with its timeouts.
+    """
+    if len(set(map(str, sample_ids))) != len(sample_ids):
+        raise ModelError("per-fold featurization needs unique sample ids")
+    sets = list(train_sets)
+    jobs = max(1, min(n_jobs, len(sets)))
+    if jobs == 1:
+        mats = []
+        for i, tr in enumerate(sets, start=1):
+            mats += _fold_matrices_chunk(featurizer, sample_ids, features, [tr])
+            if on_fit is not None:
+                on_fit(f"fold features {i}/{len(sets)}")
+    else:
+        from joblib import Parallel, delayed
+
+        chunks = [sets[j::jobs] for j in range(jobs)]
+        runner = Parallel(n_jobs=jobs, return_as="generator")(
+            delayed(_fold_matrices_chunk)(featurizer, sample_ids, features, c) for c in chunks
+        )
+        done: list[list[np.ndarray]] = []
+        for res in runner:
+            done.append(res)
+            for _ in res:
+                if on_fit is not None:
+                    on_fit(f"fold features {sum(map(len, done))}/{len(sets)}")
+        by_chunk = [iter(d) for d in done]
+        mats = [next(by_chunk[i % jobs]) for i in range(len(sets))]
+    return {split_key(tr): m for tr, m in zip(sets, mats, strict=True)}
+
+
 def fit_with_params(pipe: Any, params: dict[str, Any], X: np.ndarray, y: np.ndarray) -> Any:
     from sklearn.base import clone
 
@@ -322,7 +443,10 @@ def _run_cv(
     *,
     importance: bool,
     on_fold: Callable[[str], None] | None = None,
+    fold_X: Mapping[bytes, np.ndarray] | None = None,
 ) -> _CVRun:
+    """One family's nested CV; ``fold_X`` (:func:`fold_feature_matrices`) replaces ``X``
+    in each outer split by the features whose state was learned on its training rows."""
     from threadpoolctl import threadpool_limits
 
     n, d = X.shape
@@ -347,17 +471,20 @@ def _run_cv(
         for r in range(R):
             splits = grouped_splits(y, groups, n_splits=k, seed=config.seed + r)
             for fold, (tr, te) in enumerate(splits, start=1):
+                Xf = X if fold_X is None else fold_X[split_key(tr)]
                 cand, inner_oof = tune(
                     spec,
-                    X[tr],
+                    Xf[tr],
                     y[tr],
                     groups[tr],
                     inner_folds=config.inner_folds,
                     seed=config.seed + r,
                     need_oof=need_oof,
                 )
-                model = fit_with_params(build_pipeline(spec, seed=config.seed + r), cand, X[tr], y[tr])
-                oof[r, te] = model.predict_proba(X[te])[:, 1]
+                model = fit_with_params(
+                    build_pipeline(spec, seed=config.seed + r), cand, Xf[tr], y[tr]
+                )
+                oof[r, te] = model.predict_proba(Xf[te])[:, 1]
                 if inner_oof is not None:
                     t = choose_threshold(
                         y[tr], inner_oof, rule=config.threshold.rule, value=config.threshold.value
@@ -368,7 +495,7 @@ def _run_cv(
                 thresholds.append(float(t))
                 params.append(cand)
                 if perm_oof is not None:
-                    Xte = X[te]
+                    Xte = Xf[te]
                     stack = np.repeat(Xte[None, None], d * IMPORTANCE_SHUFFLES, axis=0).reshape(
                         d, IMPORTANCE_SHUFFLES, len(te), d
                     )
@@ -417,17 +544,21 @@ def _null_aucs(
     y_perm: np.ndarray,
     groups: np.ndarray,
     config: TrainConfig,
+    fold_X: Mapping[bytes, np.ndarray] | None = None,
 ) -> list[float]:
     """The AUC of the whole procedure of every family on one permuted labelling.
 
-    The families share the fold splits of the labelling (:func:`grouped_splits`). Estimator
+    The families share the fold splits of the labelling (:func:`grouped_splits`) and, with
+    ``fold_X``, the features of each split's training set (learned on it alone). Estimator
     parameters were validated by the run on the real labels, so scikit-learn's per-fit
     parameter validation is skipped here; everything else is the identical procedure.
     """
     import sklearn
 
     with sklearn.config_context(skip_parameter_validation=True):
-        runs = [_run_cv(s, X, y_perm, groups, config, importance=False) for s in specs]
+        runs = [
+            _run_cv(s, X, y_perm, groups, config, importance=False, fold_X=fold_X) for s in specs
+        ]
     return [float(np.nanmean([roc_auc(y_perm, o) for o in run.oof])) for run in runs]
 
 
@@ -483,7 +614,14 @@ class FamilyEvaluation:
 
 @dataclass
 class Evaluation:
-    """Nested-CV validation of every configured family on one feature table."""
+    """Nested-CV validation of every configured family on one feature table.
+
+    ``X`` is the feature table given (what the final model is fitted on). With a
+    :class:`FoldFeaturizer` each outer split used its own features instead:
+    ``fold_fits_cv`` states were learned for the real labels' outer training splits and
+    ``fold_fits_permutations`` more for training splits met only in permuted runs
+    (both 0 without a featurizer).
+    """
 
     features: list[str]
     X: pd.DataFrame
@@ -495,6 +633,13 @@ class Evaluation:
     selection_pvalue: float
     config: TrainConfig
     n_dropped: int = 0
+    fold_fits_cv: int = 0
+    fold_fits_permutations: int = 0
+
+    @property
+    def per_fold_features(self) -> bool:
+        """Whether the CV learned the feature state inside each outer training split."""
+        return self.fold_fits_cv > 0
 
     @property
     def metrics(self) -> dict[str, dict[str, float]]:
@@ -628,6 +773,7 @@ def evaluate(
     config_path: str | os.PathLike[str] | None = None,
     n_jobs: int | None = None,
     on_step: Callable[[int, str], None] | None = None,
+    featurizer: FoldFeaturizer | None = None,
 ) -> Evaluation:
     """Validate every configured family by nested CV, with CIs and permutation p-values.
 
@@ -635,6 +781,7 @@ def evaluate(
     ----------
     table
         Feature table with ``response`` (1/0), ``patient_id`` and the feature columns.
+        Its usable rows (see :func:`prepare_training_data`) are the samples validated.
     config, config_path
         Training configuration (default ``configs/train/default.yaml``).
     n_jobs
@@ -643,6 +790,13 @@ def evaluate(
         Progress: called as ``on_step(total, what)`` after each outer fold of each family
         and each permutation when they run in this process, after each family and each
         permutation when they run in worker processes (``total``: the steps of the run).
+    featurizer
+        Features whose state is learned from samples (the single-cell annotator): the
+        state is learned again inside each outer training split, from its samples alone,
+        and that split's training and test samples are featurized with it; the inner
+        model selection and the outer test scoring use those features. ``table`` needs a
+        unique ``sample_id`` per row. ``None``: every split uses ``table`` (flow features,
+        which have no learned state).
 
     Notes
     -----
@@ -651,6 +805,17 @@ def evaluate(
     permutation; the same permutations serve all families, so the p-value of the chosen
     family can be adjusted for the choice (``selection_pvalue``: the null distribution is
     the best family's AUC on each permutation).
+
+    With a ``featurizer``, a permuted run learns the feature state inside each of *its*
+    outer training splits, exactly as the run on the real labels does, so the null
+    distribution is that of the identical procedure. The state uses no labels: the
+    features of a training set depend only on which samples it holds, so they are
+    computed once per distinct outer training set and reused by every family, repeat and
+    permuted labelling whose split has that training set (a recomputation would give the
+    same numbers). Inside an outer split, the inner CV that tunes hyper-parameters and
+    the threshold uses the outer split's features (its inner validation samples informed
+    that state, as they do in every permuted run too); the outer test samples never
+    inform it.
     """
     from joblib import Parallel, delayed
 
@@ -668,21 +833,45 @@ def evaluate(
     perms = [permuted_labels(y, groups, rng) for _ in range(config.n_permutations)]
     jobs = n_jobs or _n_jobs()
     specs = list(config.models)
-    tasks = [delayed(_run_cv)(s, Xa, y, groups, config, importance=True) for s in specs]
-    tasks += [delayed(_null_aucs)(specs, Xa, yp, groups, config) for yp in perms]
+    sample_ids = (
+        usable["sample_id"].astype(str).to_numpy()
+        if "sample_id" in usable.columns
+        else np.array([f"row{i}" for i in range(len(y))])
+    )
+    fold_X: dict[bytes, np.ndarray] | None = None
+    n_fits_cv = n_fits_perm = 0
+    k = _n_splits(y, groups, config.outer_folds)
+    workers = jobs > 1 and bool(perms)
+    # progress steps: fold fits, then folds (or, in workers, families) and permutations
+    steps = len(specs) + len(perms) if workers else len(specs) * config.repeats * k + len(perms)
+    if featurizer is not None:
+        if "sample_id" not in usable.columns:
+            raise ModelError("per-fold featurization needs a sample_id column")
+        real = outer_training_sets([y], groups, config)
+        every = outer_training_sets([y, *perms], groups, config)
+        n_fits_cv, n_fits_perm = len(real), len(every) - len(real)
+        steps += len(every)
+        fits_done = None if on_step is None else functools.partial(on_step, steps)
+        # like the permutations: worker processes only when a permutation test runs
+        fold_X = fold_feature_matrices(
+            featurizer, sample_ids, features, every, n_jobs=jobs if workers else 1, on_fit=fits_done
+        )
+    tasks = [
+        delayed(_run_cv)(s, Xa, y, groups, config, importance=True, fold_X=fold_X) for s in specs
+    ]
+    tasks += [delayed(_null_aucs)(specs, Xa, yp, groups, config, fold_X) for yp in perms]
     # worker processes pay off only for permutation tests (each worker re-imports the stack)
     out: list[Any] = []
-    if jobs > 1 and perms:
+    if workers:
         names = [f"{s.family} cross-validated" for s in specs]
         names += [f"permutation {i + 1}/{len(perms)}" for i in range(len(perms))]
         runner = Parallel(n_jobs=min(jobs, len(tasks)), return_as="generator")(tasks)
         for name, res in zip(names, runner, strict=True):
             out.append(res)
             if on_step is not None:
-                on_step(len(tasks), name)
+                on_step(steps, name)
     else:
-        k = _n_splits(y, groups, config.outer_folds)
-        total = len(specs) * config.repeats * k + len(perms)
+        total = steps
         fold_done = None if on_step is None else functools.partial(on_step, total)
         for i, (fn, args, kwargs) in enumerate(tasks):
             if i < len(specs):
@@ -711,11 +900,6 @@ def evaluate(
         if perms
         else float("nan")
     )
-    sample_ids = (
-        usable["sample_id"].astype(str).to_numpy()
-        if "sample_id" in usable.columns
-        else np.array([f"row{i}" for i in range(len(y))])
-    )
     return Evaluation(
         features=features,
         X=X,
@@ -727,4 +911,6 @@ def evaluate(
         selection_pvalue=sel_p,
         config=config,
         n_dropped=n_dropped,
+        fold_fits_cv=n_fits_cv,
+        fold_fits_permutations=n_fits_perm,
     )

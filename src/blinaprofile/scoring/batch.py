@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from blinaprofile.config import QCConfig
 from blinaprofile.errors import BlinaprofileError, InputError, OutputError, one_line
+from blinaprofile.features.change import design_from_meta
 from blinaprofile.io.atomic import atomic_path, write_csv, write_text
 from blinaprofile.parallel import (
     ItemTimeoutError,
@@ -566,6 +567,10 @@ def score_samples(
         Single-cell per-sample QC minimums overriding the annotator's ``sample_qc`` (the
         ``single_cell`` section of a ``--qc`` file). Part of the run's settings when set.
 
+    A model trained on change features (``train --change-from``) scores patients, not
+    samples: :func:`blinaprofile.scoring.paired_batch.score_paired_batch` pairs each patient's
+    samples by the manifest's ``patient_id`` and ``timepoint`` (one row per patient).
+
     Returns
     -------
     DataFrame
@@ -630,6 +635,31 @@ def score_samples(
     bar.restart(None, desc="loading the model", unit="model")
     with bar.closed_on_error():  # compiled into the user cache on its first use
         resolved = load_scoring_model(model_key).info
+    design = design_from_meta(load_scoring_model(model_key).runtime.meta)
+    if design is not None:  # a change-feature model scores patients: samples paired by manifest
+        from blinaprofile.scoring.paired_batch import score_paired_batch
+
+        if scheduler is not None:
+            raise InputError(
+                "a change-feature model's batch runs on local processes: no --scheduler"
+            )
+        bar.close()
+        return score_paired_batch(
+            paths_or_manifest,
+            model=model_key,
+            design=design,
+            n_jobs=workers,
+            out_dir=out_dir,
+            strategy=strategy,
+            adaptive=adaptive,
+            qc=qc,
+            threshold=threshold,
+            interval=interval,
+            fcs_options=options["fcs_options"],
+            keep_file_names=keep_file_names,
+            allow_other_modality=allow_other_modality,
+            progress=progress,
+        )
     record = {
         "model": model_key,
         "model_version": resolved.get("version"),

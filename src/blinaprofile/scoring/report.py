@@ -29,7 +29,7 @@ import io
 import os
 import re
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from blinaprofile.features.schema import FEATURES, MODEL_FEATURES, Feature
+from blinaprofile.features.schema import FEATURE_INFO, MODEL_FEATURES, Feature
 from blinaprofile.io.atomic import write_text
 
 if TYPE_CHECKING:
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
     from blinaprofile.gating.gates import GatingResult
     from blinaprofile.gating.tree import GateTree
+    from blinaprofile.io.read import FCSReadOptions
+    from blinaprofile.scoring.helper import Helper
     from blinaprofile.scoring.score import ScoreResult
 
 __all__ = [
@@ -77,7 +79,7 @@ _TICK_PT = 6.0
 _CHAR_EM = 0.56  # mean glyph width of DejaVu Sans, in em
 #: a sample farther than this many training ranges beyond them is drawn as an arrow at the edge
 _REACH = 1.0
-_SCHEMA: dict[str, Feature] = {f.name: f for f in FEATURES}
+_SCHEMA: dict[str, Feature] = dict(FEATURE_INFO)  # schema features, then change features
 
 
 # --------------------------------------------------------------------------- figures
@@ -417,48 +419,6 @@ def cohort_png(
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _drawn_aside(draw: Callable[[], str], *, alongside: bool) -> Callable[[], str]:
-    """``draw()`` in a forked child while this process does other work ``alongside``.
-
-    Returns a function that gives ``draw()``'s text. The child is used only where forking
-    is safe and can help: a POSIX system other than macOS, more than one core, other work to
-    overlap with and no other Python thread in this process (a notebook kernel has some).
-    Otherwise, or if the child fails, ``draw()`` runs here.
-    """
-    import sys
-    import threading
-
-    if not (
-        alongside
-        and hasattr(os, "fork")
-        and sys.platform != "darwin"
-        and (os.cpu_count() or 1) > 1
-        and threading.active_count() == 1
-    ):
-        text = draw()
-        return lambda: text
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: draw, send, leave without running the parent's exit code
-        code = 1
-        try:
-            os.close(read_end)
-            with os.fdopen(write_end, "wb") as fh:
-                fh.write(draw().encode("utf-8"))
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-
-    def collect() -> str:
-        with os.fdopen(read_end, "rb") as fh:
-            data = fh.read()
-        _, status = os.waitpid(pid, 0)
-        return data.decode("utf-8") if status == 0 else draw()  # failed: draw it here
-
-    return collect
-
-
 def _cohort_background_layer(
     cols: Mapping[str, np.ndarray],
     response: np.ndarray | None,
@@ -552,6 +512,17 @@ def _draw_cohort_background(
         ax.title.set_visible(False)  # each sample draws its own
     canvas.draw()
     return np.array(canvas.buffer_rgba(), dtype=np.uint8), geometry
+
+
+def _gating_png(
+    path: str | os.PathLike[str], tree: GateTree, gres: GatingResult, options: FCSReadOptions
+) -> str:
+    """:func:`gating_figure` as a base64 PNG, the file read with ``options`` (the job a
+    :mod:`~blinaprofile.scoring.helper` process runs)."""
+    from blinaprofile.io.read import fcs_read_options
+
+    with fcs_read_options(options):
+        return _png(gating_figure(path, tree, gres))
 
 
 def gating_figure(
@@ -734,7 +705,7 @@ def _feature_counts(name: str, counts: Mapping[str, Any], qc: Mapping[str, Any])
     gating (flow) or the QC columns ``n_<population>``; what neither has is left out.
     """
     f = _SCHEMA.get(name)
-    if f is None:
+    if f is None or f.change:  # a change has no counts of its own
         return ""
 
     def n(pop: str) -> Any:
@@ -760,7 +731,7 @@ def _feature_rows(r: ScoreResult) -> list[_FeatureRow]:
     limit = r.qc.get("ood_max_z")
     counts = r.gating.get("counts") or {}
     rows = []
-    for f in FEATURES:
+    for f in _SCHEMA.values():  # change features (paired models) after the schema's
         v = r.features.get(f.name)
         if v is None or not np.isfinite(v):
             continue
@@ -918,6 +889,7 @@ def write_report(
     path: str | os.PathLike[str],
     *,
     training: pd.DataFrame | None = None,
+    helper: Helper | None = None,
 ) -> Path:
     """Render ``result`` (with its figures) to one HTML file, written atomically.
 
@@ -931,6 +903,10 @@ def write_report(
     training
         The training cohort's features and response; default: the table stored with the
         model named in ``result.model['uri']``.
+    helper
+        A process from :func:`blinaprofile.scoring.helper.start_helper`: it draws the gating
+        figure while this process draws the cohort figure (and is used up). Without one,
+        or should it fail, both are drawn here.
 
     Returns
     -------
@@ -942,27 +918,34 @@ def write_report(
     OutputError
         The file cannot be written; ``path`` is unchanged.
     """
+    from blinaprofile.io.read import current_fcs_read_options
     from blinaprofile.scoring.score import load_scoring_model
 
     notes: list[str] = []
-    if training is None and result.model.get("uri"):
-        training = load_scoring_model(result.model["uri"]).training
-    feats = [f for f in (result.ood_z or {}) if training is not None and f in training.columns]
-    if not feats and training is not None:
-        feats = [f for f in MODEL_FEATURES if f in training.columns]
     ctx = result.context
     gated = ctx is not None and ctx.tree is not None and ctx.gating is not None
-    cohort = None
-    if training is not None and feats:
-        # drawn by a second process while this one draws the gating figure (one per core)
-        cohort = _drawn_aside(lambda: cohort_png(result, training, feats), alongside=gated)
-    gating_png = None
     try:
-        if ctx is not None and ctx.tree is not None and ctx.gating is not None:
-            gating_png = _png(gating_figure(ctx.path, ctx.tree, ctx.gating))
+        if gated and helper is not None:
+            assert ctx is not None  # gated
+            helper.submit(_gating_png, ctx.path, ctx.tree, ctx.gating, current_fcs_read_options())
+        if training is None and result.model.get("uri"):
+            training = load_scoring_model(result.model["uri"]).training
+        feats = [f for f in (result.ood_z or {}) if training is not None and f in training.columns]
+        if not feats and training is not None:
+            feats = [f for f in MODEL_FEATURES if f in training.columns]
+        training_png = None
+        if training is not None and feats:
+            training_png = cohort_png(result, training, feats)
+        gating_png = None
+        if gated:
+            assert ctx is not None and ctx.tree is not None and ctx.gating is not None
+            gating_png = helper.result() if helper is not None else None
+            if gating_png is None:  # no helper, or it failed: drawn here
+                gating_png = _gating_png(ctx.path, ctx.tree, ctx.gating, current_fcs_read_options())
         elif result.modality == "flow":
             notes.append("Gating plots need score_sample(..., keep_gating=True).")
     finally:
-        training_png = cohort() if cohort is not None else None
+        if helper is not None:
+            helper.close()
     text = render_report(result, training_png=training_png, gating_png=gating_png, notes=notes)
     return write_text(path, text)

@@ -37,6 +37,7 @@ import numpy as np
 
 from blinaprofile.config import QCConfig
 from blinaprofile.errors import ModelError, PanelMismatchError
+from blinaprofile.features.change import check_pairing
 from blinaprofile.io.files import ensure_file, file_checksum, pseudonymous_id
 from blinaprofile.io.read import join_warnings, split_warnings
 from blinaprofile.models.runtime import CALL_STATES, NO_CALL, UNCERTAIN, call_state
@@ -178,6 +179,9 @@ class ScoreResult:
         lines.append(f"sample        {self.sample_id} ({self.modality})")
         if self.input.get("sha256"):
             lines.append(f"input sha256  {self.input['sha256']}")
+        if self.input.get("baseline"):  # a change-feature model's baseline sample
+            b = self.input["baseline"]
+            lines.append(f"baseline      {b['sample_id']} ({b['timepoint']}; sha256 {b['sha256']})")
         lines.append(f"QC            {'PASS' if self.qc_pass else 'FAIL'}")
         if self.probability is not None:
             iv = ""
@@ -622,6 +626,8 @@ def score_sample(
     select_sample: str | None = None,
     single_cell_qc: SampleQCSpec | None = None,
     allow_other_modality: bool = False,
+    baseline: str | os.PathLike[str] | None = None,
+    baseline_id: str | None = None,
 ) -> ScoreResult:
     """Read, gate/annotate, featurize and score one sample (FCS or single-cell).
 
@@ -653,6 +659,11 @@ def score_sample(
         Keep the gating behind the result in :attr:`ScoreResult.context` (for reports).
     interval, allow_other_modality
         See :func:`score_features`.
+    baseline, baseline_id
+        A change-feature model (``train --change-from``) scores ``path`` with its change
+        since this baseline sample of the same patient, featurized the same way
+        (:mod:`blinaprofile.scoring.paired`); ``baseline_id`` names it (default: its
+        pseudonym). Required by such models, refused by others (:class:`ModelError`).
 
     Raises
     ------
@@ -676,6 +687,11 @@ def score_sample(
     sid = sample_id or pseudonymous_id(checksum)
     modality = modality_of(p)
     _other_modality(load_scoring_model(model), modality, allow=allow_other_modality)
+    design = check_pairing(  # a change-feature model needs the baseline sample too
+        load_scoring_model(model).runtime.meta,
+        baseline_given=baseline is not None,
+        model_name=load_scoring_model(model).info.get("name"),
+    )
     info: dict[str, Any] = {
         "sha256": checksum,
         "modality": modality,
@@ -729,6 +745,22 @@ def score_sample(
         info.update(sc_info)
         row["sample_id"] = sid
         row["patient_id"] = sid
+    if design is not None and baseline is not None:
+        from blinaprofile.scoring.paired import baseline_pair
+
+        row, info["baseline"] = baseline_pair(
+            row,
+            baseline,
+            design=design,
+            modality=modality,
+            strategy=tree if modality == "flow" else None,
+            adaptive=adaptive,
+            qc=qc,
+            baseline_id=baseline_id,
+            annotator=getattr(load_scoring_model(model).pyfunc, "annotator", None),
+            single_cell_qc=single_cell_qc,
+            scored_sha256=checksum,
+        )
     res = score_features(
         row,
         model=model,

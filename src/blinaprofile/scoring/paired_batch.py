@@ -1,0 +1,258 @@
+"""Batch scoring with a change-feature model: one row per patient, samples paired by manifest.
+
+:func:`blinaprofile.scoring.batch.score_samples` hands a change-feature model
+(``train --change-from``) to :func:`score_paired_batch`: the manifest's ``patient_id`` and
+``timepoint`` columns pair each patient's sample at the model's timepoint with the baseline
+sample, both are featurized in parallel processes
+(:func:`blinaprofile.features.flow.featurize_manifest`), paired
+(:func:`blinaprofile.features.change.add_change_features`) and scored
+(:func:`blinaprofile.scoring.score.score_features`).
+
+One row per patient who has a sample at either of the two timepoints, in manifest order,
+named by the later sample's ``sample_id`` (the baseline's when it has none). A patient that
+cannot be paired (no baseline sample, no sample at the timepoint, two samples at one
+timepoint) or whose sample could not be read becomes an ``error`` row saying so; the batch
+goes on. A sample failing QC makes its patient's row a ``"no call"``. Samples at other
+timepoints are not scored (``attrs['batch']['n_ignored']``).
+
+Columns: :data:`~blinaprofile.scoring.score.RESULT_COLUMNS`, then :data:`PAIRED_COLUMNS`
+(``patient_id``, ``timepoint``, ``baseline_sample_id``, ``baseline_sha256``) and the model's
+``delta_`` columns. Flow manifests only; paired scoring is not resumable (a rerun scores
+every patient again) and runs on local processes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blinaprofile.errors import BlinaprofileError, InputError, ManifestError, one_line
+from blinaprofile.features.change import ChangeDesign, add_change_features, pairing_problems
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from blinaprofile.config import QCConfig
+    from blinaprofile.io.read import FCSReadOptions
+
+__all__ = ["PAIRED_COLUMNS", "score_paired_batch"]
+
+#: Columns a paired result adds after the result columns (then the ``delta_`` columns).
+PAIRED_COLUMNS: tuple[str, ...] = (
+    "patient_id",
+    "timepoint",
+    "baseline_sample_id",
+    "baseline_sha256",
+)
+
+
+def _manifest(source: Any, design: ChangeDesign, model: str) -> tuple[pd.DataFrame, str | None]:
+    """The manifest as a table with ``path``, checked for the columns pairing needs."""
+    import pandas as pd
+
+    from blinaprofile.io.read import read_manifest
+
+    need = (
+        f"model {model} uses change features ({design.description}): score-batch pairs each "
+        f"patient's {design.timepoint} sample with its {design.baseline} sample by a "
+        "manifest's patient_id and timepoint columns"
+    )
+    if isinstance(source, pd.DataFrame):
+        df, where = source.copy(), None
+        if "path" not in df.columns and "file" in df.columns:
+            df["path"] = [str(Path(f).resolve()) if str(f).strip() else "" for f in df["file"]]
+    elif isinstance(source, str | os.PathLike) and Path(source).suffix.lower() in (
+        ".csv",
+        ".tsv",
+        ".txt",
+    ):
+        df, where = read_manifest(source, check_files=False), str(source)
+    else:
+        raise InputError(f"{need}; give --manifest MANIFEST.csv")
+    lacking = [c for c in ("sample_id", "path", "patient_id", "timepoint") if c not in df.columns]
+    if not lacking and (df["timepoint"].astype(str).str.strip() == "").all():
+        lacking = ["timepoint"]
+    if not lacking and (df["patient_id"].astype(str) == df["sample_id"].astype(str)).all():
+        lacking = ["patient_id"]
+    if lacking:
+        raise ManifestError(f"{need}; the manifest has no {lacking} column(s)", path=where)
+    return df, where
+
+
+def _error_row(sample_id: str, message: str, extra: dict[str, Any]) -> dict[str, Any]:
+    from blinaprofile.scoring.score import RESULT_COLUMNS
+
+    row: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
+    row.update(
+        sample_id=sample_id,
+        call="error",
+        call_reason="",
+        reasons="",
+        error=one_line(message),
+        warnings="",
+        **extra,
+    )
+    return row
+
+
+def _frame(rows: list[dict[str, Any]], design: ChangeDesign) -> pd.DataFrame:
+    import pandas as pd
+
+    from blinaprofile.scoring.score import RESULT_COLUMNS, TEXT_RESULT_COLUMNS
+
+    text = {*TEXT_RESULT_COLUMNS, *PAIRED_COLUMNS}
+    df = pd.DataFrame(rows, columns=[*RESULT_COLUMNS, *PAIRED_COLUMNS, *design.delta_columns])
+    for c in df.columns:
+        if c == "qc_pass":
+            df[c] = df[c].astype("boolean")
+        elif c in text:
+            df[c] = df[c].astype("string")
+        else:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+    df["error"] = df["error"].fillna("")
+    df["warnings"] = df["warnings"].fillna("")
+    return df
+
+
+def score_paired_batch(
+    source: Any,
+    *,
+    model: str,
+    design: ChangeDesign,
+    n_jobs: int | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    strategy: str | os.PathLike[str] | None = None,
+    adaptive: bool = True,
+    qc: QCConfig | None = None,
+    threshold: float | None = None,
+    interval: bool = True,
+    fcs_options: FCSReadOptions | None = None,
+    keep_file_names: bool = False,
+    allow_other_modality: bool = False,
+    progress: bool | None = None,
+) -> pd.DataFrame:
+    """Score every patient of a manifest with a change-feature model (one row per patient).
+
+    Parameters
+    ----------
+    source
+        A manifest CSV or a table with ``sample_id``, ``file``/``path``, ``patient_id`` and
+        ``timepoint``.
+    model
+        The model's URI or folder (loaded by
+        :func:`~blinaprofile.scoring.score.load_scoring_model`, cached).
+    design
+        The model's :class:`~blinaprofile.features.change.ChangeDesign`.
+    n_jobs, out_dir, strategy, adaptive, qc, threshold, interval, fcs_options,
+    keep_file_names, allow_other_modality, progress
+        As for :func:`blinaprofile.scoring.batch.score_samples`; ``out_dir`` receives
+        ``results.parquet`` and ``results.csv`` (no parts: not resumable).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The module docstring's columns; ``attrs['batch']`` counts patients and errors and
+        names the design (``paired``).
+
+    Raises
+    ------
+    InputError, ManifestError
+        The input is not a manifest, or lacks ``patient_id``/``timepoint``.
+    """
+    from blinaprofile.features.flow import featurize_manifest
+    from blinaprofile.io.atomic import atomic_path, write_csv
+    from blinaprofile.io.files import file_checksum
+    from blinaprofile.scoring.score import load_scoring_model, score_features
+
+    sm = load_scoring_model(model)
+    name = str(sm.info.get("name") or model)
+    df, where = _manifest(source, design, name)
+    tp = df["timepoint"].astype(str).str.strip()
+    pid = df["patient_id"].astype(str)
+    used = tp.isin([design.timepoint, design.baseline])
+    problems = pairing_problems(
+        df[used], timepoint=design.timepoint, baseline=design.baseline, source=where
+    )
+    pairable = used & ~pid.isin(list(problems))
+    feats = featurize_manifest(
+        df[pairable].reset_index(drop=True),
+        strategy_path=strategy,
+        adaptive=adaptive,
+        qc=qc,
+        n_jobs=n_jobs,
+        fcs_options=fcs_options,
+        keep_file_names=keep_file_names,
+        progress=progress,
+    )
+    paired = add_change_features(
+        feats,
+        timepoint=design.timepoint,
+        baseline=design.baseline,
+        features=list(design.features),
+        on_unpaired="ignore",
+        source=where,
+    )
+    paths = dict(zip(df["sample_id"].astype(str), df["path"].astype(str), strict=True))
+    tree_name = None
+    if not paired.empty:
+        from blinaprofile.gating.strategy import load_strategy
+
+        tree_name = load_strategy(str(strategy) if strategy else None).name
+    by_patient: dict[str, dict[str, Any]] = {}
+    for rec in paired.to_dict("records"):
+        p, sid, bid = str(rec["patient_id"]), str(rec["sample_id"]), str(rec["baseline_sample_id"])
+        extra = {
+            "patient_id": p,
+            "timepoint": design.timepoint,
+            "baseline_sample_id": bid,
+            **{c: rec.get(c) for c in design.delta_columns},
+        }
+        if rec.get("error"):
+            by_patient[p] = _error_row(sid, f"patient {p}: {rec['error']}", extra)
+            continue
+        try:
+            res = score_features(
+                rec,
+                model=model,
+                qc=qc,
+                threshold=threshold,
+                interval=interval,
+                allow_other_modality=allow_other_modality,
+            )
+            res.input = {
+                "sha256": file_checksum(paths[sid]),
+                "modality": "flow",
+                "gating_strategy": tree_name,
+            }
+            extra["baseline_sha256"] = file_checksum(paths[bid])
+            by_patient[p] = {**res.to_row(), **extra}
+        except BlinaprofileError as err:
+            by_patient[p] = _error_row(sid, f"patient {p}: {err}", extra)
+    for p, reason in problems.items():
+        mine = df[used & (pid == p)]
+        later = mine[tp[mine.index] == design.timepoint]
+        sid = str((later if not later.empty else mine)["sample_id"].iloc[0])
+        msg = (
+            f"patient {p}: {reason}; the change-feature model ({design.description}) scores a "
+            f"patient's {design.timepoint} sample with its {design.baseline} sample"
+        )
+        by_patient[p] = _error_row(sid, msg, {"patient_id": p, "timepoint": design.timepoint})
+    order = list(dict.fromkeys(pid[used]))
+    out = _frame([by_patient[p] for p in order if p in by_patient], design)
+    if out_dir is not None:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "results.parquet") as tmp:
+            out.to_parquet(tmp, index=False)
+        write_csv(out, folder / "results.csv")
+    out.attrs["batch"] = {
+        "n_samples": len(out),
+        "n_scored": len(out),
+        "n_skipped": 0,
+        "n_errors": int((out["error"] != "").sum()),
+        "n_ignored": int((~used).sum()),
+        "out_dir": None if out_dir is None else str(out_dir),
+        "paired": design.description,
+    }
+    return out
