@@ -61,7 +61,7 @@ CITE_FILES = (
 )
 TEFF, TEM = "8.1-Teff", "8.2-Tem"
 TREG_CLUSTERS = ("4.6a-Treg", "4.6b-Treg")
-LABELS = ("t_cell", "lineage", "memory", "treg", "pd1", "tim3", "exhausted")
+LABELS = ("t_cell", "lineage", "memory", "effector", "treg", "pd1", "tim3", "exhausted")
 MEMORY_ORDER = ("naive", "CM", "EM", "TEMRA")
 NA = "n/a"
 
@@ -373,9 +373,7 @@ def run_wu2020(path: Path, *, alone: bool = True) -> list[WuRun]:
             for ev in lab.attrs["blinaprofile"]["evidence"].values():
                 for k in LABELS:
                     sources[k].add(str(ev["labels"][k]["source"]))
-            # object columns: pd.concat of an all-NaN categorical with empty bool categories
-            # and other samples' categoricals turns its NaNs into True (pandas 2.3)
-            parts.append(lab.apply(_as_object))
+            parts.append(lab)  # fixed categories: the samples concatenate as they are
         lab_all = pd.concat(parts).reindex(base.obs_names)
         obs = base.obs[["cluster_orig", "sample"]].join(lab_all)
         runs.append(
@@ -389,11 +387,6 @@ def run_wu2020(path: Path, *, alone: bool = True) -> list[WuRun]:
             )
         )
     return runs
-
-
-def _as_object(col: pd.Series) -> pd.Series:
-    """A categorical column as plain objects (missing stays NaN); other columns unchanged."""
-    return col.astype(object) if isinstance(col.dtype, pd.CategoricalDtype) else col
 
 
 def published_lineage(cluster: pd.Series) -> pd.Series:
@@ -414,6 +407,9 @@ class WuSummary:
         Cells of 4.x/8.x clusters without a CD4/CD8 call (QC-failed, ``other``).
     teff_tem_counts
         Rows ``8.1-Teff``/``8.2-Tem`` (cells called CD8), columns naive/CM/EM/TEMRA/n/a.
+    teff_tem_effector
+        Teff (positive) vs ``bp_effector`` TEMRA over CD8-called cells of the two clusters with
+        an effector call (``None`` when none has one).
     teff_tem
         Teff (positive) vs TEMRA call over CD8-called cells of the two clusters called EM or
         TEMRA; ``None`` when no such cell (memory unavailable).
@@ -432,6 +428,7 @@ class WuSummary:
     n_lineage_uncalled: int
     teff_tem_counts: pd.DataFrame
     teff_tem: Binary | None
+    teff_tem_effector: Binary | None
     teff_tem_score: Binary
     teff_tem_score_auc: float
     treg: Binary
@@ -464,6 +461,11 @@ def wu2020_summary(obs: pd.DataFrame) -> WuSummary:
     )
     em_temra = pair & mem.isin(["EM", "TEMRA"])
     teff_tem = binary(cl[em_temra] == TEFF, mem[em_temra] == "TEMRA") if em_temra.any() else None
+    eff = label_str(obs["bp_effector"])
+    has_eff = pair & eff.isin(["EM", "TEMRA"])
+    teff_tem_effector = (
+        binary(cl[has_eff] == TEFF, eff[has_eff] == "TEMRA") if has_eff.any() else None
+    )
     score = obs["bp_score_temra_vs_em"].astype(float)
     ok = pair & score.notna()
     teff_tem_score = binary(cl[ok] == TEFF, score[ok] > 0)
@@ -480,6 +482,7 @@ def wu2020_summary(obs: pd.DataFrame) -> WuSummary:
         n_lineage_uncalled=int((in_lin & ~lin.isin(["CD4", "CD8"])).sum()),
         teff_tem_counts=counts,
         teff_tem=teff_tem,
+        teff_tem_effector=teff_tem_effector,
         teff_tem_score=teff_tem_score,
         teff_tem_score_auc=score_auc,
         treg=treg,
@@ -512,6 +515,7 @@ def print_wu2020(path: Path, runs: list[WuRun]) -> None:
     for col, order, title in (
         ("bp_lineage", ("CD4", "CD8", "other"), "lineage"),
         ("bp_memory", MEMORY_ORDER, "memory state"),
+        ("bp_effector", ("EM", "TEMRA"), "effector split of CCR7-low cells"),
         ("bp_exhausted", ("True", "False"), "exhausted (CD8 only)"),
         ("bp_treg", ("True", "False"), "Treg (CD4 only)"),
     ):
@@ -528,6 +532,12 @@ def print_wu2020(path: Path, runs: list[WuRun]) -> None:
             rows.append([f"{tag}: Teff->TEMRA vs Tem->EM (calls)", 0, "-", "-", "-", "-", "-"])
         else:
             rows.append(binary_row(f"{tag}: Teff->TEMRA vs Tem->EM (calls)", s.teff_tem))
+        if s.teff_tem_effector is None:
+            rows.append([f"{tag}: Teff->TEMRA vs Tem->EM (bp_effector)", 0, *("-",) * 5])
+        else:
+            rows.append(
+                binary_row(f"{tag}: Teff->TEMRA vs Tem->EM (bp_effector)", s.teff_tem_effector)
+            )
         rows.append(
             binary_row(f"{tag}: Teff vs Tem, temra_vs_em score > 0 (not a call)", s.teff_tem_score)
         )
@@ -555,6 +565,7 @@ def print_wu2020(path: Path, runs: list[WuRun]) -> None:
     )
     print(
         f"\nmemory evidence: {main.estimators['memory']}. "
+        f"effector evidence: {main.estimators['effector']}. "
         f"AUC of bp_score_temra_vs_em for Teff vs Tem (CD8-called cells): "
         f"{fmt(s.teff_tem_score_auc)}."
     )
@@ -630,15 +641,10 @@ def reference_calls(clr: pd.DataFrame) -> pd.DataFrame:
 
 
 def strip_protein(adata: Any) -> Any:
-    """A copy of ``adata`` without protein: every ``obsm`` key the annotator looks for
-    (``protein.obsm_keys``) and ``uns['protein_names']`` removed."""
-    from blinaprofile.annotate.config import SingleCellConfig
-
+    """A copy of ``adata`` without protein, as a user removes it: ``obsm['protein']`` (the
+    one protein matrix :func:`read_single_cell` exposes and the annotator reads) deleted."""
     b = adata.copy()
-    for key in SingleCellConfig().protein.obsm_keys:
-        if key in b.obsm:
-            del b.obsm[key]
-    b.uns.pop("protein_names", None)
+    del b.obsm["protein"]
     return b
 
 

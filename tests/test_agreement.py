@@ -123,6 +123,11 @@ def test_wu2020_teff_vs_tem(ag: ModuleType, wu_runs: list[Any]) -> None:
         # cells), and the output says so rather than guessing
         assert run.evidence["memory"] == "unavailable"
         assert run.obs["bp_memory"].isna().all()
+        # but EM vs TEMRA of CCR7-low cells is estimable (temra_vs_em@CD8) and called
+        assert "RNA" in run.evidence["effector"].split("/")  # unavailable: samples w/o QC cells
+        assert s.teff_tem_effector is not None
+        assert s.teff_tem_effector.n >= 30  # measured 34
+        assert s.teff_tem_effector.kappa >= 0.35  # measured 0.529 (12/3/5/14)
     else:  # once memory is called here: Teff should lean TEMRA, Tem EM
         assert s.teff_tem.kappa >= 0.3
     # the temra_vs_em gene-set score itself separates the published clusters
@@ -136,6 +141,10 @@ def test_wu2020_same_calls_alone_one_sample_and_in_cohort(
     assert len(wu_runs) == 3
     for run in wu_runs[1:]:
         same = ag.same_labels(wu_runs[0].obs, run.obs)
+        if run.name.startswith("one sample"):
+            # a different fit (one sample prior instead of 30): the borderline CCR7-low
+            # cells of the effector split may move; measured 0.980 (4 of 200 cells)
+            assert same.pop("effector") >= 0.95, (run.name, same)
         assert min(same.values()) == 1.0, (run.name, same)
 
 

@@ -94,7 +94,7 @@ def _alone_vs_cohort(
 # --------------------------------------------------------------------------- estimator
 def test_estimator_contract(rna_cohort: ad.AnnData) -> None:
     est = TCellAnnotator(config=NO_SAMPLE_QC)
-    assert est.get_params() == {"config": NO_SAMPLE_QC}
+    assert est.get_params() == {"config": NO_SAMPLE_QC, "use_protein": True}
     est.set_params(config=None)
     assert est.config is None
     with pytest.raises(NotFittedError):
@@ -412,3 +412,170 @@ def test_annotated_object_writes_and_reads(rna_cohort: ad.AnnData, tmp_path: Pat
     assert back.obs["bp_memory"].astype(str).equals(a.obs["bp_memory"].astype(str))
     assert list(back.obs["bp_tim3"].cat.categories) == [False, True]
     assert "sample_evidence" in back.uns["blinaprofile"]
+
+
+# --------------------------------------------------------------------------- agreement fixes
+def _two_samples(cohort: ad.AnnData) -> ad.AnnData:
+    """Sample 1 whole, sample 2 only its empty droplets: every label of sample 2 is NaN."""
+    sid = cohort.obs["sample_id"].astype(str)
+    s1, s2 = pd.unique(sid)[:2]
+    keep = (sid == s1) | ((sid == s2) & (cohort.obs["truth_state"] == "empty"))
+    return cohort[keep.to_numpy()].copy()
+
+
+def test_concat_of_samples_equals_joint_transform(cohort: ad.AnnData) -> None:
+    """Bug (b): per-sample outputs concatenate into the joint object's, label for label; a
+    boolean label that is NaN for a whole sample stays NaN (an empty category list turned
+    into True under pd.concat)."""
+    ann = TCellAnnotator().fit(cohort, sample_key="sample_id")
+    two = _two_samples(cohort)
+    joint = ann.transform(two, sample_key="sample_id")
+    sid = two.obs["sample_id"].astype(str)
+    parts = [
+        ann.transform(two[(sid == s).to_numpy()].copy(), sample_key="sample_id")
+        for s in pd.unique(sid)
+    ]
+    assert parts[1]["bp_tim3"].isna().all()  # the sample without QC-passed cells
+    both = pd.concat(parts).loc[joint.index]
+    assert list(both.columns) == list(joint.columns)
+    for col in joint.columns:
+        pd.testing.assert_series_equal(both[col], joint[col], check_exact=True, obj=col)
+    for col in ("bp_t_cell", "bp_tim3", "bp_pd1", "bp_treg", "bp_exhausted", "bp_qc_pass"):
+        assert list(joint[col].cat.categories) == [False, True], col
+        assert list(parts[1][col].cat.categories) == [False, True], col
+    assert list(parts[1]["bp_memory"].cat.categories) == ["naive", "CM", "EM", "TEMRA"]
+    assert list(parts[1]["bp_effector"].cat.categories) == ["EM", "TEMRA"]
+
+
+def test_evidence_unavailable_when_a_sample_has_no_value(cohort: ad.AnnData) -> None:
+    """Bug (c): a label without a value for any cell of a sample is ``unavailable``, with the
+    reason, even though its estimator (protein or RNA) exists."""
+    ann = TCellAnnotator().fit(cohort, sample_key="sample_id")
+    two = _two_samples(cohort)
+    ev = ann.transform(two, sample_key="sample_id").attrs["blinaprofile"]["evidence"]
+    full, empty = list(ev.values())
+    for lab in ("t_cell", "lineage", "memory", "tim3", "pd1", "exhausted", "effector"):
+        assert full["labels"][lab]["source"] != "unavailable", lab
+        assert full["labels"][lab]["unavailable_reason"] == ""
+        assert empty["labels"][lab]["source"] == "unavailable", lab
+        assert lab in empty["unavailable"] and lab not in empty["from_protein"]
+        assert empty["labels"][lab]["unavailable_reason"] == "no QC-passed cells in this sample"
+
+
+def _scvi_style(cohort: ad.AnnData, path: Path) -> Path:
+    """One sample written as scvi-tools does: protein in obsm['protein_expression'] (an array)
+    with names in uns['protein_names']."""
+    sid = cohort.obs["sample_id"].astype(str)
+    one = cohort[(sid == sid.iloc[0]).to_numpy()]
+    prot = one.obsm["protein"]
+    raw = ad.AnnData(X=one.layers["counts"].copy(), obs=one.obs.copy(), var=one.var.copy())
+    raw.obsm["protein_expression"] = prot.to_numpy()
+    raw.uns["protein_names"] = np.array(list(prot.columns))
+    raw.write_h5ad(path)
+    return path
+
+
+def test_removing_the_readers_protein_gives_rna_only(cohort: ad.AnnData, tmp_path: Path) -> None:
+    """Bug (d): after read_single_cell, deleting obsm['protein'] is an RNA-only run (the
+    original obsm['protein_expression'] is no longer read); use_protein=False is the same."""
+    a = read_single_cell(_scvi_style(cohort, tmp_path / "scvi.h5ad"))
+    assert {"protein", "protein_expression"} <= set(a.obsm)
+    deleted = a.copy()
+    del deleted.obsm["protein"]
+    annotate(deleted)
+    off = annotate(a, use_protein=False, copy=True)
+    with_protein = annotate(a, copy=True)
+    assert off is not None and with_protein is not None
+    for b in (deleted, off):
+        ev = next(iter(b.uns["blinaprofile"]["sample_evidence"].values()))
+        assert list(ev["from_protein"]) == [], ev["from_protein"]
+        assert ev["labels"]["t_cell"]["source"] == "RNA"
+        assert "bp_protein_clr" not in b.obsm
+        assert set(b.obs["bp_evidence"].dropna()) <= {"RNA", "none"}
+    ev_off = next(iter(off.uns["blinaprofile"]["sample_evidence"].values()))
+    assert ev_off["matrix"]["protein"] == "not used (use_protein=False)"
+    cols = [c for c in off.obs.columns if c.startswith("bp_")]
+    pd.testing.assert_frame_equal(deleted.obs[cols], off.obs[cols])
+    ev_p = next(iter(with_protein.uns["blinaprofile"]["sample_evidence"].values()))
+    assert ev_p["matrix"]["protein"] == "obsm['protein']" and "t_cell" in ev_p["from_protein"]
+    # the estimator: an RNA-only fit ignores protein when labelling too
+    ann = TCellAnnotator(use_protein=False).fit(a)
+    assert ann.fitted_.antibodies is None
+    lab = ann.transform(a)
+    assert list(next(iter(lab.attrs["blinaprofile"]["evidence"].values()))["from_protein"]) == []
+    with pytest.raises(ConfigError, match="use_protein"):
+        annotate(a, annotator=ann, use_protein=True, copy=True)
+
+
+def test_effector_is_the_memory_calls_em_temra(cohort: ad.AnnData) -> None:
+    """With a memory call, bp_effector is its EM/TEMRA cells (NaN for naive/CM)."""
+    sid = cohort.obs["sample_id"].astype(str)
+    a = annotate(cohort[(sid == sid.iloc[0]).to_numpy()].copy(), copy=True)
+    assert a is not None
+    mem = a.obs["bp_memory"].astype(object)
+    eff = a.obs["bp_effector"].astype(object)
+    em_temra = mem.isin(["EM", "TEMRA"])
+    assert em_temra.any() and (eff[em_temra] == mem[em_temra]).all()
+    assert eff[~em_temra].isna().all()
+
+
+@needs_shared
+def test_wu2020_effector_call_when_naive_vs_cm_is_not_separable() -> None:
+    """Bug (a): on wu2020 naive vs CM does not separate (fold 1.68 < 2) but EM vs TEMRA does
+    (temra_vs_em@CD8 fold 4.7): no four-state memory call, but CCR7-low cells get
+    bp_effector (EM vs TEMRA-like), which follows the published 8.1-Teff vs 8.2-Tem."""
+    a = read_single_cell(WU)
+    annotate(a)
+    info = a.uns["blinaprofile"]
+    assert info["rna"]["models"]["temra_vs_em@CD8"]["ok"]
+    assert not info["rna"]["models"]["naive_vs_cm@T"]["ok"]
+    assert a.obs["bp_memory"].isna().all()
+    ev = next(iter(info["sample_evidence"].values()))["labels"]
+    assert ev["memory"]["source"] == "unavailable"
+    assert "naive vs CM not separable" in ev["memory"]["unavailable_reason"]
+    assert "bp_effector" in ev["memory"]["unavailable_reason"]
+    assert info["evidence"]["effector"].startswith("CCR7-low T cells")
+    cl = a.obs["cluster_orig"].astype(str)
+    cd8 = (a.obs["bp_lineage"] == "CD8").to_numpy()
+    eff = a.obs["bp_effector"].astype(object)
+    teff = eff[(cl == "8.1-Teff").to_numpy() & cd8].dropna()
+    tem = eff[(cl == "8.2-Tem").to_numpy() & cd8].dropna()
+    assert len(teff) + len(tem) >= 30  # measured 34 (12/17 Teff TEMRA, 14/17 Tem EM)
+    assert (teff == "TEMRA").mean() >= 0.6 and (tem == "EM").mean() >= 0.7
+    # the fitted annotator applied to a single sample gives the same calls
+    ann = TCellAnnotator().fit(a, sample_key="sample")
+    s = a.obs["sample"].astype(str)
+    one = a[(s == s.iloc[0]).to_numpy()].copy()
+    lab = ann.transform(one, sample_key="sample")
+    assert (
+        lab["bp_effector"]
+        .astype(object)
+        .equals(a.obs.loc[one.obs_names, "bp_effector"].astype(object))
+    )
+
+
+def test_rank_genes_groups_with_an_empty_fixed_category(rna_cohort: ad.AnnData) -> None:
+    """Fixed categories can have no cells here; scanpy's rank_genes_groups refuses a group
+    with fewer than two cells. What a user does: pass the populated groups, or subset the
+    object (anndata drops unused categories when subsetting)."""
+    import scanpy as sc
+
+    sid = rna_cohort.obs["sample_id"]
+    b = annotate(rna_cohort[(sid == sid.iloc[0]).to_numpy()].copy(), copy=True)
+    assert b is not None
+    sc.pp.normalize_total(b, target_sum=1e4)
+    sc.pp.log1p(b)
+    t = b[flag(b.obs["bp_t_cell"]).to_numpy()].copy()
+    assert list(t.obs["bp_lineage"].cat.categories) != ["CD4", "CD8", "other", "non_T"]
+    assert "non_T" not in t.obs["bp_lineage"].cat.categories  # dropped by the subset
+    sc.tl.rank_genes_groups(t, groupby="bp_lineage", method="wilcoxon")
+    # not subset: the whole object, with a fixed category that has no cells
+    u = b.copy()
+    u.obs["bp_lineage"] = u.obs["bp_lineage"].where(u.obs["bp_lineage"] != "other")
+    assert (u.obs["bp_lineage"] == "other").sum() == 0
+    assert "other" in u.obs["bp_lineage"].cat.categories
+    with pytest.raises(ValueError, match="only contain one sample"):
+        sc.tl.rank_genes_groups(u, groupby="bp_lineage", method="wilcoxon")
+    populated = [str(c) for c, n in u.obs["bp_lineage"].value_counts().items() if n >= 2]
+    sc.tl.rank_genes_groups(u, groupby="bp_lineage", groups=populated, method="wilcoxon")
+    assert set(u.uns["rank_genes_groups"]["names"].dtype.names) == set(populated)

@@ -75,3 +75,23 @@ def test_manifest_without_patient_column_is_flagged(tmp_path):
     assert df["patient_id"].tolist() == ["A", "B"]
     m.write_text("sample_id,patient_id,file,response\nA,P1,a.fcs,R\nB,P1,b.fcs,NR\n")
     assert not read_manifest(m, require_response=True).attrs.get("patient_id_from_sample")
+
+
+def test_train_manifest_without_patient_column_is_warned(
+    tmp_path, mlflow_uri, capsys, small_cohort
+):
+    """`train --manifest` on a manifest lacking patient_id says CV groups by sample."""
+    m = pd.read_csv(small_cohort.manifest, dtype=str)
+    assert "patient_id" in m.columns
+    m = m.drop(columns="patient_id")
+    m["file"] = [str(small_cohort.manifest.parent / f) for f in m["file"]]
+    manifest = tmp_path / "no_patients.csv"
+    m.to_csv(manifest, index=False)
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(CONFIG)
+    code = main(["train", "--manifest", str(manifest), "--config", str(cfg), "--no-register"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    said = [x for x in err.splitlines() if "CV groups by sample" in x]
+    assert len(said) == 1, err
+    assert said[0].startswith("warning: no_patients.csv: has no patient_id column: CV groups")

@@ -20,6 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from blinaprofile.annotate.effector import (
+    effector_prob,
+    effector_route,
+    memory_unavailable_reason,
+    partial_ra_plan,
+)
 from blinaprofile.annotate.inputs import CellInput
 from blinaprofile.annotate.mixtures import (
     BinFit,
@@ -41,7 +47,16 @@ from blinaprofile.errors import SingleCellInputError
 
 __all__ = ["Labels", "run_cascade", "tim3_estimator"]
 
-LABELS: tuple[str, ...] = ("t_cell", "lineage", "memory", "tim3", "pd1", "treg", "exhausted")
+LABELS: tuple[str, ...] = (
+    "t_cell",
+    "lineage",
+    "memory",
+    "effector",
+    "tim3",
+    "pd1",
+    "treg",
+    "exhausted",
+)
 
 
 @dataclass
@@ -59,6 +74,7 @@ class Labels:
     pd1: np.ndarray
     treg: np.ndarray
     exhausted: np.ndarray  # P(exhausted / checkpoint-high) of CD8 T cells
+    effector: np.ndarray  # P(TEMRA-like) of CCR7-low T cells (bp_effector); NaN elsewhere
     evidence: dict[str, str]  # label -> description of the estimator
     kind: dict[str, str]  # label -> "protein" / "RNA" / "protein+RNA" / "prefiltered"
     scores: dict[str, np.ndarray]
@@ -118,6 +134,7 @@ class _Cascade:
         self.notes: list[str] = []
         self.rna: RNABlock | None = None
         self.scores: dict[str, np.ndarray] = {}
+        self.axes: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))  # CCR7+, RA|CCR7-
         if fitting:
             fitted.x_kind = inp.x_kind
         elif (
@@ -402,6 +419,10 @@ class _Cascade:
         treg[is8] = 0.0
         exhausted, evidence["exhausted"] = self._exhausted(tim3, pd1, is8)
         mem, evidence["memory"] = self._memory(t_call, scopes, exhausted)
+        er = effector_route(self.f)
+        from_mem = self.f.routes["memory"].route != "none"
+        effector = effector_prob(er, from_mem, mem, *self.axes, t_call)
+        evidence["effector"] = er.description
         kind = {k: _kind(v) for k, v in evidence.items()}
         if t_route.route == "prefiltered":
             kind["t_cell"] = "prefiltered"
@@ -417,6 +438,7 @@ class _Cascade:
             pd1=pd1,
             treg=treg,
             exhausted=exhausted,
+            effector=effector,
             evidence=evidence,
             kind=kind,
             scores=self.scores,
@@ -430,7 +452,8 @@ class _Cascade:
         if self.fitting:
             for k in ROUTE_KEYS:
                 self.route(k, _route("none", none))
-        evidence = {k: self.f.routes[k].description for k in LABELS}
+        evidence = {k: self.f.routes[k].description for k in LABELS if k != "effector"}
+        evidence["effector"] = effector_route(self.f).description
         empty = np.zeros(0)
         return Labels(
             m=0,
@@ -444,6 +467,7 @@ class _Cascade:
             pd1=empty,
             treg=empty,
             exhausted=empty,
+            effector=empty,
             evidence=evidence,
             kind={},
             scores={},
@@ -821,6 +845,8 @@ class _Cascade:
             [ccr7 * ra_hi, ccr7 * (1 - ra_hi), (1 - ccr7) * (1 - ra_lo), (1 - ccr7) * ra_lo]
         )
         mem[~t_call] = np.nan
+        self.axes = (ccr7, ra_lo)
+        partial = not src_r and partial_ra_plan(r_plan)
         if self.fitting:
             self.route(
                 "ccr7",
@@ -844,11 +870,14 @@ class _Cascade:
                 if g_ra is not None
                 else _route("rna", "RNA naive_vs_cm / temra_vs_em sets", plan=r_plan)
                 if src_r
+                else _route("rna", "RNA temra_vs_em set (CCR7-low cells only)", plan=r_plan)
+                if partial
                 else _route("none", "unavailable"),
             )
             if not src_c or not src_r:
-                have = " and ".join(sorted(src_c | src_r)) or "neither axis"
-                desc = f"unavailable: need a CCR7 axis and a CD45RA axis (have {have})"
+                have = sorted(src_c | src_r) or ["neither axis"]
+                models = self.params["rna"]["models"]
+                desc = memory_unavailable_reason(have, models, partial and bool(src_c))
                 self.route("memory", _route("none", desc, kind=""))
             else:
                 desc = f"CCR7 axis: {', '.join(sorted(src_c))}; CD45RA axis: {', '.join(sorted(src_r))}"

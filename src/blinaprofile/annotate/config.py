@@ -17,6 +17,8 @@ Count = Annotated[int, Field(ge=0)]
 Prob = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 MEMORY_LABELS: tuple[str, ...] = ("naive", "CM", "EM", "TEMRA")
+#: ``bp_effector``: the CD45RA split of CCR7-low T cells (effector memory vs TEMRA-like)
+EFFECTOR_LABELS: tuple[str, ...] = ("EM", "TEMRA")
 LINEAGE_LABELS: tuple[str, ...] = ("CD4", "CD8", "other", "non_T")
 CELL_TYPE_LABELS: tuple[str, ...] = ("T", "B", "NK", "myeloid", "other", "non_T")
 EVIDENCE_LABELS: tuple[str, ...] = ("protein", "RNA", "protein+RNA", "prefiltered", "none")

@@ -165,6 +165,11 @@ class TCellAnnotator(BaseEstimator):
     config
         A :class:`~blinaprofile.annotate.config.SingleCellConfig`, a mapping, a YAML path, or
         ``None`` for ``configs/single_cell.yaml``.
+    use_protein
+        Read CITE-seq protein (``obsm['protein']`` of an object from
+        :func:`~blinaprofile.io.singlecell.read_single_cell`). ``False``: an RNA-only fit and
+        labelling even when the object holds protein (an annotator fitted without protein
+        also ignores protein when labelling).
 
     Attributes
     ----------
@@ -185,8 +190,9 @@ class TCellAnnotator(BaseEstimator):
         subsampled fit; ``None`` after a fit on every cell.
     """
 
-    def __init__(self, *, config: ConfigLike = None) -> None:
+    def __init__(self, *, config: ConfigLike = None, use_protein: bool = True) -> None:
         self.config = config
+        self.use_protein = use_protein
 
     # ------------------------------------------------------------------ fitting
     def fit_annotation(
@@ -225,6 +231,7 @@ class TCellAnnotator(BaseEstimator):
             patient_key=patient_key,
             default_sample=default_sample,
             x_kind=x_kind,
+            use_protein=self.use_protein,
         )
         qc = cell_qc(inp, cfg)
         fitted = Fitted(config=cfg)
@@ -352,6 +359,7 @@ class TCellAnnotator(BaseEstimator):
             patient_key=patient_key,
             default_sample=default_sample,
             x_kind=x_kind,
+            use_protein=self.use_protein,
         )
         qc = cell_qc(inp, cfg)
         labels = run_cascade(inp, qc.passed, self.fitted_, fitting=False)

@@ -26,7 +26,19 @@ from blinaprofile.io.singlecell import (
     rna_matrix,
 )
 
-__all__ = ["CellInput", "CellQC", "PanelSums", "cell_qc", "prepare", "sample_codes"]
+__all__ = [
+    "READER_PROTEIN_KEY",
+    "CellInput",
+    "CellQC",
+    "PanelSums",
+    "cell_qc",
+    "prepare",
+    "protein_keys",
+    "sample_codes",
+]
+
+#: where ``read_single_cell`` puts CITE-seq protein (canonical antibody names, raw counts)
+READER_PROTEIN_KEY = "protein"
 
 
 @dataclass(frozen=True)
@@ -153,8 +165,17 @@ def prepare(
     patient_key: str | None,
     default_sample: str,
     x_kind: str = "auto",
+    use_protein: bool = True,
 ) -> CellInput:
     """Extract samples, patients, the RNA matrix (and its kind), gene symbols and protein.
+
+    Protein comes from one place. An object from
+    :func:`~blinaprofile.io.singlecell.read_single_cell` (``uns['blinaprofile']`` records its
+    ``protein_source``) has it in ``obsm['protein']`` only: the original matrix the reader
+    took it from (``obsm['protein_expression']``...) is not read, so deleting
+    ``obsm['protein']`` gives an RNA-only run. Other objects: the first of
+    ``cfg.protein.obsm_keys`` present, else Antibody Capture features. ``use_protein=False``
+    reads no protein at all (Antibody Capture features are still kept out of the genes).
 
     Raises
     ------
@@ -183,14 +204,17 @@ def prepare(
             )
         patients.append(str(pv[0]))
 
-    protein, _, pkey_src = find_obsm_protein(adata, cfg.protein.obsm_keys, source)
+    keys = protein_keys(adata, cfg) if use_protein else []
+    protein, _, pkey_src = find_obsm_protein(adata, keys, source)
     prot_src = f"obsm[{pkey_src!r}]" if pkey_src else ""
+    if not use_protein:
+        prot_src = "not used (use_protein=False)"
     mat, var, info = rna_matrix(adata, x_kind=x_kind, source=source)
     keep = np.ones(var.shape[0], dtype=bool)
     if "feature_types" in var:
         ft = var["feature_types"].astype(str).str.strip().str.lower()
         ab = ft.isin(ANTIBODY_TYPES).to_numpy()
-        if ab.any() and protein is None:
+        if ab.any() and protein is None and use_protein and not _from_reader(adata):
             protein = protein_frame(
                 sp.csr_matrix(mat)[:, np.flatnonzero(ab)],
                 [str(n) for n in var.index[ab]],
@@ -227,6 +251,19 @@ def prepare(
         patient_key=pkey,
         panel=panel[0] if panel is not None and matrix is not None else None,
     )
+
+
+def _from_reader(adata: ad.AnnData) -> bool:
+    """Whether ``adata`` comes from ``read_single_cell`` (or the chunked reader), which
+    records where it found protein and exposes it as ``obsm['protein']`` only."""
+    meta = adata.uns.get("blinaprofile", {})
+    return isinstance(meta, Mapping) and "protein_source" in meta
+
+
+def protein_keys(adata: ad.AnnData, cfg: SingleCellConfig) -> list[str]:
+    """The ``obsm`` keys the annotator reads protein from: ``["protein"]`` for an object from
+    :func:`~blinaprofile.io.singlecell.read_single_cell`, else ``cfg.protein.obsm_keys``."""
+    return [READER_PROTEIN_KEY] if _from_reader(adata) else list(cfg.protein.obsm_keys)
 
 
 def _panel_sums(adata: ad.AnnData) -> tuple[PanelSums, str] | None:

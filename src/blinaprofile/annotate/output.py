@@ -12,11 +12,13 @@ import pandas as pd
 from blinaprofile.annotate.cascade import LABELS, Labels, tim3_estimator
 from blinaprofile.annotate.config import (
     CELL_TYPE_LABELS,
+    EFFECTOR_LABELS,
     EVIDENCE_LABELS,
     LINEAGE_LABELS,
     MEMORY_LABELS,
     SingleCellConfig,
 )
+from blinaprofile.annotate.effector import effector_route
 from blinaprofile.annotate.inputs import CellInput, CellQC
 from blinaprofile.annotate.mixtures import GaussFit
 from blinaprofile.annotate.state import Fitted, RouteState
@@ -26,14 +28,20 @@ __all__ = ["obs_frame", "sample_evidence", "uns_params", "uns_safe"]
 
 
 def _categorical(values: np.ndarray, categories: Sequence[Any]) -> pd.Categorical:
-    """A categorical of the given labels (``None``/NaN = missing) without unused categories."""
-    cat = pd.Categorical(values, categories=list(categories))
-    return cat.remove_unused_categories()
+    """A categorical of the given labels (``None``/NaN = missing) with the label's fixed
+    categories in their fixed order, whether or not every category has cells here.
+
+    Fixed categories make the outputs of separate samples concatenate into the output of the
+    joint object (``pd.concat`` keeps the dtype); categories that depend on the cells present
+    do not (an all-missing boolean label would get an empty category list, which
+    ``pd.concat`` in pandas 2.3 turns into ``True``)."""
+    return pd.Categorical(values, categories=list(categories))
 
 
 def _bool_categorical(values: np.ndarray, known: np.ndarray) -> pd.Categorical:
-    """True/False as a categorical (missing where not ``known``): accepted by
-    ``sc.pl.*(color=...)`` and ``sc.tl.rank_genes_groups(groupby=...)``."""
+    """True/False as a categorical with categories ``[False, True]`` (missing where not
+    ``known``): accepted by ``sc.pl.*(color=...)`` and
+    ``sc.tl.rank_genes_groups(groupby=...)``."""
     obj = values.astype(bool).astype(object)
     obj[~known] = np.nan
     return _categorical(obj, [False, True])
@@ -44,9 +52,9 @@ def obs_frame(
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The ``obs['bp_*']`` columns and the CLR protein of every cell.
 
-    Labels are categoricals without unused categories; a missing label (QC-failed cell, not
-    applicable, not estimable) is NaN, never a literal ``"NA"``. Yes/no labels are
-    categoricals of ``False``/``True``.
+    Labels are categoricals with fixed categories in a fixed order (``[False, True]`` for
+    yes/no labels), also when a category has no cells; a missing label (QC-failed cell, not
+    applicable, not estimable) is NaN, never a literal ``"NA"``.
     """
     n = inp.n_obs
     rows = np.flatnonzero(qc)
@@ -71,6 +79,11 @@ def obs_frame(
     obs["bp_t_cell"] = _bool_categorical(full(lab.t_call, False, bool), passed)
     obs["bp_lineage"] = _categorical(full(lab.lineage, None, object), LINEAGE_LABELS)
     obs["bp_memory"] = _categorical(full(memory, None, object), MEMORY_LABELS)
+    eff = full(lab.effector, np.nan, np.float64)
+    eff_lab = np.where(eff >= 0.5, EFFECTOR_LABELS[1], EFFECTOR_LABELS[0]).astype(object)
+    eff_lab[np.isnan(eff)] = None
+    obs["bp_effector"] = _categorical(eff_lab, EFFECTOR_LABELS)
+    obs["bp_effector_prob"] = eff
     confs: dict[str, np.ndarray] = {
         "t_cell": full(t_conf, np.nan, np.float64),
         "lineage": full(lab.lineage_conf, np.nan, np.float64),
@@ -128,8 +141,12 @@ def obs_frame(
 
 
 # =========================================================================== evidence
+def _route_of(fitted: Fitted, label: str) -> RouteState:
+    return effector_route(fitted) if label == "effector" else fitted.routes[label]
+
+
 def _route_parts(fitted: Fitted, label: str) -> list[RouteState]:
-    if label == "memory":
+    if label in ("memory", "effector"):
         return [fitted.routes["ccr7"], fitted.routes["ra"]]
     if label == "exhausted":
         return (
@@ -147,7 +164,7 @@ def _label_evidence(
     gates: dict[str, dict[str, Any]],
     present: set[str],
 ) -> dict[str, Any]:
-    route = fitted.routes[label]
+    route = _route_of(fitted, label)
     parts = _route_parts(fitted, label)
     markers: list[str] = []
     gate_methods: dict[str, str] = {}
@@ -191,6 +208,51 @@ def _label_evidence(
     }
 
 
+def _has_value(lab: Labels, label: str) -> np.ndarray:
+    """Per QC-passed cell: whether ``label`` has a value (is not NaN)."""
+    if label in ("t_cell", "lineage"):
+        return np.ones(lab.m, dtype=bool)
+    if label == "memory":
+        return ~np.isnan(lab.mem_prob).any(axis=1)
+    values: np.ndarray = getattr(lab, label)
+    return ~np.isnan(values)
+
+
+def _parent(lab: Labels, label: str) -> tuple[np.ndarray, str]:
+    """The cells a label applies to and their name."""
+    if label in ("t_cell", "lineage"):
+        return np.ones(lab.m, dtype=bool), "QC-passed cells"
+    if label == "treg":
+        return lab.lineage == "CD4", "CD4 T cells"
+    if label == "exhausted":
+        return lab.lineage == "CD8", "CD8 T cells"
+    return lab.t_call, "T cells"
+
+
+def _why_no_value(fitted: Fitted, lab: Labels, label: str, sel: np.ndarray) -> str:
+    """Why ``label`` has no value for any cell of a sample (``sel``: its QC-passed cells)."""
+    if not sel.any():
+        return "no QC-passed cells in this sample"
+    parent, what = _parent(lab, label)
+    if not (parent & sel).any():
+        return f"no {what} in this sample"
+    route = _route_of(fitted, label)
+    if route.route == "none":
+        return route.description
+    plan_route = fitted.routes["tim3"] if label == "exhausted" else route
+    if plan_route.plan:
+        lineages = {str(x) for x in lab.lineage[parent & sel]}
+        covered = {k.split(":", 1)[0] for k in plan_route.plan}
+        models = sorted(set(plan_route.plan.values()))
+        if not lineages & covered:
+            return (
+                f"the RNA model(s) {', '.join(models)} cover {', '.join(sorted(covered))} T cells "
+                f"only (no separable states fitted for {', '.join(sorted(lineages))}): none of "
+                f"the {what} of this sample has a value"
+            )
+    return f"none of the {what} of this sample has a value ({route.description})"
+
+
 def sample_evidence(
     inp: CellInput,
     qc: CellQC,
@@ -209,7 +271,9 @@ def sample_evidence(
         "unavailable": [...], "cell_qc": {n_cells, n_pass, n_removed, removed_by_rule},
         "matrix": {x_kind, note, gene_symbols}, "annotator": {...}, "notes": [...]}``.
         ``source`` is ``protein``, ``RNA``, ``protein+RNA``, ``prefiltered`` or
-        ``unavailable``; ``gate_methods`` gives, per protein gate, the method used for this
+        ``unavailable`` (also when the label has no value for any cell of the sample, e.g. no
+        CD8 T cells, or an RNA model fitted for another lineage only; ``unavailable_reason``
+        then says why, else it is ``""``); ``gate_methods`` gives, per protein gate, the method used for this
         sample (``mixture``: its own; ``pooled_mixture``: the training cohort's;
         ``rule_rare_positive``; ``unavailable``).
     """
@@ -239,8 +303,18 @@ def sample_evidence(
         "config": f"{fitted.config.name} v{fitted.config.version}",
     }
     out: dict[str, dict[str, Any]] = {}
-    for s in inp.sample_names:
+    qc_sample = inp.sample[np.flatnonzero(qc.passed)]
+    has = {k: _has_value(lab, k) for k in LABELS}
+    for i, s in enumerate(inp.sample_names):
+        sel = qc_sample == i
         labels = {k: _label_evidence(fitted, k, s, gates, present) for k in LABELS}
+        for k, ev in labels.items():
+            ev["unavailable_reason"] = ""
+            if ev["source"] == "unavailable":
+                ev["unavailable_reason"] = _route_of(fitted, k).description
+            elif not (has[k] & sel).any():
+                ev["source"] = "unavailable"
+                ev["unavailable_reason"] = _why_no_value(fitted, lab, k, sel)
         out[s] = {
             "labels": labels,
             "from_protein": [k for k, v in labels.items() if "protein" in v["source"]],

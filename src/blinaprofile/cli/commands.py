@@ -367,6 +367,11 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise usage(
             f"--change-from {a.change_from} needs --timepoint (the later timepoint, e.g. D28)"
         )
+    if a.change_from is not None and a.change_from.strip() == a.timepoint.strip():
+        raise usage(
+            f"--timepoint and --change-from are both {a.timepoint.strip()!r}: change features "
+            "compare two timepoints (e.g. --timepoint D28 --change-from baseline)"
+        )
     annotator, notes, per_fold = None, None, None
     no_patient_column = False
     if a.h5ad:
@@ -412,6 +417,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         source=source,
         timepoint=a.timepoint,
         change_from=a.change_from,
+        on_unpaired="ignore",  # _warn_unpaired printed its one line
         register=not a.no_register,
         force=a.force,
         annotator=annotator,
@@ -472,10 +478,9 @@ def _warn_sample_grouping(table: Any, source: Path, *, no_column: bool) -> None:
 
 
 def _warn_unpaired(table: Any, timepoint: str | None, change_from: str, source: Path) -> None:
-    """``train --change-from``: one warning line on the patients that cannot be paired."""
-    import warnings
-
-    from blinaprofile.features.change import UnpairedPatientsWarning, pairing_problems
+    """``train --change-from``: one warning line on the patients that cannot be paired
+    (``train`` is told to drop them silently: the line is the one warning)."""
+    from blinaprofile.features.change import pairing_problems
 
     problems = pairing_problems(
         table, timepoint=str(timepoint), baseline=change_from, source=source
@@ -489,7 +494,6 @@ def _warn_unpaired(table: Any, timepoint: str | None, change_from: str, source: 
             f"change features ({timepoint} - {change_from}): {shown}{more}",
             file=sys.stderr,
         )
-    warnings.simplefilter("ignore", UnpairedPatientsWarning)  # said above, once
 
 
 def _single_cell_training_table(

@@ -10,7 +10,14 @@ feature's unit (:data:`blinaprofile.features.schema.CHANGE_FEATURES` labels them
 
 Pairing rules
 -------------
-- Rows are matched on ``patient_id``; ``timepoint`` values are compared as stripped text.
+- Rows are matched on ``patient_id``; IDs and ``timepoint`` values are compared as stripped
+  text, a whole number read as a float as the integer (``7.0`` is ``"7"``, ``28.0`` is
+  ``"28"``: :func:`id_text`). A sample at either timepoint without a ``patient_id`` (blank,
+  NaN) is an error (:class:`~blinaprofile.errors.ManifestError` naming the samples): it
+  cannot be paired, and must not be paired with another such sample.
+- A table that already has change columns (``delta_...``) or ``baseline_sample_id`` is
+  refused (a ``ManifestError`` naming them): it was paired already, and pairing it again
+  would give two columns of one name.
 - A patient with **more than one sample at either timepoint** is an error
   (:class:`~blinaprofile.errors.ManifestError` naming the patients and samples): which
   sample is meant is ambiguous, so the table must be fixed.
@@ -23,8 +30,10 @@ Pairing rules
 - Missing values propagate: a delta is NaN when either value is.
 - QC: a pair is only as sound as its worse sample. The patient row passes QC
   (``qc_pass``) only when both samples do; ``qc_reasons`` lists the failures, the
-  baseline's prefixed ``baseline <sample_id>:``; an ``error`` of either sample becomes the
-  row's ``error`` (prefixed likewise) and ``warnings`` are joined the same way. Training
+  baseline's after ``baseline <sample_id>:`` (written once before all of them; a reason
+  that already starts with the sample's ID is not given it twice); an ``error`` of either
+  sample becomes the row's ``error`` (the baseline's prefixed likewise) and ``warnings``
+  are joined the same way. Training
   therefore drops such a patient like any failing sample (counted as dropped), and scoring
   gives it ``"no call"`` saying which sample failed.
 - The QC counts (``n_events`` ...) and every other column are the later sample's;
@@ -38,6 +47,7 @@ sample alone: scoring needs the patient's baseline sample as well
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -56,19 +66,25 @@ __all__ = [
     "UnpairedPatientsWarning",
     "add_change_features",
     "base_feature",
+    "base_features",
     "change_training_table",
     "check_pairing",
     "delta_name",
     "design_from_meta",
+    "id_text",
+    "id_texts",
     "is_change_feature",
     "pair_rows",
     "pairing_problems",
+    "unpaired_message",
 ]
 
 #: Meta key (``meta.json``) of a change-feature model's design.
 META_KEY = "change_features"
 #: Patients listed by name in a message before "... and N more".
 _LIST_AT_MOST = 20
+#: Longest timepoint name a model's ``meta.json`` may record.
+_MAX_TIMEPOINT = 64
 
 
 class UnpairedPatientsWarning(UserWarning):
@@ -88,6 +104,15 @@ def is_change_feature(name: str) -> bool:
 def base_feature(name: str) -> str:
     """The schema feature a change column is the change of (``name`` itself otherwise)."""
     return name[len(CHANGE_PREFIX) :] if is_change_feature(name) else name
+
+
+def base_features(names: Iterable[str]) -> list[str]:
+    """The features a sample must provide for a model using ``names`` (changes: their bases).
+
+    What scoring requests from each sample's gating, the later one's and the baseline's
+    alike, so that a marker missing from either is a panel mismatch.
+    """
+    return list(dict.fromkeys(base_feature(n) for n in names))
 
 
 # --------------------------------------------------------------------------- design
@@ -132,10 +157,13 @@ class ChangeDesign:
 def design_from_meta(meta: Mapping[str, Any], *, source: str | None = None) -> ChangeDesign | None:
     """The :class:`ChangeDesign` a model's ``meta.json`` records (``None``: a one-sample model).
 
-    The entry must be exactly ``{timepoint, baseline, features, description}`` with two
-    distinct non-empty timepoints and known schema features, and every ``delta_`` feature the
-    model uses must be the change of one of them (a model using change features must record
-    the design).
+    A model folder is untrusted input, so the entry is checked strictly: exactly
+    ``{timepoint, baseline, features, description}``; two distinct timepoints, each
+    printable text of 1 to 64 characters without surrounding spaces (no control characters
+    or terminal escapes: they are printed and written to result files); ``features`` a list
+    of distinct schema features; ``description`` ``"<timepoint> - <baseline>"``. Every
+    ``delta_`` feature the model uses must be the change of one of them (a model using
+    change features must record the design).
 
     Raises
     ------
@@ -157,25 +185,55 @@ def design_from_meta(meta: Mapping[str, Any], *, source: str | None = None) -> C
     if not isinstance(entry, Mapping):
         raise ModelError(f"{where} must be a mapping, got {type(entry).__name__}", path=source)
     keys = {"timepoint", "baseline", "features", "description"}
-    unknown = sorted(set(entry) - keys)
-    lacking = sorted({"timepoint", "baseline", "features"} - set(entry))
+    unknown = sorted(_shown(k) for k in set(entry) - keys)
+    lacking = sorted(keys - set(entry))
     if unknown or lacking:
-        what = f"unknown key(s) {unknown}" if unknown else f"lacks {lacking}"
+        what = f"unknown key(s) {', '.join(unknown)}" if unknown else f"lacks {lacking}"
         raise ModelError(f"{where}: {what}", path=source)
     tp, base, feats = entry["timepoint"], entry["baseline"], entry["features"]
-    if not (isinstance(tp, str) and isinstance(base, str) and tp.strip() and base.strip()):
-        raise ModelError(f"{where}: timepoint and baseline must be non-empty text", path=source)
-    if tp.strip() == base.strip():
+    for key, value in (("timepoint", tp), ("baseline", base)):
+        if not _plain_text(value):
+            raise ModelError(
+                f"{where}: {key} must be printable text of 1 to {_MAX_TIMEPOINT} characters "
+                f"without surrounding spaces, got {_shown(value)}",
+                path=source,
+            )
+    if tp == base:
         raise ModelError(f"{where}: timepoint and baseline are both {tp!r}", path=source)
     known = feature_names()
     if not isinstance(feats, list) or not feats or not all(f in known for f in feats):
         raise ModelError(f"{where}: features must be a list of schema features", path=source)
-    design = ChangeDesign(tp.strip(), base.strip(), tuple(feats))
+    repeated = sorted({f for f in feats if feats.count(f) > 1})
+    if repeated:
+        raise ModelError(f"{where}: features {repeated} are listed more than once", path=source)
+    design = ChangeDesign(tp, base, tuple(feats))
+    if entry["description"] != design.description:
+        raise ModelError(
+            f"{where}: description must be {design.description!r}, got "
+            f"{_shown(entry['description'])}",
+            path=source,
+        )
     stray = [f for f in deltas if f not in design.delta_columns]
     if stray or not deltas:
         why = f"{stray[:3]} are not changes of its features" if stray else "none is a change"
         raise ModelError(f"{where}: of the model's features, {why}", path=source)
     return design
+
+
+def _plain_text(value: Any) -> bool:
+    """A timepoint a model may record: printable, 1-64 characters, no surrounding spaces."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= _MAX_TIMEPOINT
+        and value.isprintable()
+        and value == value.strip()
+    )
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``value`` for a message: its ``repr`` (control characters escaped), cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_pairing(
@@ -206,20 +264,79 @@ def check_pairing(
 
 
 # --------------------------------------------------------------------------- pairing
-def _timepoints(table: pd.DataFrame, need: Sequence[str], *, source: Any) -> pd.Series:
+def id_text(value: Any) -> str | None:
+    """A patient ID, sample ID or timepoint as pairing compares it (``None``: missing).
+
+    Text is stripped (blank is missing); a number is its integer when whole, as a numeric
+    CSV column reads it (``7.0`` -> ``"7"``, ``28.0`` -> ``"28"``); NaN, ``None`` and
+    ``pd.NA`` are missing.
+    """
+    import pandas as pd
+
+    if isinstance(value, str):
+        return value.strip() or None
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+        if number.is_integer():
+            return str(int(number))
+    return str(value).strip() or None
+
+
+def id_texts(values: pd.Series) -> pd.Series:
+    """:func:`id_text` of every value (an object series, ``None`` where missing)."""
+    import pandas as pd
+
+    return pd.Series([id_text(v) for v in values], index=values.index, dtype=object)
+
+
+def _pairing_keys(
+    table: pd.DataFrame, later: str, base: str, *, source: Any
+) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Timepoint, patient and sample of every row of ``table`` as text (:func:`id_text`).
+
+    Raises
+    ------
+    ManifestError
+        No ``patient_id``/``timepoint`` column, the two timepoints are the same, or a
+        sample at either of them has no ``patient_id`` (the samples named).
+    """
     missing = [c for c in ("patient_id", "timepoint") if c not in table.columns]
     if missing:
         raise ManifestError(
             f"the table has no {' or '.join(repr(c) for c in missing)} column; change "
-            f"features ({need[0]} - {need[1]}) pair each patient's samples by patient_id "
+            f"features ({later} - {base}) pair each patient's samples by patient_id "
             "and timepoint",
             path=source,
         )
-    if str(need[0]).strip() == str(need[1]).strip():
+    if later == base:
         raise ManifestError(
-            f"the change timepoint and the baseline are both {need[0]!r}", path=source
+            f"the change timepoint and the baseline are both {later!r}", path=source
         )
-    return table["timepoint"].astype(str).str.strip()
+    tp = id_texts(table["timepoint"])
+    pid = id_texts(table["patient_id"])
+    sid = id_texts(table["sample_id"]) if "sample_id" in table.columns else pid.copy()
+    blank = tp.isin([later, base]) & pid.isna()
+    if blank.any():
+        named = [s if s is not None else f"row {i}" for i, s in sid[blank].items()]
+        raise ManifestError(
+            f"{len(named)} sample(s) at {later!r} or {base!r} have no patient_id: "
+            f"{_listed(named)}; change features pair each patient's samples by patient_id, "
+            "so give every sample its patient",
+            path=source,
+        )
+    return tp, pid, sid.where(sid.notna(), pid)
+
+
+def _timepoint_pair(timepoint: Any, baseline: Any, *, source: Any) -> tuple[str, str]:
+    later, base = id_text(timepoint), id_text(baseline)
+    if later is None or base is None:
+        raise ManifestError(
+            f"change features need two timepoints, got {timepoint!r} and {baseline!r}",
+            path=source,
+        )
+    return later, base
 
 
 def _listed(ids: Iterable[str]) -> str:
@@ -228,24 +345,10 @@ def _listed(ids: Iterable[str]) -> str:
     return shown + (f" ... and {len(ids) - _LIST_AT_MOST} more" if len(ids) > _LIST_AT_MOST else "")
 
 
-def pairing_problems(
-    table: pd.DataFrame,
-    *,
-    timepoint: str,
-    baseline: str,
-    source: str | os.PathLike[str] | None = None,
+def _problems(
+    tp: pd.Series, pid: pd.Series, sid: pd.Series, later: str, base: str
 ) -> dict[str, str]:
-    """Why each patient of ``table`` cannot be paired (patients absent from the result can).
-
-    A patient with several samples at one of the two timepoints, or without a sample at one
-    of them, is listed with the reason; patients with samples at other timepoints only are
-    not listed (they are not part of the design).
-    """
-    tp = _timepoints(table, (timepoint, baseline), source=source)
-    pid = table["patient_id"].astype(str)
-    sid = table["sample_id"].astype(str) if "sample_id" in table.columns else pid
     out: dict[str, str] = {}
-    later, base = str(timepoint).strip(), str(baseline).strip()
     for p in dict.fromkeys(pid[tp.isin([later, base])]):
         mine = tp[pid == p]
         for t in (later, base):
@@ -260,15 +363,59 @@ def pairing_problems(
     return out
 
 
+def pairing_problems(
+    table: pd.DataFrame,
+    *,
+    timepoint: str,
+    baseline: str,
+    source: str | os.PathLike[str] | None = None,
+) -> dict[str, str]:
+    """Why each patient of ``table`` cannot be paired (patients absent from the result can).
+
+    A patient with several samples at one of the two timepoints, or without a sample at one
+    of them, is listed with the reason (keyed by its ID as text, :func:`id_text`); patients
+    with samples at other timepoints only are not listed (they are not part of the design).
+
+    Raises
+    ------
+    ManifestError
+        No ``patient_id``/``timepoint`` column, equal timepoints, or a sample at either
+        timepoint without a ``patient_id`` (named).
+    """
+    later, base = _timepoint_pair(timepoint, baseline, source=source)
+    tp, pid, sid = _pairing_keys(table, later, base, source=source)
+    return _problems(tp, pid, sid, later, base)
+
+
+def unpaired_message(problems: Mapping[str, str], *, timepoint: str, baseline: str) -> str:
+    """One line naming the patients that cannot be paired and why (:func:`pairing_problems`)."""
+    return (
+        f"{len(problems)} patient(s) cannot be paired for change features ({timepoint} - "
+        f"{baseline}): {_listed(f'{p} ({r})' for p, r in problems.items())}"
+    )
+
+
 def _joined(later: pd.Series, base: pd.Series, base_ids: pd.Series, sep: str) -> list[str]:
+    """Each row's text of both samples: the later's, then ``baseline <id>: `` and the baseline's.
+
+    The baseline's text is prefixed once, whole (it may contain ``sep`` itself); a text that
+    already starts with the sample's ID (``"<id>: file not found"``) does not get it twice.
+    """
     out = []
     for a, b, who in zip(later, base, base_ids, strict=True):
         a = "" if a is None or a != a else str(a)
         b = "" if b is None or b != b else str(b)
+        b = b[len(who) + 2 :] if b.startswith(f"{who}: ") else b
         parts = [a] if a else []
-        parts += [f"baseline {who}: {x}" for x in b.split(sep) if x] if b else []
+        if b:
+            parts.append(f"baseline {who}: {b}")
         out.append(sep.join(parts))
     return out
+
+
+def _passed(qc_pass: pd.Series) -> pd.Series:
+    """``qc_pass`` as plain booleans, a missing value (an error row's) failing."""
+    return qc_pass.astype("boolean").fillna(False).astype(bool)
 
 
 def add_change_features(
@@ -304,26 +451,39 @@ def add_change_features(
     -------
     pandas.DataFrame
         The ``timepoint`` rows of the paired patients (input order) with every column, then
-        ``baseline_sample_id`` and the ``delta_`` columns; ``qc_pass``, ``qc_reasons``,
-        ``error`` and ``warnings`` (when present) combine both samples'.
-        ``attrs["change_features"]``: ``timepoint``, ``baseline``, ``features`` and
-        ``unpaired`` (patient -> reason).
+        ``baseline_sample_id`` and the ``delta_`` columns; ``patient_id`` is the ID as
+        text (:func:`id_text`); ``qc_pass``, ``qc_reasons``, ``error`` and ``warnings``
+        (when present) combine both samples'. ``attrs["change_features"]``: ``timepoint``,
+        ``baseline``, ``features`` and ``unpaired`` (patient -> reason).
 
     Raises
     ------
     ManifestError
-        No ``patient_id``/``timepoint`` column, a feature that is not a schema feature of
-        the table, a patient with several samples at one timepoint (named), or, with
-        ``on_unpaired="error"``, patients that cannot be paired (named).
+        No ``patient_id``/``timepoint`` column, change columns already in the table, a
+        feature that is not a schema feature of the table, a sample at either timepoint
+        without a ``patient_id`` (named), a patient with several samples at one timepoint
+        (named), or, with ``on_unpaired="error"``, patients that cannot be paired (named).
     """
     import pandas as pd
 
-    later, base = str(timepoint).strip(), str(baseline).strip()
-    tp = _timepoints(table, (later, base), source=source)
+    later, base = _timepoint_pair(timepoint, baseline, source=source)
+    paired_already = [
+        str(c)
+        for c in table.columns
+        if str(c).startswith(CHANGE_PREFIX) or c == "baseline_sample_id"
+    ]
+    if paired_already:
+        raise ManifestError(
+            f"the table already has change column(s) {paired_already[:_LIST_AT_MOST]}: it "
+            "was paired already; pair a table of per-sample features",
+            path=source,
+        )
+    t = table.reset_index(drop=True)
+    tp, pid, sid = _pairing_keys(t, later, base, source=source)
     known = feature_names()
-    feats = [f for f in known if f in table.columns] if features is None else list(features)
+    feats = [f for f in known if f in t.columns] if features is None else list(features)
     bad = [f for f in feats if f not in known]
-    absent = [f for f in feats if f in known and f not in table.columns]
+    absent = [f for f in feats if f in known and f not in t.columns]
     if bad or absent or not feats:
         what = (
             f"{bad} are not schema features"
@@ -333,7 +493,7 @@ def add_change_features(
             else "the table has no schema feature"
         )
         raise ManifestError(f"change features: {what}", path=source)
-    problems = pairing_problems(table, timepoint=later, baseline=base, source=source)
+    problems = _problems(tp, pid, sid, later, base)
     dup = {p: r for p, r in problems.items() if not r.startswith("no ")}
     if dup:
         raise ManifestError(
@@ -341,28 +501,22 @@ def add_change_features(
             f"{'; '.join(f'patient {p}: {r}' for p, r in list(dup.items())[:_LIST_AT_MOST])}",
             path=source,
         )
-    if problems:
-        msg = (
-            f"{len(problems)} patient(s) cannot be paired for change features ({later} - "
-            f"{base}): {_listed(f'{p} ({r})' for p, r in problems.items())}"
-        )
+    if problems and on_unpaired != "ignore":
+        msg = unpaired_message(problems, timepoint=later, baseline=base)
         if on_unpaired == "error":
             raise ManifestError(msg, path=source)
-        if on_unpaired == "warn":
-            warnings.warn(UnpairedPatientsWarning(msg + "; dropped"), stacklevel=2)
-    pid = table["patient_id"].astype(str)
+        warnings.warn(UnpairedPatientsWarning(msg + "; dropped"), stacklevel=2)
     keep = ~pid.isin(list(problems))
-    rows_later = table[keep & (tp == later)].copy()
-    rows_base = table[keep & (tp == base)].copy()
-    rows_base.index = pid[rows_base.index].to_numpy()
-    key = pid[rows_later.index].to_numpy()
-    b = rows_base.loc[key]
-    out = rows_later.reset_index(drop=True)
-    b = b.reset_index(drop=True)
-    b_ids = b["sample_id"].astype(str) if "sample_id" in b.columns else pd.Series(key, dtype=str)
+    at_later, at_base = keep & (tp == later), keep & (tp == base)
+    base_row = pd.Series(t.index[at_base], index=pid[at_base].to_numpy())
+    later_rows = t.index[at_later]
+    base_rows = base_row.loc[pid[later_rows].to_numpy()].to_numpy()
+    out = t.loc[later_rows].reset_index(drop=True)
+    b = t.loc[base_rows].reset_index(drop=True)
+    out["patient_id"] = pid[later_rows].to_numpy()
+    b_ids = pd.Series(sid[base_rows].to_numpy(), dtype=object)
     if "qc_pass" in out.columns:
-        both = out["qc_pass"].fillna(False).astype(bool) & b["qc_pass"].fillna(False).astype(bool)
-        out["qc_pass"] = both.to_numpy()
+        out["qc_pass"] = (_passed(out["qc_pass"]) & _passed(b["qc_pass"])).to_numpy()
     for col, sep in (("qc_reasons", "; "), ("error", "; "), ("warnings", " | ")):
         if col in out.columns:
             out[col] = _joined(out[col], b[col], b_ids, sep)
@@ -388,6 +542,7 @@ def change_training_table(
     timepoint: str,
     baseline: str,
     features: Sequence[str] | None = None,
+    on_unpaired: Literal["warn", "error", "ignore"] = "warn",
     source: str | os.PathLike[str] | None = None,
 ) -> tuple[pd.DataFrame, ChangeDesign, list[str]]:
     """The paired training table, its design and the model's feature list.
@@ -396,7 +551,8 @@ def change_training_table(
     modalities provide, :data:`blinaprofile.features.schema.MODEL_FEATURES`). Without any
     ``delta_`` name in it the model uses the features and the change of each; with some, it
     uses exactly the list and the changes named in it are computed. Unpaired patients are
-    dropped with an :class:`UnpairedPatientsWarning`.
+    dropped with an :class:`UnpairedPatientsWarning` (``on_unpaired="warn"``; ``"ignore"``:
+    silently, the caller says it; ``"error"``: a ``ManifestError`` naming them).
     """
     from blinaprofile.features.schema import MODEL_FEATURES
 
@@ -406,19 +562,26 @@ def change_training_table(
     if odd:
         raise ManifestError(f"{odd} are not changes of schema features", path=source)
     differenced = named or [f for f in wanted if f in feature_names()]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UnpairedPatientsWarning)
-        paired = add_change_features(
-            table, timepoint=timepoint, baseline=baseline, features=differenced, source=source
+    paired = add_change_features(
+        table,
+        timepoint=timepoint,
+        baseline=baseline,
+        features=differenced,
+        on_unpaired="ignore" if on_unpaired == "warn" else on_unpaired,
+        source=source,
+    )
+    info = paired.attrs["change_features"]
+    if info["unpaired"] and on_unpaired == "warn":  # warned here: the caller's stack level
+        msg = unpaired_message(
+            info["unpaired"], timepoint=info["timepoint"], baseline=info["baseline"]
         )
-    for w in caught:  # re-issued here so that the caller's filters and stack level apply
-        warnings.warn(w.message, w.category, stacklevel=2)
+        warnings.warn(UnpairedPatientsWarning(msg + "; dropped"), stacklevel=2)
     if paired.empty:
         raise ManifestError(
-            f"no patient has samples at both {str(timepoint)!r} and {str(baseline)!r}",
+            f"no patient has samples at both {info['timepoint']!r} and {info['baseline']!r}",
             path=source,
         )
-    design = ChangeDesign(str(timepoint).strip(), str(baseline).strip(), tuple(differenced))
+    design = ChangeDesign(info["timepoint"], info["baseline"], tuple(differenced))
     model_features = wanted if named else [*wanted, *design.delta_columns]
     return paired, design, model_features
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from blinaprofile.config import QCConfig, load_config
-from blinaprofile.errors import BlinaprofileError, one_line
+from blinaprofile.errors import BlinaprofileError, PanelMismatchError, one_line
 from blinaprofile.features.schema import SCHEMA_VERSION, feature_columns
 from blinaprofile.parallel import run_parallel
 from blinaprofile.progress import Progress
@@ -36,6 +36,7 @@ __all__ = [
     "featurize_fcs",
     "featurize_manifest",
     "load_qc",
+    "panel_mismatch_row",
     "qc_labels",
     "qc_verdict",
 ]
@@ -376,10 +377,25 @@ WORKER_MODULES = (
 )
 
 
+def panel_mismatch_row(sample_id: str, err: BlinaprofileError) -> dict[str, Any]:
+    """The feature row of a sample whose panel lacks a marker a requested feature needs.
+
+    It fails QC (``qc_reasons`` ``"panel mismatch: ..."``), as scoring's ``"no call"`` for
+    such a sample does, and has no feature value.
+    """
+    return {
+        "sample_id": sample_id,
+        "modality": "flow",
+        "qc_pass": False,
+        "qc_reasons": f"panel mismatch: {err.message}",
+        "warnings": "",
+    }
+
+
 def _featurize_one(
-    args: tuple[str, str, str, str | None, bool, QCConfig, FCSReadOptions],
+    args: tuple[str, str, str, str | None, bool, QCConfig, FCSReadOptions, tuple[str, ...] | None],
 ) -> dict[str, Any]:
-    path, sid, pid, strategy_path, adaptive, qc, fcs_options = args
+    path, sid, pid, strategy_path, adaptive, qc, fcs_options, requested = args
     from blinaprofile.cache import memo_file
     from blinaprofile.gating.strategy import load_strategy
     from blinaprofile.settings import settings
@@ -395,8 +411,11 @@ def _featurize_one(
             patient_id=pid,
             qc=qc,
             fcs_options=fcs_options,
+            requested=requested,
         ).row
     except BlinaprofileError as err:
+        if isinstance(err, PanelMismatchError) and requested is not None:  # as scoring does
+            return {**panel_mismatch_row(sid, err), "patient_id": pid}
         msg = str(err) if err.path else f"{path}: {err}"
         return {"sample_id": sid, "patient_id": pid, "error": msg}
     except Exception as err:
@@ -408,8 +427,13 @@ def _featurize_one(
 
 
 def _worker_failed(args: tuple[Any, ...], err: Exception) -> dict[str, Any]:
+    from blinaprofile.parallel import ItemTimeoutError, WorkerDiedError
+
     path, sid, pid = args[0], args[1], args[2]
-    msg = one_line(f"{path}: worker failed: {type(err).__name__}: {err}")
+    if isinstance(err, ItemTimeoutError | WorkerDiedError):
+        msg = one_line(f"{path}: {err.message}")
+    else:
+        msg = one_line(f"{path}: worker failed: {type(err).__name__}: {err}")
     return {"sample_id": sid, "patient_id": pid, "error": msg}
 
 
@@ -424,6 +448,8 @@ def featurize_manifest(
     keep_columns: Iterable[str] = (),
     keep_file_names: bool = False,
     progress: bool | None = None,
+    requested: Iterable[str] | None = None,
+    timeout: float | None = None,
 ) -> pd.DataFrame:
     """Featurize every sample of a manifest (flow files) in parallel processes.
 
@@ -438,6 +464,11 @@ def featurize_manifest(
     ``fcs_options`` relaxes the reader's integrity checks for every file (default: the
     enclosing :func:`blinaprofile.io.read.fcs_read_options` block's, else strict).
     ``progress`` shows a bar of the samples done on stderr (default: when it is a terminal).
+    ``requested`` (scoring: the model's features): a sample whose panel lacks a marker one
+    of them needs fails QC with ``qc_reasons`` ``"panel mismatch: ..."`` and has no features
+    (:func:`panel_mismatch_row`), as a scored sample's "no call". ``timeout``: seconds one
+    sample may take before it becomes an error row (its worker is killed; ``None``: no
+    limit).
     """
     import pandas as pd
 
@@ -470,15 +501,21 @@ def featurize_manifest(
 
         raise ManifestError(f"column(s) {clash} to keep would replace computed columns")
     fcs_options = fcs_options or current_fcs_read_options()  # workers get it explicitly
+    wanted = None if requested is None else tuple(requested)
     jobs = [
-        (str(r.path), str(r.sample_id), str(r.patient_id), sp, adaptive, qc, fcs_options)
+        (str(r.path), str(r.sample_id), str(r.patient_id), sp, adaptive, qc, fcs_options, wanted)
         for r in df.itertuples(index=False)
     ]
     n_jobs = settings.n_jobs if n_jobs is None else n_jobs
     done = {}
     with Progress(len(jobs), desc="featurizing", unit="sample", show=progress) as bar:
         for job, row in run_parallel(
-            _featurize_one, jobs, n_jobs=n_jobs, on_error=_worker_failed, preload=WORKER_MODULES
+            _featurize_one,
+            jobs,
+            n_jobs=n_jobs,
+            on_error=_worker_failed,
+            timeout=timeout,
+            preload=WORKER_MODULES,
         ):
             done[job] = row
             bar.update(1)

@@ -481,8 +481,10 @@ def read_feature_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a feature table CSV (from ``blinaprofile featurize``) for training.
 
     ``response`` may be coded as in manifests (``responder``/``nonresponder``, ``R``/``NR``,
-    ``1``/``0``). Raises :class:`ManifestError` naming the file when it is missing, not a CSV,
-    lacks ``response``/``patient_id``, or has unknown response labels.
+    ``1``/``0``). ``sample_id``, ``patient_id`` and ``timepoint`` are read as text, as
+    written (patient ``7`` stays ``"7"``, not ``7.0``; a blank cell is missing). Raises
+    :class:`ManifestError` naming the file when it is missing, not a CSV, lacks
+    ``response``/``patient_id``, or has unknown response labels.
     """
     import pandas as pd
 
@@ -490,7 +492,8 @@ def read_feature_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not p.is_file():
         raise ManifestError("feature table not found", path=p)
     try:
-        table = pd.read_csv(p)
+        # IDs as written: a numeric column would make patient 7 into 7.0 (and blank into NaN)
+        table = pd.read_csv(p, dtype=dict.fromkeys(("sample_id", "patient_id", "timepoint"), str))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ManifestError(
             f"not a readable CSV feature table: {one_line(str(err))}", path=p

@@ -29,7 +29,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -244,7 +244,9 @@ def select_timepoint(
 ) -> pd.DataFrame:
     """The rows of a manifest or feature table at one ``timepoint``.
 
-    ``source`` (the table's file) is named in errors.
+    Timepoints are compared as text, a whole number read as a float as the integer
+    (:func:`blinaprofile.features.change.id_text`: ``28.0`` is ``"28"``). ``source`` (the
+    table's file) is named in errors.
 
     Raises
     ------
@@ -258,10 +260,12 @@ def select_timepoint(
             "(a manifest column 'timepoint', kept in the feature table)",
             path=source,
         )
-    tp = table["timepoint"].astype(str).str.strip()
-    rows = table[tp == str(timepoint)]
+    from blinaprofile.features.change import id_text, id_texts
+
+    tp = id_texts(table["timepoint"])
+    rows = table[(tp == id_text(timepoint)).to_numpy()]
     if rows.empty:
-        have = sorted(set(tp.dropna()))
+        have = sorted({t for t in tp if t is not None})
         raise ManifestError(
             f"no samples at timepoint {timepoint!r}; the table has {have}", path=source
         )
@@ -353,6 +357,7 @@ def train(
     source: str | os.PathLike[str] | None = None,
     timepoint: str | None = None,
     change_from: str | None = None,
+    on_unpaired: Literal["warn", "error", "ignore"] = "warn",
     register: bool = True,
     force: bool = False,
     annotator: TCellAnnotator | None = None,
@@ -396,6 +401,10 @@ def train(
         :class:`~blinaprofile.features.change.UnpairedPatientsWarning`). The model records
         the design in ``meta.json`` (``change_features``) and scores a patient's
         ``timepoint`` sample only with its baseline sample.
+    on_unpaired
+        With ``change_from``, patients lacking a sample at one of the timepoints:
+        ``"warn"`` drops them with one ``UnpairedPatientsWarning``, ``"ignore"`` drops them
+        silently (a caller that says so itself, like the CLI), ``"error"`` refuses them.
     register
         Register the model (``False``: only log it to the run).
     force
@@ -459,6 +468,7 @@ def train(
             timepoint=timepoint,
             baseline=change_from,
             features=config.features,
+            on_unpaired=on_unpaired,
             source=source,
         )
         config = config.model_copy(update={"features": feats})

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from blinaprofile.config import QCConfig
 from blinaprofile.errors import BlinaprofileError, InputError, OutputError, one_line
 from blinaprofile.features.change import design_from_meta
-from blinaprofile.io.atomic import atomic_path, write_csv, write_text
+from blinaprofile.io.atomic import atomic_path, write_text
 from blinaprofile.parallel import (
     ItemTimeoutError,
     WorkerDiedError,
@@ -55,6 +55,7 @@ from blinaprofile.parallel import (
     start_fork_server,
 )
 from blinaprofile.progress import Progress
+from blinaprofile.scoring.results import error_row, result_frame, write_results
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -258,21 +259,11 @@ def _looks_like_10x(p: Path) -> bool:
 def _error_row(job: BatchJob, message: str) -> dict[str, Any]:
     from blinaprofile.io.files import pseudonymous_id
     from blinaprofile.io.privacy import WITHHELD_FILE_NAME, withhold_file_name
-    from blinaprofile.scoring.score import RESULT_COLUMNS
 
     sid = job.sample_id or (pseudonymous_id(job.sha256) if job.sha256 else "")
     if not job.keep_file_names:  # the row names the sample, never its file
         message = withhold_file_name(message, job.path, label=sid or WITHHELD_FILE_NAME)
-    row: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
-    row.update(
-        sample_id=sid,
-        call="error",
-        call_reason="",
-        qc_pass=None,
-        reasons="",
-        error=one_line(message),
-    )
-    return row
+    return error_row(sid, message)
 
 
 def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
@@ -356,30 +347,6 @@ def _check_run_file(out: Path, settings_record: dict[str, Any]) -> None:
             )
         return
     write_text(f, json.dumps(settings_record, indent=2))
-
-
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    import pandas as pd
-
-    from blinaprofile.scoring.score import RESULT_COLUMNS, TEXT_RESULT_COLUMNS
-
-    df = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
-    for c in df.columns:
-        if c == "qc_pass":
-            df[c] = df[c].astype("boolean")
-        elif c in TEXT_RESULT_COLUMNS:
-            df[c] = df[c].astype("string")
-        else:
-            df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
-    df["error"] = df["error"].fillna("")
-    df["warnings"] = df["warnings"].fillna("")  # error rows, and parts from older versions
-    return df
-
-
-def _write_results(df: pd.DataFrame, out: Path) -> None:
-    with atomic_path(out / "results.parquet") as tmp:
-        df.to_parquet(tmp, index=False)
-    write_csv(df, out / "results.csv")
 
 
 # --------------------------------------------------------------------------- runners
@@ -569,7 +536,10 @@ def score_samples(
 
     A model trained on change features (``train --change-from``) scores patients, not
     samples: :func:`blinaprofile.scoring.paired_batch.score_paired_batch` pairs each patient's
-    samples by the manifest's ``patient_id`` and ``timepoint`` (one row per patient).
+    samples by the manifest's ``patient_id`` and ``timepoint`` (one row per patient). Its
+    ``out_dir`` is made and checked like any other (``run.json`` records ``paired``: a
+    folder of another run is refused before any sample is read), ``sample_timeout`` limits
+    each sample's featurizing, and a ``scheduler`` is refused (local processes only).
 
     Returns
     -------
@@ -635,31 +605,10 @@ def score_samples(
     bar.restart(None, desc="loading the model", unit="model")
     with bar.closed_on_error():  # compiled into the user cache on its first use
         resolved = load_scoring_model(model_key).info
+    # a change-feature model scores patients, samples paired by manifest (below)
     design = design_from_meta(load_scoring_model(model_key).runtime.meta)
-    if design is not None:  # a change-feature model scores patients: samples paired by manifest
-        from blinaprofile.scoring.paired_batch import score_paired_batch
-
-        if scheduler is not None:
-            raise InputError(
-                "a change-feature model's batch runs on local processes: no --scheduler"
-            )
-        bar.close()
-        return score_paired_batch(
-            paths_or_manifest,
-            model=model_key,
-            design=design,
-            n_jobs=workers,
-            out_dir=out_dir,
-            strategy=strategy,
-            adaptive=adaptive,
-            qc=qc,
-            threshold=threshold,
-            interval=interval,
-            fcs_options=options["fcs_options"],
-            keep_file_names=keep_file_names,
-            allow_other_modality=allow_other_modality,
-            progress=progress,
-        )
+    if design is not None and scheduler is not None:
+        raise InputError("a change-feature model's batch runs on local processes: no --scheduler")
     record = {
         "model": model_key,
         "model_version": resolved.get("version"),
@@ -678,6 +627,8 @@ def score_samples(
         record["sample_key"] = sample_key
     if single_cell_qc is not None:
         record["single_cell_qc"] = single_cell_qc.model_dump()
+    if design is not None:
+        record["paired"] = design.description
     # the scheduler must answer before anything is made on disk
     with bar.closed_on_error():
         client, own_client = _connect(scheduler) if scheduler is not None else (None, False)
@@ -699,13 +650,34 @@ def score_samples(
             made = not out.exists()
         parts = out / "parts"
         try:
-            parts.mkdir(parents=True, exist_ok=True)
+            (parts if design is None else out).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OutputError(
                 f"cannot create the output folder: {err.strerror or err}",
                 path=err.filename or parts,
             ) from None
         _check_run_file(out, record)
+        if design is not None:  # before any sample is read: the folder is checked above
+            from blinaprofile.scoring.paired_batch import score_paired_batch
+
+            bar.close()
+            return score_paired_batch(
+                paths_or_manifest,
+                model=model_key,
+                design=design,
+                n_jobs=workers,
+                out_dir=None if out_dir is None else out,
+                strategy=strategy,
+                adaptive=adaptive,
+                qc=qc,
+                threshold=threshold,
+                interval=interval,
+                fcs_options=options["fcs_options"],
+                keep_file_names=keep_file_names,
+                allow_other_modality=allow_other_modality,
+                progress=progress,
+                sample_timeout=sample_timeout,
+            )
         todo = []
         for job in jobs:
             row = _read_part(parts, job.key)
@@ -730,9 +702,9 @@ def score_samples(
         for job in jobs:
             row = _read_part(parts, job.key)
             rows.append(row if row is not None else _error_row(job, f"{job.path}: no result"))
-        df = _frame(rows)
+        df = result_frame(rows)
         if out_dir is not None:
-            _write_results(df, out)
+            write_results(df, out)
         df.attrs["batch"] = {
             "n_samples": len(jobs),
             "n_scored": len(todo),

@@ -9,7 +9,8 @@ scored sample (same gating strategy and placement, QC and FCS read options; sing
 the model's stored annotator) and the two rows are paired
 (:func:`~blinaprofile.features.change.pair_rows`). QC failures of the baseline make the pair
 "no call" with reasons prefixed ``baseline <sample_id>:``; a panel that lacks a marker in the
-baseline does the same.
+baseline does the same. :func:`check_baseline` refuses a missing baseline, or one with the
+scored file's content, before either sample is read.
 
 Many patients at once: :mod:`blinaprofile.scoring.paired_batch`.
 """
@@ -27,7 +28,23 @@ if TYPE_CHECKING:
     from blinaprofile.annotate.config import SampleQCSpec
     from blinaprofile.config import QCConfig
 
-__all__ = ["baseline_pair", "featurize_baseline"]
+__all__ = ["baseline_pair", "check_baseline", "featurize_baseline"]
+
+
+def check_baseline(baseline: str | os.PathLike[str], *, scored_sha256: str | None) -> str:
+    """The SHA-256 of the baseline file, checked before any sample is featurized.
+
+    Raises
+    ------
+    InputError
+        The file is missing (or not a regular file), or has the same content as the scored
+        file (``scored_sha256``).
+    """
+    p = ensure_file(baseline)
+    checksum = file_checksum(p)
+    if scored_sha256 is not None and checksum == scored_sha256:
+        raise InputError("the baseline has the same content as the scored file", path=p)
+    return checksum
 
 
 def featurize_baseline(
@@ -41,6 +58,7 @@ def featurize_baseline(
     sample_id: str | None = None,
     annotator: Any = None,
     single_cell_qc: SampleQCSpec | None = None,
+    sha256: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The feature row of a baseline sample and what the result records about it.
 
@@ -59,6 +77,8 @@ def featurize_baseline(
         The baseline's ID (default: the pseudonym ``S-<sha12>`` of its content).
     annotator, single_cell_qc
         Single-cell: the model's stored annotator and QC minimums.
+    sha256
+        The file's SHA-256 when already known (:func:`check_baseline`).
 
     Raises
     ------
@@ -68,7 +88,7 @@ def featurize_baseline(
     from blinaprofile.io.read import modality_of
 
     p = ensure_file(path)
-    checksum = file_checksum(p)
+    checksum = sha256 or file_checksum(p)
     sid = sample_id or pseudonymous_id(checksum)
     info = {"sample_id": sid, "sha256": checksum, "timepoint": design.baseline}
     if modality_of(p) != modality:
@@ -78,7 +98,7 @@ def featurize_baseline(
             path=p,
         )
     if modality == "flow":
-        from blinaprofile.features.flow import featurize_fcs
+        from blinaprofile.features.flow import featurize_fcs, panel_mismatch_row
 
         try:
             row = featurize_fcs(
@@ -90,12 +110,7 @@ def featurize_baseline(
                 requested=design.features,
             ).row
         except PanelMismatchError as err:  # the pair is a "no call" naming the baseline
-            row = {
-                "sample_id": sid,
-                "modality": "flow",
-                "qc_pass": False,
-                "qc_reasons": f"panel mismatch: {err.message}",
-            }
+            row = panel_mismatch_row(sid, err)
         return row, info
     from blinaprofile.features.singlecell import featurize_cells
     from blinaprofile.io.singlecell import read_single_cell
@@ -126,14 +141,18 @@ def baseline_pair(
     annotator: Any = None,
     single_cell_qc: SampleQCSpec | None = None,
     scored_sha256: str | None = None,
+    baseline_sha256: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The scoring row of a patient: the later sample's ``row`` with its change since baseline.
 
     Returns the paired row (:func:`~blinaprofile.features.change.pair_rows`: the later
     sample's columns, ``baseline_sample_id``, ``delta_`` columns, combined QC) and the
     baseline's ``sample_id``, ``sha256`` and ``timepoint`` for the result's ``input``.
-    ``scored_sha256`` (the later sample's file) refuses a baseline that is the same file.
+    ``scored_sha256`` (the later sample's file) refuses a baseline that is the same file
+    before it is read (:func:`check_baseline`; ``baseline_sha256``: already checked).
     """
+    if baseline_sha256 is None:
+        baseline_sha256 = check_baseline(baseline, scored_sha256=scored_sha256)
     brow, info = featurize_baseline(
         baseline,
         modality=modality,
@@ -144,7 +163,6 @@ def baseline_pair(
         sample_id=baseline_id,
         annotator=annotator,
         single_cell_qc=single_cell_qc,
+        sha256=baseline_sha256,
     )
-    if scored_sha256 is not None and info["sha256"] == scored_sha256:
-        raise InputError("the baseline has the same content as the scored file", path=baseline)
     return pair_rows(row, brow, design=design), info

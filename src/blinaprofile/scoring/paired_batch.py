@@ -12,13 +12,20 @@ One row per patient who has a sample at either of the two timepoints, in manifes
 named by the later sample's ``sample_id`` (the baseline's when it has none). A patient that
 cannot be paired (no baseline sample, no sample at the timepoint, two samples at one
 timepoint) or whose sample could not be read becomes an ``error`` row saying so; the batch
-goes on. A sample failing QC makes its patient's row a ``"no call"``. Samples at other
-timepoints are not scored (``attrs['batch']['n_ignored']``).
+goes on. A sample failing QC, or whose panel lacks a marker the model's features need (the
+later sample's or the baseline's: ``"panel mismatch: ..."``, as ``score --baseline``
+says), makes its patient's row a ``"no call"``. Samples at other timepoints are not scored
+(``attrs['batch']['n_ignored']``). Patient IDs are compared as text
+(:func:`~blinaprofile.features.change.id_text`); a sample at either timepoint without one
+refuses the batch (:class:`~blinaprofile.errors.ManifestError` naming the samples).
 
 Columns: :data:`~blinaprofile.scoring.score.RESULT_COLUMNS`, then :data:`PAIRED_COLUMNS`
 (``patient_id``, ``timepoint``, ``baseline_sample_id``, ``baseline_sha256``) and the model's
-``delta_`` columns. Flow manifests only; paired scoring is not resumable (a rerun scores
-every patient again) and runs on local processes.
+``delta_`` columns (:func:`~blinaprofile.scoring.results.result_frame`). Flow manifests
+only; paired scoring is not resumable (a rerun scores every patient again) and runs on
+local processes. The output folder is made and checked by
+:func:`~blinaprofile.scoring.batch.score_samples` before any sample is read (``run.json``:
+a folder of another run is refused).
 """
 
 from __future__ import annotations
@@ -27,8 +34,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blinaprofile.errors import BlinaprofileError, InputError, ManifestError, one_line
-from blinaprofile.features.change import ChangeDesign, add_change_features, pairing_problems
+from blinaprofile.errors import BlinaprofileError, InputError, ManifestError
+from blinaprofile.features.change import (
+    ChangeDesign,
+    add_change_features,
+    base_features,
+    id_texts,
+    pairing_problems,
+)
+from blinaprofile.scoring.results import error_row, result_frame, write_results
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,48 +85,13 @@ def _manifest(source: Any, design: ChangeDesign, model: str) -> tuple[pd.DataFra
     else:
         raise InputError(f"{need}; give --manifest MANIFEST.csv")
     lacking = [c for c in ("sample_id", "path", "patient_id", "timepoint") if c not in df.columns]
-    if not lacking and (df["timepoint"].astype(str).str.strip() == "").all():
+    if not lacking and id_texts(df["timepoint"]).isna().all():
         lacking = ["timepoint"]
-    if not lacking and (df["patient_id"].astype(str) == df["sample_id"].astype(str)).all():
+    if not lacking and (id_texts(df["patient_id"]) == id_texts(df["sample_id"])).all():
         lacking = ["patient_id"]
     if lacking:
         raise ManifestError(f"{need}; the manifest has no {lacking} column(s)", path=where)
     return df, where
-
-
-def _error_row(sample_id: str, message: str, extra: dict[str, Any]) -> dict[str, Any]:
-    from blinaprofile.scoring.score import RESULT_COLUMNS
-
-    row: dict[str, Any] = dict.fromkeys(RESULT_COLUMNS)
-    row.update(
-        sample_id=sample_id,
-        call="error",
-        call_reason="",
-        reasons="",
-        error=one_line(message),
-        warnings="",
-        **extra,
-    )
-    return row
-
-
-def _frame(rows: list[dict[str, Any]], design: ChangeDesign) -> pd.DataFrame:
-    import pandas as pd
-
-    from blinaprofile.scoring.score import RESULT_COLUMNS, TEXT_RESULT_COLUMNS
-
-    text = {*TEXT_RESULT_COLUMNS, *PAIRED_COLUMNS}
-    df = pd.DataFrame(rows, columns=[*RESULT_COLUMNS, *PAIRED_COLUMNS, *design.delta_columns])
-    for c in df.columns:
-        if c == "qc_pass":
-            df[c] = df[c].astype("boolean")
-        elif c in text:
-            df[c] = df[c].astype("string")
-        else:
-            df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
-    df["error"] = df["error"].fillna("")
-    df["warnings"] = df["warnings"].fillna("")
-    return df
 
 
 def score_paired_batch(
@@ -131,6 +110,7 @@ def score_paired_batch(
     keep_file_names: bool = False,
     allow_other_modality: bool = False,
     progress: bool | None = None,
+    sample_timeout: float | None = None,
 ) -> pd.DataFrame:
     """Score every patient of a manifest with a change-feature model (one row per patient).
 
@@ -144,10 +124,15 @@ def score_paired_batch(
         :func:`~blinaprofile.scoring.score.load_scoring_model`, cached).
     design
         The model's :class:`~blinaprofile.features.change.ChangeDesign`.
-    n_jobs, out_dir, strategy, adaptive, qc, threshold, interval, fcs_options,
-    keep_file_names, allow_other_modality, progress
-        As for :func:`blinaprofile.scoring.batch.score_samples`; ``out_dir`` receives
-        ``results.parquet`` and ``results.csv`` (no parts: not resumable).
+    n_jobs, strategy, adaptive, qc, threshold, interval, fcs_options, keep_file_names,
+    allow_other_modality, progress
+        As for :func:`blinaprofile.scoring.batch.score_samples`.
+    out_dir
+        An existing folder, made and checked by ``score_samples``: it receives
+        ``results.parquet`` and ``results.csv`` (no parts: not resumable). ``None``: none.
+    sample_timeout
+        Seconds one sample's featurizing may take before it becomes an error row (its
+        patient's row says so); ``None``: no limit.
 
     Returns
     -------
@@ -158,22 +143,23 @@ def score_paired_batch(
     Raises
     ------
     InputError, ManifestError
-        The input is not a manifest, or lacks ``patient_id``/``timepoint``.
+        The input is not a manifest, lacks ``patient_id``/``timepoint``, or a sample at
+        either timepoint has no ``patient_id``.
     """
     from blinaprofile.features.flow import featurize_manifest
-    from blinaprofile.io.atomic import atomic_path, write_csv
     from blinaprofile.io.files import file_checksum
     from blinaprofile.scoring.score import load_scoring_model, score_features
 
     sm = load_scoring_model(model)
     name = str(sm.info.get("name") or model)
     df, where = _manifest(source, design, name)
-    tp = df["timepoint"].astype(str).str.strip()
-    pid = df["patient_id"].astype(str)
+    tp = id_texts(df["timepoint"])
     used = tp.isin([design.timepoint, design.baseline])
     problems = pairing_problems(
         df[used], timepoint=design.timepoint, baseline=design.baseline, source=where
     )
+    pid = id_texts(df["patient_id"])  # the IDs pairing compares (7 and 7.0 are one patient)
+    df["patient_id"] = pid
     pairable = used & ~pid.isin(list(problems))
     feats = featurize_manifest(
         df[pairable].reset_index(drop=True),
@@ -184,6 +170,9 @@ def score_paired_batch(
         fcs_options=fcs_options,
         keep_file_names=keep_file_names,
         progress=progress,
+        # the model's features (of a change, its base) as `score --baseline` requests them
+        requested=base_features(sm.runtime.features),
+        timeout=sample_timeout,
     )
     paired = add_change_features(
         feats,
@@ -209,7 +198,7 @@ def score_paired_batch(
             **{c: rec.get(c) for c in design.delta_columns},
         }
         if rec.get("error"):
-            by_patient[p] = _error_row(sid, f"patient {p}: {rec['error']}", extra)
+            by_patient[p] = error_row(sid, f"patient {p}: {rec['error']}", **extra)
             continue
         try:
             res = score_features(
@@ -228,7 +217,7 @@ def score_paired_batch(
             extra["baseline_sha256"] = file_checksum(paths[bid])
             by_patient[p] = {**res.to_row(), **extra}
         except BlinaprofileError as err:
-            by_patient[p] = _error_row(sid, f"patient {p}: {err}", extra)
+            by_patient[p] = error_row(sid, f"patient {p}: {err}", **extra)
     for p, reason in problems.items():
         mine = df[used & (pid == p)]
         later = mine[tp[mine.index] == design.timepoint]
@@ -237,15 +226,15 @@ def score_paired_batch(
             f"patient {p}: {reason}; the change-feature model ({design.description}) scores a "
             f"patient's {design.timepoint} sample with its {design.baseline} sample"
         )
-        by_patient[p] = _error_row(sid, msg, {"patient_id": p, "timepoint": design.timepoint})
+        by_patient[p] = error_row(sid, msg, patient_id=p, timepoint=design.timepoint)
     order = list(dict.fromkeys(pid[used]))
-    out = _frame([by_patient[p] for p in order if p in by_patient], design)
+    out = result_frame(
+        [by_patient[p] for p in order if p in by_patient],
+        extra_columns=[*PAIRED_COLUMNS, *design.delta_columns],
+        extra_text_columns=PAIRED_COLUMNS,
+    )
     if out_dir is not None:
-        folder = Path(out_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / "results.parquet") as tmp:
-            out.to_parquet(tmp, index=False)
-        write_csv(out, folder / "results.csv")
+        write_results(out, Path(out_dir))
     out.attrs["batch"] = {
         "n_samples": len(out),
         "n_scored": len(out),

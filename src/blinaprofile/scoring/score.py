@@ -37,7 +37,7 @@ import numpy as np
 
 from blinaprofile.config import QCConfig
 from blinaprofile.errors import ModelError, PanelMismatchError
-from blinaprofile.features.change import check_pairing
+from blinaprofile.features.change import base_features, check_pairing
 from blinaprofile.io.files import ensure_file, file_checksum, pseudonymous_id
 from blinaprofile.io.read import join_warnings, split_warnings
 from blinaprofile.models.runtime import CALL_STATES, NO_CALL, UNCERTAIN, call_state
@@ -692,6 +692,11 @@ def score_sample(
         baseline_given=baseline is not None,
         model_name=load_scoring_model(model).info.get("name"),
     )
+    baseline_sha256 = None
+    if design is not None and baseline is not None:  # missing or the same file: before gating
+        from blinaprofile.scoring.paired import check_baseline
+
+        baseline_sha256 = check_baseline(baseline, scored_sha256=checksum)
     info: dict[str, Any] = {
         "sha256": checksum,
         "modality": modality,
@@ -714,7 +719,8 @@ def score_sample(
                 sample_id=sid,
                 qc=qc,
                 keep_gating=True,
-                requested=load_scoring_model(model).runtime.features,
+                # a change-feature model's delta_x needs x (and the baseline's too)
+                requested=base_features(load_scoring_model(model).runtime.features),
             )
         except PanelMismatchError as err:
             return _panel_no_call(sid, err, model=model, qc=qc, threshold=threshold, info=info)
@@ -760,6 +766,7 @@ def score_sample(
             annotator=getattr(load_scoring_model(model).pyfunc, "annotator", None),
             single_cell_qc=single_cell_qc,
             scored_sha256=checksum,
+            baseline_sha256=baseline_sha256,
         )
     res = score_features(
         row,
