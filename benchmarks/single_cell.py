@@ -237,6 +237,68 @@ def _measure_streamed(
     return out
 
 
+def _measure_cli(path: Path, model: str | None, n_jobs: int, fit_cells: int) -> None:
+    """The CLI commands on ``path``, each a fresh process: wall seconds and peak resident
+    memory (the command and its worker processes: ``getrusage(RUSAGE_CHILDREN)`` of a
+    child that runs one command)."""
+    out = Path(tempfile.mkdtemp(prefix="bp_sc_cli_"))
+    base = [str(Path(sys.executable).with_name("blinaprofile"))]
+    jobs = ["--jobs", str(n_jobs)]
+    runs = [
+        ["featurize", str(path), "--sample-key", "sample_id", *jobs, "--out", str(out / "f.csv")],
+        [
+            "featurize",
+            str(path),
+            "--sample-key",
+            "sample_id",
+            "--fit-cells-per-sample",
+            str(fit_cells),
+            *jobs,
+            "--annotator-out",
+            str(out / "ann.json"),
+            "--out",
+            str(out / "g.csv"),
+        ],
+    ]
+    if model:
+        ann = str(Path(model) / "artifacts" / "single_cell_annotator.json")
+        key = ["--sample-key", "sample_id", *jobs]
+        runs.append(["featurize", str(path), *key, "--annotator", ann, "--out", str(out / "h.csv")])
+        runs.append(
+            [
+                "score-batch",
+                str(path),
+                *key,
+                "--model",
+                model,
+                "--no-progress",
+                "--out",
+                str(out / "b"),
+            ]
+        )
+    print("| command | wall s | peak RSS GB (largest process) | load avg |")
+    print("|---|---:|---:|---|")
+    for argv in runs:
+        code = (
+            "import resource, subprocess, sys, time; t = time.perf_counter(); "
+            "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+            "w = time.perf_counter() - t; "
+            "r = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2; "
+            "print(rc, w, r)"
+        )
+        load0 = os.getloadavg()[0]
+        res = subprocess.run(
+            [sys.executable, "-c", code, *base, *argv], capture_output=True, text=True, check=True
+        )
+        rc, wall, peak = res.stdout.split()
+        shown = " ".join(a if not a.startswith("/") else Path(a).name for a in argv)
+        status = "" if rc == "0" else f" (exit {rc})"
+        print(
+            f"| `blinaprofile {shown}`{status} | {float(wall):.1f} | {float(peak):.2f} | "
+            f"{load0:.1f} -> {os.getloadavg()[0]:.1f} |"
+        )
+
+
 def _n_genes(path: Path) -> int:
     import h5py
 
@@ -285,6 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-cells-per-sample", type=int, default=300, help="subsample of the fit")
     ap.add_argument("--chunk-cells", type=int, default=20_000, help="cells labelled together")
     ap.add_argument("--alone", type=int, default=10, help="samples featurized alone (0: skip)")
+    ap.add_argument(
+        "--cli",
+        type=Path,
+        default=None,
+        metavar="H5AD",
+        help="measure the CLI commands (featurize, score-batch) on this file and stop",
+    )
+    ap.add_argument(
+        "--cli-model", default=None, help="--cli: a model folder storing a single-cell annotator"
+    )
     ap.add_argument("--_generate", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
@@ -292,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns._generate:
         path = _generate_large(ns.data_dir, ns.n_cells, ns.n_genes, ns.seed)
         print(json.dumps({"path": str(path)}))
+        return 0
+    if ns.cli is not None:
+        _measure_cli(ns.cli, ns.cli_model, ns.n_jobs, ns.max_cells_per_sample)
         return 0
     if ns._measure:
         kind, p = ns._measure.split("::", 1)

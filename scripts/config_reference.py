@@ -177,7 +177,7 @@ def render() -> str:
         "# Configuration reference",
         "",
         "Every key of the panel, gating, QC and training YAML files, generated from the typed",
-        "config models in `src/blinaprofile/config.py` by `scripts/config_reference.py` (do not",
+        "config models in `src/blinaprofile/config/` by `scripts/config_reference.py` (do not",
         "edit by hand: `tests/test_config.py` renders the page again and fails when it differs).",
         "",
         "Unknown keys are errors; a misspelt key names the closest known one (`compensaton` ->",

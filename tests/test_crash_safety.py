@@ -440,7 +440,10 @@ UNSAFE_LOADERS = [
     (r"allow_pickle\s*=\s*True", "numpy allow_pickle"),
     (r"\bmlflow\.sklearn\.load_model\(", "mlflow.sklearn (pickle)"),
     (r"trusted\s*=\s*True", "skops trusted=True"),
-    (r"\byaml\.load\((?![^)]*Loader=_StrictLoader)", "yaml.load without the safe loader"),
+    (
+        r"\byaml\.load\((?![^)]*Loader=(?:STRICT_LOADER\)|safe_yaml_loader\(\)))",
+        "yaml.load without the safe loader",
+    ),
     (r"\byaml\.unsafe_load\(", "yaml.unsafe_load"),
     (r"\beval\(|\bexec\(", "eval/exec"),
 ]
@@ -462,6 +465,18 @@ def test_source_never_unpickles_user_files() -> None:
     ]
     print(f"\nscanned {len(files)} source files; skops loads in {skops_loads}")
     assert hits == [], "\n".join(hits)
+    # the one loader yaml.load may use constructs plain YAML types only
+    import yaml
+
+    from blinaprofile.config.loading import STRICT_LOADER
+    from blinaprofile.models.loading import safe_yaml_loader
+
+    for loader in (STRICT_LOADER, safe_yaml_loader()):
+        assert issubclass(loader, yaml.SafeLoader | yaml.CSafeLoader)
+    with pytest.raises(yaml.YAMLError):
+        yaml.load("!!python/object/apply:os.system ['true']", Loader=STRICT_LOADER)
+    with pytest.raises(yaml.YAMLError):
+        yaml.load("!!python/object/apply:os.system ['true']", Loader=safe_yaml_loader())
     for rel in skops_loads:  # every skops load passes an explicit trusted list
         calls = [
             node
@@ -477,3 +492,39 @@ def test_source_never_unpickles_user_files() -> None:
             where = (rel, call.lineno, ast.unparse(call))
             assert trusted, where
             assert not (isinstance(trusted[0], ast.Constant) and trusted[0].value is True), where
+
+
+def test_report_helper_job_unpickles_only_listed_globals(tmp_path, small_cohort) -> None:
+    """The report's helper process reads its job with an exact allow-list of globals."""
+    import io
+    import pickle
+
+    from blinaprofile.io.read import current_fcs_read_options
+    from blinaprofile.scoring import report
+    from blinaprofile.scoring.helper import JOB_GLOBALS, load_job
+    from blinaprofile.scoring.score import score_sample
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with pytest.raises(pickle.UnpicklingError, match="not a helper job's global"):
+        load_job(pickle.dumps((print, (Evil(),))))
+    assert not marker.exists()
+    # the real job (the default strategy's gating figure) passes, so the helper is used
+    path = sorted(small_cohort.out_dir.rglob("*.fcs"))[0]
+    ctx = score_sample(path, keep_gating=True).context
+    job = (report._gating_png, (ctx.path, ctx.tree, ctx.gating, current_fcs_read_options()))
+    func, args = load_job(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+    assert func is report._gating_png and len(args) == 4
+    named: set[tuple[str, str]] = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            named.add((module, name))
+            return super().find_class(module, name)
+
+    Recorder(io.BytesIO(pickle.dumps(job))).load()
+    assert named <= JOB_GLOBALS

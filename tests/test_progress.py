@@ -360,6 +360,48 @@ def test_cohort_figure_background_is_drawn_once(
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("report-cohort/*.npz")} == entries[0]
 
 
+def test_cohort_figure_matches_the_whole_drawing(cohort: Path) -> None:
+    """The cached-background cohort figure shows what ``training_figure`` draws, panel by
+    panel: the sample's marks drawn without axes, and a panel whose value axis the sample
+    extends drawn anew in its place (not hidden under the white it is drawn on)."""
+    import base64
+    import dataclasses
+
+    from PIL import Image
+
+    from blinaprofile.scoring import report
+    from blinaprofile.scoring.score import load_scoring_model, score_sample
+
+    training = load_scoring_model(str(DEFAULT_MODEL)).training
+    assert training is not None
+    fcs = sorted((cohort.parent / "fcs").glob("*.fcs"))[0]
+    res = score_sample(fcs, model=str(DEFAULT_MODEL))
+    feats = [f for f in res.ood_z if f in training.columns]
+    assert len(feats) >= 6
+    # two samples beyond the training range (the axis is extended), one far off it (arrow)
+    values = dict(res.features)
+    for f, reach in ((feats[1], 0.5), (feats[3], 0.3), (feats[5], 5.0)):
+        col = training[f].astype(float)
+        values[f] = float(col.max() + reach * (col.max() - col.min()))
+    res = dataclasses.replace(res, features=values)
+    fast = Image.open(io.BytesIO(base64.b64decode(report.cohort_png(res, training, feats))))
+    buf = io.BytesIO()
+    report.training_figure(res, training, feats).savefig(buf, format="png", dpi=150)
+    full = Image.open(buf)
+    assert fast.size == full.size
+    a = np.asarray(fast.convert("RGB"), dtype=float)
+    b = np.asarray(full.convert("RGB"), dtype=float)
+    ncol = min(5, len(feats))
+    nrow = -(-len(feats) // ncol)
+    h, w = a.shape[0] // nrow, a.shape[1] // ncol
+    for k in range(len(feats)):
+        r, c = divmod(k, ncol)
+        block = (slice(r * h, (r + 1) * h), slice(c * w, (c + 1) * w))
+        ink = float((b[block] < 128).mean())  # the panel has dark pixels: boxes, ticks, text
+        diff = float(np.abs(a[block] - b[block]).mean())
+        assert ink > 0.01 and diff < 12.0, (feats[k], ink, diff)
+
+
 def test_report_figures_survive_a_failed_helper_process(
     cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -401,6 +443,8 @@ import os, sys
 from blinaprofile.scoring import helper as module
 from blinaprofile.scoring.helper import one_thread, start_helper
 module.free_core = lambda: True  # whatever else this machine is running
+# this test's jobs name builtins, which a real job may not
+module.JOB_GLOBALS = module.JOB_GLOBALS | {("builtins", "getattr"), ("builtins", "str")}
 assert one_thread()
 helper = start_helper(preload=())
 assert helper is not None and helper.pid != os.getpid()
@@ -414,6 +458,9 @@ unused.close()
 stuck = start_helper(preload=())
 stuck.submit(str.upper, lambda: 0)  # cannot be pickled: nothing is sent
 print(stuck.result())
+refused = start_helper(preload=())
+refused.submit(os.getcwd)  # not on the allow-list: refused by the helper's unpickler
+print(refused.result())
 import numpy  # starts BLAS threads on a machine with several cores
 print(start_helper() is None or one_thread())
 """
@@ -435,7 +482,8 @@ def test_helper_process_draws_aside_only_when_forking_is_safe() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     if (os.cpu_count() or 1) < 2 or sys.platform == "darwin":  # pragma: no cover
         pytest.skip("no helper process on this machine")
-    assert out.stdout.split("\n")[:4] == ["DRAWN ASIDE", "None", "None", "True"], out.stdout
+    lines = out.stdout.split("\n")[:5]
+    assert lines == ["DRAWN ASIDE", "None", "None", "None", "True"], out.stdout
 
 
 _SCORE_WITH_HELPER = """

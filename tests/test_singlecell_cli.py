@@ -462,3 +462,142 @@ def test_qc_file_applies_to_flow_featurize(small_cohort, tmp_path: Path) -> None
 def test_qc_on_a_feature_table_points_to_featurize(work: Path) -> None:
     code, _, err = run(["train", "--features", "f.csv", "--qc", "qc.yaml"])
     assert code == 2 and "pass --qc to `blinaprofile featurize`" in err
+
+
+# --------------------------------------------------------------------------- streamed
+def _no_whole_reads(monkeypatch: pytest.MonkeyPatch, *, fit_rows: list[int] | None = None) -> None:
+    """Fail the test if the whole object is read: anndata's reader, ``read_single_cell``, or
+    the stream reading every row with every gene (``fit_rows`` records subsample reads)."""
+    import blinaprofile.features.singlecell_chunked as chunked
+    import blinaprofile.io.singlecell as io_sc
+    from blinaprofile.io.h5ad_stream import H5adStream
+
+    def whole(*args: object, **kw: object) -> None:
+        raise AssertionError("the whole object was read")
+
+    monkeypatch.setattr(ad, "read_h5ad", whole)
+    monkeypatch.setattr(io_sc, "read_single_cell", whole)
+    monkeypatch.setattr(chunked, "read_single_cell", whole)
+    real = H5adStream.read_rows
+
+    def read_rows(self: H5adStream, rows: np.ndarray) -> ad.AnnData:
+        if fit_rows is None or len(rows) >= self.n_obs:
+            raise AssertionError(f"{len(rows)} of {self.n_obs} rows read with every gene")
+        fit_rows.append(len(rows))
+        return real(self, rows)
+
+    monkeypatch.setattr(H5adStream, "read_rows", read_rows)
+
+
+def test_score_batch_streams_the_cohort_once(
+    cohort: Path, trained: tuple[Path, str, str], work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import blinaprofile.features.singlecell_chunked as chunked
+    import blinaprofile.scoring.batch as batch
+
+    model = trained[0]
+    args = ["score-batch", cohort, "--sample-key", "sample_id", "--model", model]
+    opts = ["--no-progress", "--jobs", "1"]
+    # today's path: every sample scored alone (the object read once per sample)
+    with monkeypatch.context() as m:
+        m.setattr(batch, "streamed_annotator", lambda jobs, options: None)
+        code, out, err = run([*args, "--out", work / "alone", *opts])
+    assert code == 0, err
+    # streamed: the object never read whole, featurized once
+    calls: list[int] = []
+    real = chunked.featurize_cohort
+
+    def counted(*a: object, **kw: object) -> object:
+        calls.append(1)
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        _no_whole_reads(m)
+        m.setattr(chunked, "featurize_cohort", counted)
+        code, out, err = run([*args, "--out", work / "streamed", *opts])
+        assert code == 0, err
+        assert out.startswith("24 samples: 24 scored now") and calls == [1]
+        # resuming: nothing left to score, nothing read
+        code, out, err = run([*args, "--out", work / "streamed", *opts])
+        assert code == 0 and out.startswith("24 samples: 0 scored now, 24 already finished")
+        assert calls == [1]
+    alone = pd.read_csv(work / "alone" / "results.csv")
+    streamed = pd.read_csv(work / "streamed" / "results.csv")
+    pd.testing.assert_frame_equal(streamed, alone, check_exact=True)
+    assert (streamed["error"].fillna("") == "").all() and len(streamed) == 24
+    # --jobs 2: worker processes label the groups of samples, the same results
+    with monkeypatch.context() as m:
+        m.setattr(chunked, "DEFAULT_CHUNK_CELLS", 5000)
+        code, _, err = run([*args, "--out", work / "streamed2", "--no-progress", "--jobs", "2"])
+    assert code == 0, err
+    two = pd.read_csv(work / "streamed2" / "results.csv")
+    pd.testing.assert_frame_equal(two, alone, check_exact=True)
+
+
+def test_streamed_score_batch_keeps_a_bad_sample_to_its_row(
+    cohort: Path, trained: tuple[Path, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import blinaprofile.features.singlecell_chunked as chunked
+    import blinaprofile.scoring.score as score
+
+    model = trained[0]
+    args = ["score-batch", cohort, "--sample-key", "sample_id", "--model", model]
+    opts = ["--no-progress", "--jobs", "1"]
+    real = score.score_features
+
+    def bad_one(row: dict[str, object], **kw: object) -> object:
+        if row["sample_id"] == "P003_D28":
+            raise SingleCellInputError("a bad sample")
+        return real(row, **kw)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(score, "score_features", bad_one)
+        code, _, err = run([*args, "--out", tmp_path / "one_bad", *opts])
+    assert code == 1 and "P003_D28" in err and "a bad sample" in err
+    rows = pd.read_csv(tmp_path / "one_bad" / "results.csv").set_index("sample_id")
+    assert rows.loc["P003_D28", "call"] == "error"
+    assert (rows.drop(index="P003_D28")["error"].fillna("") == "").all()
+
+    # the object cannot be featurized as a whole: each sample is scored alone instead
+    def broken(*a: object, **kw: object) -> None:
+        raise MemoryError("simulated")
+
+    with monkeypatch.context() as m:
+        m.setattr(chunked, "featurize_cohort", broken)
+        code, out, err = run([*args, "--out", tmp_path / "fallback", *opts])
+    assert code == 0, err
+    assert out.startswith("24 samples: 24 scored now")
+
+
+def test_featurize_streams_with_an_annotator(
+    cohort: Path, trained: tuple[Path, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blinaprofile.features.singlecell import featurize_cells
+    from blinaprofile.io.singlecell import read_single_cell
+
+    ann_file = trained[0] / ANNOTATOR
+    annotator = TCellAnnotator.from_json(ann_file)
+    adata = read_single_cell(cohort, sample_key="sample_id")
+    want = featurize_cells(adata, annotator=annotator, sample_key="sample_id").table
+    want.to_csv(tmp_path / "want.csv", index=False)
+    args = ["featurize", cohort, "--sample-key", "sample_id", "--label-key", "response"]
+    with monkeypatch.context() as m:
+        _no_whole_reads(m)
+        code, out, err = run([*args, "--annotator", ann_file, "--out", tmp_path / "f.csv"])
+        assert code == 0, err
+        got = pd.read_csv(tmp_path / "f.csv")
+        assert "12 responder, 12 nonresponder" in out
+        pd.testing.assert_frame_equal(
+            got.drop(columns="response"), pd.read_csv(tmp_path / "want.csv"), check_exact=True
+        )
+    # without an annotator: fitted on a subsample read alone, then every cell streamed
+    with monkeypatch.context() as m:
+        fit_rows: list[int] = []
+        _no_whole_reads(m, fit_rows=fit_rows)
+        sub = ["--fit-cells-per-sample", "200", "--annotator-out", tmp_path / "a.json"]
+        code, out, err = run([*args, *sub, "--jobs", "1", "--out", tmp_path / "g.csv"])
+        assert code == 0, err
+        assert fit_rows == [24 * 200] and "24 samples, 4800 cells" in out
+        assert TCellAnnotator.from_json(tmp_path / "a.json").state_.n_cells == 4800
+    code, _, err = run([*args, *sub[:2], "--annotator", ann_file, "--out", tmp_path / "h.csv"])
+    assert code == 2 and "--fit-cells-per-sample applies to an annotator fitted here" in err

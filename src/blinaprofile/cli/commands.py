@@ -158,14 +158,15 @@ NO_PATIENT_KEY = (
 
 
 def _single_cell_table(
-    a: argparse.Namespace, path: str, *, annotator: Any = None, labels: bool
+    a: argparse.Namespace, path: str, *, annotator: Any = None, labels: bool, stream: bool = False
 ) -> tuple[Any, Any, dict[str, Any], Any]:
     """Featurize a single-cell cohort object for ``featurize`` / ``train --h5ad``.
 
     Prints one line each on the samples and the labels, and warns (stderr) when several
     samples have no patient column or a sample fails QC. Returns the feature table (with
     ``response`` 1/0 when ``--label-key`` is given), the :class:`SingleCellFeatures`,
-    what to record with a model and the object read.
+    what to record with a model and the object read (with ``stream``, an ``.h5ad`` that can be
+    streamed is: only its ``obs`` is returned).
     """
     import pandas as pd
 
@@ -173,15 +174,30 @@ def _single_cell_table(
     from blinaprofile.io.singlecell import read_single_cell
 
     _, sc_qc = _qc_files(a)
-    adata = read_single_cell(path, sample_key=a.sample_key, x_kind=a.x_kind)
-    feats = featurize_cells(
-        adata,
-        annotator=annotator,
-        sample_key=a.sample_key,
-        patient_key=a.patient_key,
-        x_kind=a.x_kind,
-        sample_qc=sc_qc,
-    )
+    if stream:  # featurize: streamed (features.singlecell_chunked.featurize_object)
+        from blinaprofile.features.singlecell_chunked import featurize_object
+        from blinaprofile.settings import settings
+
+        feats, adata = featurize_object(
+            path,
+            annotator=annotator,
+            sample_key=a.sample_key,
+            patient_key=a.patient_key,
+            x_kind=a.x_kind,
+            sample_qc=sc_qc,
+            max_cells_per_sample=a.fit_cells_per_sample,
+            n_jobs=settings.n_jobs if a.jobs is None else a.jobs,
+        )
+    else:  # train --h5ad: the CV refits the annotator on each split's cells
+        adata = read_single_cell(path, sample_key=a.sample_key, x_kind=a.x_kind)
+        feats = featurize_cells(
+            adata,
+            annotator=annotator,
+            sample_key=a.sample_key,
+            patient_key=a.patient_key,
+            x_kind=a.x_kind,
+            sample_qc=sc_qc,
+        )
     table = feats.table
     info = table.attrs["blinaprofile"]
     skey, pkey, n = info["sample_key"], info["patient_key"], len(table)
@@ -259,12 +275,16 @@ def _featurize_single_cell(a: argparse.Namespace) -> int:
             "be mixed); combine samples into one .h5ad with a sample column, or featurize each "
             "with --annotator JSON"
         )
+    if a.annotator and a.fit_cells_per_sample is not None:
+        raise usage("--fit-cells-per-sample applies to an annotator fitted here, not --annotator")
     annotator = None
     if a.annotator:
         from blinaprofile.annotate.estimator import TCellAnnotator
 
         annotator = TCellAnnotator.from_json(a.annotator)
-    table, feats, notes, _ = _single_cell_table(a, a.files[0], annotator=annotator, labels=True)
+    table, feats, notes, _ = _single_cell_table(
+        a, a.files[0], annotator=annotator, labels=True, stream=True
+    )
     if feats.fitted_on_input:
         out = a.annotator_out
         kept = f"written to {out}" if out else "--annotator-out keeps it"
@@ -293,7 +313,11 @@ def cmd_featurize(a: argparse.Namespace) -> int:
 
     if any(modality_of(f) == "single_cell" for f in a.files):
         return _featurize_single_cell(a)
-    sc_only = [o for o in ("label_key", "annotator", "annotator_out") if getattr(a, o)]
+    sc_only = [
+        o
+        for o in ("label_key", "annotator", "annotator_out", "fit_cells_per_sample")
+        if getattr(a, o)
+    ]
     if sc_only:
         flag = "--" + sc_only[0].replace("_", "-")
         raise usage(f"{flag} applies to a single-cell object (.h5ad, 10x .h5 or folder)")

@@ -49,6 +49,17 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number > 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return v
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
@@ -399,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="JSON",
         help="single-cell: write the annotator fitted on the object here",
+    )
+    p.add_argument(
+        "--fit-cells-per-sample",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="single-cell: fit the annotator on at most N cells of each sample (a stratified "
+        "subsample, seed 0; default: every cell), then label every cell with it; an .h5ad "
+        "is then never held whole",
     )
     _add_fcs_options(p)
     _add_privacy_options(p, keep_column=True)

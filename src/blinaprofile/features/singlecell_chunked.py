@@ -36,11 +36,17 @@ from blinaprofile.annotate.estimator import TCellAnnotator, stratified_subsample
 from blinaprofile.annotate.inputs import sample_codes
 from blinaprofile.errors import ConfigError
 from blinaprofile.features.singlecell import SingleCellFeatures, featurize_cells
-from blinaprofile.io.h5ad_stream import DEFAULT_BLOCK_VALUES, H5adStream, PanelBlock, streamable
+from blinaprofile.io.h5ad_stream import (
+    DEFAULT_BLOCK_VALUES,
+    H5adStream,
+    PanelBlock,
+    read_obs,
+    streamable,
+)
 from blinaprofile.io.singlecell import XKind, read_single_cell
 from blinaprofile.parallel import start_fork_server
 
-__all__ = ["DEFAULT_CHUNK_CELLS", "featurize_cohort"]
+__all__ = ["DEFAULT_CHUNK_CELLS", "featurize_cohort", "featurize_object"]
 
 #: cells labelled together (whole samples; a group closes once it holds this many cells)
 DEFAULT_CHUNK_CELLS = 20_000
@@ -212,6 +218,7 @@ def featurize_cohort(
     block_values: int = DEFAULT_BLOCK_VALUES,
     n_jobs: int = 1,
     timings: dict[str, float] | None = None,
+    default_sample: str | None = None,
 ) -> SingleCellFeatures:
     """Per-sample features of a cohort of any size, labelled a group of samples at a time.
 
@@ -245,6 +252,9 @@ def featurize_cohort(
         ``fit`` and ``label`` (reading the panel and labelling); with ``n_jobs > 1`` also
         ``label_workers_cpu_s`` (the workers' CPU seconds) and ``workers_peak_rss_mb`` (the
         largest worker's peak resident memory).
+    default_sample
+        The sample's name when the object has no sample column (default: the file's name
+        without its extension, ``"sample"`` for an AnnData).
 
     Returns
     -------
@@ -282,19 +292,20 @@ def featurize_cohort(
                 annotator,
                 config,
                 kw,
+                default_sample=default_sample,
                 chunk_cells=chunk_cells,
                 max_cells_per_sample=max_cells_per_sample,
                 subsample_seed=subsample_seed,
                 n_jobs=n_jobs,
                 timings=timings,
             )
-    default = "sample"
+    default = default_sample or "sample"
     with _phase(timings, "open"):
         if isinstance(data, ad.AnnData):
             adata = data
         else:
             adata = read_single_cell(data, sample_key=sample_key, x_kind=x_kind)
-            default = _stem(Path(data))
+            default = default_sample or _stem(Path(data))
     if annotator is None:
         with _phase(timings, "fit"):
             annotator = TCellAnnotator(config=config).fit(
@@ -325,13 +336,14 @@ def _from_stream(
     config: SingleCellConfig | Mapping[str, Any] | PathLike | None,
     kw: dict[str, Any],
     *,
+    default_sample: str | None,
     chunk_cells: int,
     max_cells_per_sample: int | None,
     subsample_seed: int,
     n_jobs: int,
     timings: dict[str, float] | None,
 ) -> SingleCellFeatures:
-    default = _stem(st.path)
+    default = default_sample or _stem(st.path)
     light = ad.AnnData(obs=st.obs, uns={"blinaprofile": dict(st.meta)})
     cfg = annotator.config_ if annotator is not None else resolve_config(config)
     codes, names, key = sample_codes(
@@ -361,6 +373,8 @@ def _from_stream(
                 "n_cells_offered": int(st.n_obs),
             }
     st.set_panel(annotator.panel_genes(), annotator.config_.cell_qc.mito_prefix)
+    if st.n_obs <= chunk_cells:  # one group: a worker process would only add its start-up
+        n_jobs = 1
     n_samples = len(names)
     idx = np.arange(st.n_obs)
     last = np.full(n_samples, -1, dtype=np.int64)
@@ -390,3 +404,58 @@ def _from_stream(
         finally:
             labeller.finish()
     return out.result(annotator)
+
+
+def featurize_object(
+    path: PathLike,
+    *,
+    annotator: TCellAnnotator | None = None,
+    sample_key: str | None = None,
+    patient_key: str | None = None,
+    x_kind: XKind = "auto",
+    sample_qc: SampleQCSpec | None = None,
+    max_cells_per_sample: int | None = None,
+    n_jobs: int = 1,
+) -> tuple[SingleCellFeatures, ad.AnnData]:
+    """``blinaprofile featurize OBJECT``: the features of a single-cell object, and its cells.
+
+    With ``annotator`` or ``max_cells_per_sample``, an ``.h5ad`` that
+    :func:`~blinaprofile.io.h5ad_stream.streamable` accepts is streamed (:func:`featurize_cohort`:
+    the matrix is never held whole) and any other object is read whole, then labelled in
+    groups; the table is the one :func:`~blinaprofile.features.singlecell.featurize_cells`
+    gives on the object read whole with that annotator. Without either, the annotator is
+    fitted on every cell as :func:`featurize_cells` fits it (the fit holds every cell anyway,
+    and a fit then a streamed transform can differ from it in the last digits, ~1e-4 points
+    on log-normalised data). An object without a sample column is the sample ``"sample"``.
+
+    Returns
+    -------
+    features, cells
+        The features, and the object: read whole, or (streamed) its ``obs`` alone.
+    """
+    kw: dict[str, Any] = {
+        "annotator": annotator,
+        "sample_key": sample_key,
+        "patient_key": patient_key,
+        "x_kind": x_kind,
+        "sample_qc": sample_qc,
+        "max_cells_per_sample": max_cells_per_sample,
+        "n_jobs": n_jobs,
+        "default_sample": "sample",
+    }
+    if annotator is None and max_cells_per_sample is None:
+        adata = read_single_cell(path, sample_key=sample_key, x_kind=x_kind)
+        feats = featurize_cells(
+            adata,
+            sample_key=sample_key,
+            patient_key=patient_key,
+            x_kind=x_kind,
+            sample_qc=sample_qc,
+        )
+        return feats, adata
+    if streamable(path):
+        feats = featurize_cohort(path, **kw)
+        meta = {"source": str(path)}
+        return feats, ad.AnnData(obs=read_obs(path), uns={"blinaprofile": meta})
+    adata = read_single_cell(path, sample_key=sample_key, x_kind=x_kind)
+    return featurize_cohort(adata, **kw), adata

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.colors import Colormap
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from matplotlib.text import Text
 
     from blinaprofile.io.fcs import FCSData
 
@@ -379,6 +381,16 @@ def _shape_bounds(g: Gate, dims: Sequence[Dim]) -> tuple[list[float | None], lis
     return [cx - r[0], cx + r[0]], [cy - r[1], cy + r[1]]
 
 
+def _outline(ax: Axes, patch: Patch) -> None:
+    """Add a gate's outline to the panel (in data units, clipped to the axes).
+
+    As ``add_patch`` does, less the data limits it updates from the outline's path: the
+    panel's limits are set from the events and gates (:func:`robust_limits`), never from
+    autoscaling, and an open quadrant side reaches far past the view.
+    """
+    ax.add_artist(patch)
+
+
 def _draw_shape(
     ax: Axes,
     g: Gate,
@@ -393,16 +405,16 @@ def _draw_shape(
     if g.kind == "rectangle":
         xs = _box(dims[0].min, dims[0].max, xl)
         ys = _box(dims[1].min, dims[1].max, yl)
-        ax.add_patch(Rectangle((xs[0], ys[0]), xs[1] - xs[0], ys[1] - ys[0], **style))
+        _outline(ax, Rectangle((xs[0], ys[0]), xs[1] - xs[0], ys[1] - ys[0], **style))
         return _anchor(xs, ys, xl, yl)
     if g.kind == "polygon":
-        ax.add_patch(Polygon(np.asarray(g.vertices, dtype=float), closed=True, **style))
+        _outline(ax, Polygon(np.asarray(g.vertices, dtype=float), closed=True, **style))
     else:
         cov = np.asarray(g.covariance, dtype=float)[:2, :2]
         vals, vecs = np.linalg.eigh(cov)
         angle = math.degrees(math.atan2(vecs[1, -1], vecs[0, -1]))
         w, h = 2 * np.sqrt(np.maximum(vals[::-1], 0) * g.distance_square)
-        ax.add_patch(Ellipse((g.mean[0], g.mean[1]), w, h, angle=angle, **style))
+        _outline(ax, Ellipse((g.mean[0], g.mean[1]), w, h, angle=angle, **style))
     bx, by = _shape_bounds(g, dims)
     x0 = max(min(float(b) for b in bx if b is not None), xl[0])
     x1 = min(max(float(b) for b in bx if b is not None), xl[1])
@@ -559,8 +571,9 @@ def gating_figure(
     Returns
     -------
     Figure
-        Constrained layout; each panel's ``gid`` is its gate ids joined by commas, and
-        each percentage label's ``gid`` its gate id.
+        Panels on an equal grid sized to their text (no layout engine); each panel's
+        ``gid`` is its gate ids joined by commas, and each percentage label's ``gid`` its
+        gate id.
 
     Raises
     ------
@@ -582,13 +595,78 @@ def gating_figure(
     rows = math.ceil(n / cols)
     panel_in = width / cols
     fig = Figure(figsize=(width, rows * panel_in * 1.12 + (0.3 if title else 0.0)), dpi=DPI)
-    fig.set_layout_engine("constrained", w_pad=0.04, h_pad=0.04, wspace=0.02, hspace=0.02)
+    head = None
     if title:
-        fig.suptitle("\n".join(textwrap.wrap(title, _chars(width * 0.95, 9.0))), fontsize=9.0)
+        text = "\n".join(textwrap.wrap(title, _chars(width * 0.95, 9.0)))
+        head = fig.suptitle(text, fontsize=9.0)
     ctx = _Context(tree, result, ev, mk, panel_in, np.random.default_rng(seed))
+    axes = []
     for i, panel in enumerate(panels):
-        _draw_panel(ctx, fig.add_subplot(rows, cols, i + 1), panel)
+        ax = fig.add_subplot(rows, cols, i + 1)
+        _draw_panel(ctx, ax, panel)
+        axes.append(ax)
+    _grid_layout(fig, axes, rows, cols, head)
     return fig
+
+
+def _grid_layout(
+    fig: Figure, axes: Sequence[Axes], rows: int, cols: int, head: Text | None
+) -> None:
+    """Place the panels on a grid of equal axes, each row and column as wide as its text.
+
+    What matplotlib's constrained layout does for this grid, measured on the few texts that
+    decide it (titles, axis labels, tick labels; nothing drawn inside the axes counts) rather
+    than on every artist twice: rows get the room their tallest title and x labels need,
+    columns the room their widest y labels need, the figure title its own.
+    """
+    import matplotlib as mpl
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()  # the one savefig at DPI draws with
+    pt = fig.dpi / 72.0
+    pad = 0.04 * fig.dpi  # around the figure and between panels (inches, as before)
+    title_pad = float(mpl.rcParams["axes.titlepad"]) * pt
+
+    def size(texts: Sequence[Any]) -> tuple[float, float]:
+        boxes = [t.get_window_extent(renderer) for t in texts if t.get_visible() and t.get_text()]
+        return max((b.width for b in boxes), default=0.0), max(
+            (b.height for b in boxes), default=0.0
+        )
+
+    left = np.zeros(cols)
+    right = np.zeros(cols)
+    top = np.zeros(rows)
+    bottom = np.zeros(rows)
+
+    def mark(axis: Any) -> float:  # a tick mark and the gap to its label, in pixels
+        ticks = axis.get_major_ticks()[:1]
+        return sum(t.get_tick_padding() + t.get_pad() for t in ticks) * pt
+
+    for i, ax in enumerate(axes):
+        r, c = divmod(i, cols)
+        xw, xh = size(ax.get_xticklabels())
+        yw, _ = size(ax.get_yticklabels())
+        _, title_h = size([ax.title])
+        _, xlabel_h = size([ax.xaxis.label])
+        ylabel_w, _ = size([ax.yaxis.label])
+        top[r] = max(top[r], title_h + title_pad)
+        bottom[r] = max(bottom[r], mark(ax.xaxis) + xh + ax.xaxis.labelpad * pt + xlabel_h)
+        left[c] = max(left[c], mark(ax.yaxis) + yw + ax.yaxis.labelpad * pt + ylabel_w)
+        right[c] = max(right[c], 0.5 * xw)  # the last x label may overhang the axes
+    _, head_h = size([head] if head is not None else [])
+    width, height = fig.bbox.width, fig.bbox.height
+    head_room = head_h + pad if head is not None and head_h else 0.0
+    if head is not None:
+        head.set_y(1.0 - pad / height)  # it hangs from the top margin
+    w = (width - left.sum() - right.sum() - pad * (cols + 1)) / cols
+    h = (height - head_room - top.sum() - bottom.sum() - pad * (rows + 1)) / rows
+    if w <= 0 or h <= 0:  # the text leaves no room (a tiny figure): the plain grid stays
+        return
+    for i, ax in enumerate(axes):
+        r, c = divmod(i, cols)
+        x0 = pad * (c + 1) + left[: c + 1].sum() + right[:c].sum() + w * c
+        y_top = head_room + pad * (r + 1) + top[: r + 1].sum() + bottom[:r].sum() + h * r
+        ax.set_position((x0 / width, 1.0 - (y_top + h) / height, w / width, h / height))
 
 
 def plot_sample(

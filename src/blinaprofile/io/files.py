@@ -4,7 +4,9 @@ Every sample file is opened through :func:`open_regular` after :func:`ensure_fil
 checked its type, so a FIFO, a device (a link to ``/dev/zero``) or a socket is refused at
 once instead of blocking or never ending. :func:`file_checksum` keys results on content
 (a corrected file saved under the same name is scored again) and :func:`pseudonymous_id`
-names a sample without revealing its file name.
+names a sample without revealing its file name. :func:`stamped_checksum` gives the
+checksum with the file's :func:`file_stamp`, which later shows, without reading the file
+again, that it still holds the bytes hashed (``score-batch`` hashes each file once).
 """
 
 from __future__ import annotations
@@ -12,12 +14,31 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from pathlib import Path
 from typing import BinaryIO
 
 from blinaprofile.errors import InputError
 
-__all__ = ["ensure_file", "file_checksum", "file_type_name", "open_regular", "pseudonymous_id"]
+__all__ = [
+    "FileStamp",
+    "ensure_file",
+    "file_checksum",
+    "file_stamp",
+    "file_type_name",
+    "open_regular",
+    "pseudonymous_id",
+    "stamped_checksum",
+]
+
+#: One version of a regular file, told without reading it: device, inode, size, and the
+#: modification and status-change times (ns). Writing to the file or replacing it changes
+#: it; the status-change time cannot be set back.
+type FileStamp = tuple[int, int, int, int, int]
+
+#: A file modified less than this long before it is hashed could be written again within
+#: the same timestamp tick, unseen by its stamp: its stamp is not trusted ("racily clean").
+RACY_SECONDS = 2.0
 
 
 def file_type_name(mode: int) -> str:
@@ -167,3 +188,40 @@ def file_checksum(path: str | os.PathLike[str]) -> str:
 def pseudonymous_id(checksum: str) -> str:
     """A sample ID that reveals nothing about the file: ``S-`` + 12 hex of its SHA-256."""
     return f"S-{checksum[:12]}"
+
+
+def file_stamp(path: str | os.PathLike[str]) -> FileStamp | None:
+    """The :data:`FileStamp` of a regular file (links followed); ``None`` for anything else
+    (a folder, a FIFO...) or a file that cannot be examined."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def stamped_checksum(path: str | os.PathLike[str]) -> tuple[str, FileStamp | None]:
+    """:func:`file_checksum` and the file's :func:`file_stamp`, when the stamp can stand for
+    the bytes hashed.
+
+    The stamp is ``None`` (hash the file again to be sure of its content) for a folder, for
+    a file whose stamp changed while it was hashed, and for one modified less than
+    :data:`RACY_SECONDS` before: a later write within the same timestamp tick could leave
+    the stamp unchanged. Otherwise, a file that shows the same stamp later holds the same
+    bytes.
+
+    Raises
+    ------
+    InputError
+        As :func:`file_checksum`.
+    """
+    before = file_stamp(path)
+    started = time.time_ns()
+    digest = file_checksum(path)
+    if before is None or file_stamp(path) != before:
+        return digest, None
+    if started - max(before[3], before[4]) < RACY_SECONDS * 1e9:
+        return digest, None
+    return digest, before

@@ -45,7 +45,7 @@ from blinaprofile.io.singlecell import (
     linear_values,
 )
 
-__all__ = ["DEFAULT_BLOCK_VALUES", "H5adStream", "PanelBlock", "streamable"]
+__all__ = ["DEFAULT_BLOCK_VALUES", "H5adStream", "PanelBlock", "read_obs", "streamable"]
 
 #: stored values read per block (data + indices: 8 bytes each, so about 32 MB per block)
 DEFAULT_BLOCK_VALUES = 4_000_000
@@ -130,6 +130,21 @@ def _csr_group(f: h5py.File, path: str) -> h5py.Group | None:
     if not isinstance(g, h5py.Group) or g.attrs.get("encoding-type") != "csr_matrix":
         return None
     return g
+
+
+def read_obs(path: PathLike) -> pd.DataFrame:
+    """Every cell's ``obs`` of an ``.h5ad`` file, without reading its matrices.
+
+    Raises
+    ------
+    SingleCellInputError
+        The file is not an ``.h5ad`` with an ``obs`` dataframe (the message names it).
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            return _frame(f["obs"])
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise SingleCellInputError(f"cannot read as .h5ad: {err}", path=str(path)) from None
 
 
 def streamable(path: PathLike) -> bool:

@@ -373,11 +373,13 @@ def _versions() -> list[str]:
     return out
 
 
-def cache_key(files: Sequence[Path]) -> str:
-    """The cache key of a model's compiled pipelines: its skops files and the versions."""
+def cache_key(files: Sequence[Path], checked: str = "") -> str:
+    """The cache key of a model's compiled pipelines: the SHA-256 of its skops files' bytes,
+    the versions, and ``checked``: what the files passed before they were loaded (the
+    loader's skops allow-list, as text; a changed list misses the cache)."""
     from blinaprofile.cache import file_digest
 
-    return file_digest(files, *_versions()) + ".npz"
+    return file_digest(files, *_versions(), checked) + ".npz"
 
 
 def _pack(comp: CompiledPipeline, i: int, arrays: dict[str, Any]) -> dict[str, Any]:
@@ -415,9 +417,13 @@ def _unpack(head: dict[str, Any], i: int, z: Any) -> CompiledPipeline:
 
 
 def store_compiled(
-    files: Sequence[Path], main: CompiledPipeline, refits: list[CompiledPipeline] | None
+    files: Sequence[Path],
+    main: CompiledPipeline,
+    refits: list[CompiledPipeline] | None,
+    checked: str = "",
 ) -> Path | None:
-    """Keep compiled pipelines in the user cache (best effort)."""
+    """Keep compiled pipelines in the user cache (best effort; ``checked``: see
+    :func:`cache_key`)."""
     from blinaprofile.cache import write_entry
 
     arrays: dict[str, Any] = {}
@@ -426,18 +432,19 @@ def store_compiled(
     arrays["header"] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    return write_entry(_KIND, cache_key(files), buf.getvalue())
+    return write_entry(_KIND, cache_key(files, checked), buf.getvalue())
 
 
 def load_compiled(
-    files: Sequence[Path],
+    files: Sequence[Path], checked: str = ""
 ) -> tuple[CompiledPipeline, list[CompiledPipeline] | None] | None:
-    """The compiled pipelines of these skops files from the user cache, or ``None``."""
+    """The compiled pipelines of these skops files from the user cache, or ``None``
+    (``checked``: see :func:`cache_key`)."""
     from blinaprofile.cache import read_entry
 
     if _LIBM is None:
         return None
-    data = read_entry(_KIND, cache_key(files))
+    data = read_entry(_KIND, cache_key(files, checked))
     if data is None:
         return None
     try:

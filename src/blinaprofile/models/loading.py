@@ -62,6 +62,7 @@ __all__ = [
     "SKOPS_ALLOW_LIST",
     "ModelMetadata",
     "PackagedModel",
+    "allow_list_text",
     "check_model_folder",
     "check_skops_file",
     "installed_entry_file",
@@ -263,6 +264,12 @@ def check_skops_file(path: str | os.PathLike[str], *, source: str | None = None)
     return sorted({name for _, name in nodes})
 
 
+def allow_list_text() -> str:
+    """:data:`SKOPS_ALLOW_LIST` as canonical text: part of the key of a compiled model in
+    the user cache, so that an entry stands for files that passed this very list."""
+    return json.dumps({k: sorted(v) for k, v in sorted(SKOPS_ALLOW_LIST.items())})
+
+
 def load_skops(path: str | os.PathLike[str], *, source: str | None = None) -> Any:
     """Load a skops file after :func:`check_skops_file`, trusting exactly the types found."""
     import skops.io as sio
@@ -287,14 +294,22 @@ def _read_text(path: Path, *, source: str) -> str:
         raise ModelError(f"cannot read {path.name}: {err}", path=source) from None
 
 
+def safe_yaml_loader() -> type[Any]:
+    """PyYAML's safe loader, on libyaml's parser where PyYAML has it (same constructor)."""
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # type: ignore[no-any-return]
+
+
 def _read_mlmodel(folder: Path, *, source: str) -> dict[str, Any]:
     import yaml
 
     mlmodel = folder / "MLmodel"
     if not mlmodel.is_file() or mlmodel.is_symlink():
         raise ModelError("not a blinaprofile model folder (no MLmodel file)", path=source)
+    text = _read_text(mlmodel, source=source)
     try:
-        spec = yaml.safe_load(_read_text(mlmodel, source=source))
+        spec = yaml.load(text, Loader=safe_yaml_loader())
     except yaml.YAMLError as err:
         raise ModelError(
             f"MLmodel is not valid YAML ({one_line(str(err), limit=200)})", path=source
@@ -593,13 +608,15 @@ def _skops_pipelines(files: list[Path], src: str) -> tuple[Any, list[Any] | None
 def _compiled_pipelines(files: list[Path], src: str) -> tuple[Any, list[Any] | None]:
     """The compiled pipelines of these skops files from the user cache, else ``(None, None)``.
 
-    The files pass the allow-list (:func:`check_skops_file`) first, as for a skops load.
+    An entry is keyed by the SHA-256 of the files' bytes (hashed now, every time) and by
+    :data:`SKOPS_ALLOW_LIST` (:func:`allow_list_text`), and is only written after those very
+    bytes passed :func:`check_skops_file` against that allow-list and were loaded
+    (:func:`_compile`): a hit is a file already checked, and is not walked again. On a miss
+    the skops load checks the files (:func:`load_skops`) before anything is loaded.
     """
     from blinaprofile.models.compiled import load_compiled
 
-    for f in files:
-        check_skops_file(f, source=src)
-    hit = load_compiled(files)
+    hit = load_compiled(files, allow_list_text())
     return hit if hit is not None else (None, None)
 
 
@@ -622,7 +639,7 @@ def _compile(
     training = pd.read_csv(tpath) if tpath.is_file() else None
     if not verify([pipe, *(refits or [])], [main, *(rest or [])], meta["features"], training):
         return pipe, refits
-    store_compiled(files, main, rest)
+    store_compiled(files, main, rest, allow_list_text())
     return main, rest
 
 
@@ -666,7 +683,9 @@ def load_annotator(path: Path, meta: Mapping[str, Any], *, source: str) -> Any:
             f"refusing {name}: meta.json records no single_cell_annotator.sha256", path=source
         )
     if not path.is_file() or path.is_symlink():
-        raise ModelError(f"refusing the model: meta.json records {name} but it is missing", path=source)
+        raise ModelError(
+            f"refusing the model: meta.json records {name} but it is missing", path=source
+        )
     text = _read_text(path, source=source)
     got = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if got != want:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from blinaprofile.errors import FeatureSchemaError, ModelError
+
+if TYPE_CHECKING:  # pandas is imported where a table is made (not to load the module)
+    import pandas as pd
 
 __all__ = [
     "CALL_STATES",
@@ -408,6 +410,8 @@ def contributions(pipe: Any, X: pd.DataFrame) -> pd.DataFrame:
             Zj = Z.copy()
             Zj[:, j] = 0.0
             out[:, cols[j]] = full - _logit(clf.predict_proba(Zj)[:, 1])
+    import pandas as pd
+
     return pd.DataFrame(out, columns=names, index=X.index)
 
 
@@ -503,6 +507,8 @@ class ResponderModel:
 
     def predict_interval(self, table: pd.DataFrame) -> pd.DataFrame:
         """``probability``, ``probability_low``, ``probability_high`` for each row."""
+        import pandas as pd
+
         X = self.check_features(table)
         prob = self.pipeline.predict_proba(X)[:, 1]
         if self.uncertainty:
@@ -533,6 +539,8 @@ class ResponderModel:
             interval straddles the threshold, or ``no call`` with NaN numbers for a row
             with a missing or non-finite feature.
         """
+        import pandas as pd
+
         checked = check_threshold(threshold)
         t = self.threshold if checked is None else checked
         X = self.check_features(table)
@@ -568,6 +576,8 @@ class ResponderModel:
         Measured on the feature's :func:`~blinaprofile.features.schema.ood_scale` (logit for
         percentages, log for ratios) when the model recorded it.
         """
+        import pandas as pd
+
         from blinaprofile.features.schema import to_ood_scale
 
         stats = self.meta["training_stats"]

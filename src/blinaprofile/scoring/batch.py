@@ -55,6 +55,7 @@ from blinaprofile.parallel import (
     start_fork_server,
 )
 from blinaprofile.progress import Progress
+from blinaprofile.scoring.cohort_batch import score_cohort, streamed_annotator
 from blinaprofile.scoring.results import error_row, result_frame, write_results
 
 if TYPE_CHECKING:
@@ -96,6 +97,11 @@ class BatchJob:
         Single-cell objects: the ``obs`` column naming samples (``None``: the configured
         candidates). An object holding several samples is scored on the cells whose value
         is ``sample_id``.
+    stamp
+        The file's :func:`~blinaprofile.io.files.file_stamp` when ``sha256`` was taken, if
+        it can stand for the content (:func:`~blinaprofile.io.files.stamped_checksum`):
+        the worker then trusts ``sha256`` while the file shows this stamp instead of hashing
+        it again; ``None``: the worker hashes the file.
     """
 
     key: str
@@ -104,6 +110,7 @@ class BatchJob:
     sha256: str = ""
     keep_file_names: bool = False
     sample_key: str | None = None
+    stamp: tuple[int, ...] | None = None
 
 
 def _key(text: str) -> str:
@@ -114,16 +121,17 @@ def _key(text: str) -> str:
 _ON_HASHED: ContextVar[Callable[[], None] | None] = ContextVar("on_hashed", default=None)
 
 
-def _content_sha256(path: str) -> str:
-    """The file's SHA-256 (its type checked first), or ``""`` if it cannot be used."""
-    from blinaprofile.io.files import file_checksum
+def _content_sha256(path: str) -> tuple[str, tuple[int, ...] | None]:
+    """The file's SHA-256 (its type checked first), or ``""`` if it cannot be used, and its
+    stamp when that can stand for the content (see :attr:`BatchJob.stamp`)."""
+    from blinaprofile.io.files import stamped_checksum
 
     if not path:
-        return ""
+        return "", None
     try:
-        return file_checksum(path)
+        return stamped_checksum(path)
     except InputError:  # missing, a FIFO or device...: scoring it gives the error row
-        return ""
+        return "", None
     finally:
         tick = _ON_HASHED.get()
         if tick is not None:
@@ -145,12 +153,14 @@ def _job(
     sample_id: str | None,
     path: str,
     *,
-    sha: str | None = None,
+    sha: tuple[str, tuple[int, ...] | None] | None = None,
     sample_key: str | None = None,
 ) -> BatchJob:
-    """A job keyed on ``label`` and the content of ``path`` (``sha``: already hashed)."""
-    sha = _content_sha256(path) if sha is None else sha
-    return BatchJob(_key(label + "\0sha256:" + sha), sample_id, path, sha, sample_key=sample_key)
+    """A job keyed on ``label`` and the content of ``path`` (``sha``: already hashed, with
+    the stamp :func:`_content_sha256` gave)."""
+    digest, stamp = _content_sha256(path) if sha is None else sha
+    key = _key(label + "\0sha256:" + digest)
+    return BatchJob(key, sample_id, path, digest, sample_key=sample_key, stamp=stamp)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -196,9 +206,16 @@ def _single_cell_jobs(path: Path, sample_key: str | None) -> list[BatchJob]:
     """
     from blinaprofile.annotate.config import load_single_cell_config
     from blinaprofile.features.singlecell import sample_column
+    from blinaprofile.io.h5ad_stream import read_obs, streamable
     from blinaprofile.io.singlecell import read_single_cell
 
-    adata = read_single_cell(path, sample_key=sample_key)
+    if streamable(path):  # the samples are in obs: the matrix is not read
+        import anndata as ad
+
+        obs = read_obs(path)
+        adata = ad.AnnData(obs=obs, uns={"blinaprofile": {"source": str(path)}})
+    else:
+        adata = read_single_cell(path, sample_key=sample_key)
     candidates = load_single_cell_config().sample_key_candidates
     key, names = sample_column(adata, sample_key=sample_key, candidates=candidates)
     del adata
@@ -268,6 +285,7 @@ def _error_row(job: BatchJob, message: str) -> dict[str, Any]:
 
 def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
     """Score one job; never raises for a bad sample (returns an error row instead)."""
+    from blinaprofile.io.files import file_stamp
     from blinaprofile.io.read import fcs_read_options
     from blinaprofile.scoring.score import score_sample
     from blinaprofile.settings import settings
@@ -276,6 +294,8 @@ def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
         settings.tracking_uri = options["tracking_uri"]
     if not job.path:
         return _error_row(job, f"sample {job.sample_id!r}: no file given")
+    # the file hashed when the batch started, unchanged since (its stamp): not hashed again
+    known = job.sha256 if job.stamp is not None and file_stamp(job.path) == job.stamp else None
     try:
         with fcs_read_options(options.get("fcs_options")):
             res = score_sample(
@@ -291,6 +311,7 @@ def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
                 sample_key=job.sample_key,
                 select_sample=job.sample_id,
                 single_cell_qc=options.get("single_cell_qc"),
+                sha256=known,
             )
         row = res.to_row()
     except BlinaprofileError as err:
@@ -298,7 +319,8 @@ def score_job(job: BatchJob, options: dict[str, Any]) -> dict[str, Any]:
         return _error_row(job, msg)
     except Exception as err:
         return _error_row(job, f"{job.path}: internal error: {type(err).__name__}: {err}")
-    if job.sha256 and row.get("input_sha256") != job.sha256:
+    changed = known is not None and file_stamp(job.path) != job.stamp  # while it was read
+    if changed or (job.sha256 and row.get("input_sha256") != job.sha256):
         # the part is keyed on the content read when the batch started
         return _error_row(job, f"{job.path}: the file changed while the batch ran; run it again")
     return row
@@ -685,10 +707,21 @@ def score_samples(
                 todo.append(job)
         n_skipped = len(jobs) - len(todo)
         bar.restart(len(todo), desc="scoring", unit="sample")
+        annotator = streamed_annotator(todo, options) if client is None else None
         runner = (
             _run_dask(todo, options, client)
             if client is not None
             else _run_local(todo, options, workers, sample_timeout)
+            if annotator is None
+            # samples of one object and the model's annotator: the object is read once
+            else score_cohort(
+                todo,
+                options,
+                annotator=annotator,
+                n_jobs=workers,
+                error=_error_row,
+                alone=lambda jobs: _run_local(list(jobs), options, workers, sample_timeout),
+            )
         )
         # closing: a failure here (disk full) stops the workers at once
         with contextlib.closing(runner):

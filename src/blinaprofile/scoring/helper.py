@@ -10,9 +10,10 @@ no thread but its main one (the operating system's count, which includes threads
 native libraries). The helper's imports cost CPU, so it is only started when a core is
 likely free (:func:`free_core`: more than one core and a load average below their number).
 Anywhere else :func:`start_helper` returns ``None`` and the caller draws everything itself;
-so it does when the helper fails, takes too long or is not used. The job reaches the helper as a pickle through a pipe from the
-process that forked it (nothing else can write to that pipe); its standard streams are
-``/dev/null``.
+so it does when the helper fails, takes too long or is not used. The job reaches the helper
+as a pickle through a pipe from the process that forked it (nothing else can write to that
+pipe), read with an allow-list of exact globals (:data:`JOB_GLOBALS`); its standard
+streams are ``/dev/null``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["PRELOAD", "TIMEOUT", "Helper", "free_core", "one_thread", "start_helper"]
+__all__ = [
+    "JOB_GLOBALS",
+    "PRELOAD",
+    "TIMEOUT",
+    "Helper",
+    "JobUnpickler",
+    "free_core",
+    "load_job",
+    "one_thread",
+    "start_helper",
+]
 
 #: modules the helper imports while it waits for its job (the gating figure's)
 PRELOAD = (
@@ -57,6 +68,47 @@ def free_core() -> bool:
         return os.getloadavg()[0] < cores
     except OSError:  # no load average on this system
         return True
+
+
+#: The exact globals a job may name: the report's gating-figure job and what its arguments
+#: (a bound gating strategy, its result, the read options) are made of. The job comes from
+#: the process that forked the helper, through a pipe nothing else holds; the allow-list
+#: keeps the helper to the project's rule that nothing is unpickled outside a list of exact
+#: classes. A job naming anything else fails in the helper and is drawn by the parent.
+JOB_GLOBALS = frozenset(
+    {
+        ("blinaprofile.scoring.report", "_gating_png"),
+        ("blinaprofile.gating.tree", "GateTree"),
+        ("blinaprofile.gating.gates", "Gate"),
+        ("blinaprofile.gating.gates", "Dim"),
+        ("blinaprofile.gating.gates", "GatingResult"),
+        ("blinaprofile.config.gating", "TransformSpec"),
+        ("blinaprofile.io.read", "FCSReadOptions"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("numpy", "dtype"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+    }
+)
+
+
+class JobUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals in :data:`JOB_GLOBALS`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in JOB_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a helper job's global")
+        return super().find_class(module, name)
+
+
+def load_job(data: bytes) -> tuple[Callable[..., str], tuple[Any, ...]]:
+    """``(func, args)`` of a job written by :meth:`Helper.submit` (allow-listed globals)."""
+    import io
+
+    func, args = JobUnpickler(io.BytesIO(data)).load()
+    return func, tuple(args)
 
 
 def one_thread() -> bool:
@@ -209,7 +261,7 @@ def _serve(job: int, out: int, preload: Sequence[str]) -> None:
         data = fh.read()
     if not data:
         return
-    func, args = pickle.loads(data)  # from the process that forked this one
+    func, args = load_job(data)
     text = func(*args)
     with os.fdopen(out, "wb") as fh:
         fh.write(text.encode("utf-8"))

@@ -41,6 +41,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from blinaprofile.features.schema import FEATURE_INFO, MODEL_FEATURES, Feature
 from blinaprofile.io.atomic import write_text
+from blinaprofile.scoring.overlay import overlay_panel
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -74,6 +75,9 @@ _TEMPLATE = "report.html.j2"
 _FIGURE_DPI = 150
 #: width of the cohort figure in inches: the report's content width at :data:`_FIGURE_DPI`
 _TRAINING_WIDTH = 7.0
+#: zlib level of the embedded PNGs: faster than PIL's default (6) and, on these figures
+#: (flat colours, density images), no bigger
+_PNG_LEVEL = 3
 _TITLE_PT = 6.3
 _TICK_PT = 6.0
 _CHAR_EM = 0.56  # mean glyph width of DejaVu Sans, in em
@@ -85,7 +89,13 @@ _SCHEMA: dict[str, Feature] = dict(FEATURE_INFO)  # schema features, then change
 # --------------------------------------------------------------------------- figures
 def _png(fig: Figure, *, dpi: int = _FIGURE_DPI) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    fig.savefig(
+        buf,
+        format="png",
+        dpi=dpi,
+        metadata={"Software": None},
+        pil_kwargs={"compress_level": _PNG_LEVEL},
+    )
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -270,13 +280,19 @@ def _cohort_title(
     ax: Axes, name: str, z: float | None, z_limit: float | None, title_chars: int
 ) -> None:
     """Title a cohort panel (:func:`_cohort_title_lines`; red and bold beyond the OOD limit)."""
-    far = z is not None and bool(np.isfinite(z)) and z_limit is not None and abs(z) > float(z_limit)
     ax.set_title(
-        "\n".join(_cohort_title_lines(name, z, title_chars)),
-        fontsize=_TITLE_PT,
-        color=_NONRESPONDER if far else "black",
-        fontweight="bold" if far else "normal",
+        "\n".join(_cohort_title_lines(name, z, title_chars)), **_cohort_title_style(z, z_limit)
     )
+
+
+def _cohort_title_style(z: float | None, z_limit: float | None) -> dict[str, Any]:
+    """A cohort panel title's size, colour and weight: red and bold beyond the OOD limit."""
+    far = z is not None and bool(np.isfinite(z)) and z_limit is not None and abs(z) > float(z_limit)
+    return {
+        "fontsize": _TITLE_PT,
+        "color": _NONRESPONDER if far else "black",
+        "fontweight": "bold" if far else "normal",
+    }
 
 
 def training_figure(
@@ -391,18 +407,27 @@ def cohort_png(
     for f, geo in zip(features, geometry, strict=True):
         values, sample, z = cols[f], result.features.get(f), result.ood_z.get(f)
         lo, hi, off = _axis_range(values[np.isfinite(values)], sample)
-        ax = fig.add_axes(geo["position"])
         if [lo, hi] != geo["ylim"]:  # the sample extends the axis: this panel anew
-            fig.add_artist(Rectangle(geo["region"][:2], *geo["region"][2:], fc="white", lw=0))
+            # under the panel drawn anew (an Axes is at zorder 0): it hides the old one only
+            blank = Rectangle(geo["region"][:2], *geo["region"][2:], fc="white", lw=0, zorder=-1)
+            fig.add_artist(blank)
             rng = np.random.default_rng(0)
             rng.uniform(size=drawn)  # the state training_figure reaches this panel with
+            ax = fig.add_axes(geo["position"])
             _cohort_panel(ax, f, values, response, sample, z, limit, rng, chars)
-        else:
-            ax.set_axis_off()
-            ax.set_xlim(*geo["xlim"])
-            ax.set_ylim(lo, hi)
-            _cohort_sample(ax, f, sample, lo, hi, off)
-            _cohort_title(ax, f, z, limit, chars)
+        else:  # the sample's marks alone, without an Axes (cheaper to make and draw)
+            shown = sample is not None and bool(np.isfinite(sample))
+            overlay_panel(
+                fig,
+                geo["position"],
+                value=(float(sample) - lo) / (hi - lo) if shown else None,  # type: ignore[arg-type]
+                off=off,
+                label=_fmt_value(f, sample) if shown else "",  # type: ignore[arg-type]
+                color=_SAMPLE,
+                fontsize=_TICK_PT,
+                title="\n".join(_cohort_title_lines(f, z, chars)),
+                title_style=_cohort_title_style(z, limit),
+            )
         drawn += sum(v.size for *_, v in _cohort_groups(values, response))
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
@@ -415,7 +440,9 @@ def cohort_png(
 
     buf = io.BytesIO()
     pixels = np.round(out * 255.0).astype(np.uint8)
-    Image.fromarray(pixels, "RGBA").save(buf, format="png", dpi=(_FIGURE_DPI, _FIGURE_DPI))
+    Image.fromarray(pixels, "RGBA").save(
+        buf, format="png", dpi=(_FIGURE_DPI, _FIGURE_DPI), compress_level=_PNG_LEVEL
+    )
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -628,6 +628,7 @@ def score_sample(
     allow_other_modality: bool = False,
     baseline: str | os.PathLike[str] | None = None,
     baseline_id: str | None = None,
+    sha256: str | None = None,
 ) -> ScoreResult:
     """Read, gate/annotate, featurize and score one sample (FCS or single-cell).
 
@@ -664,6 +665,10 @@ def score_sample(
         since this baseline sample of the same patient, featurized the same way
         (:mod:`blinaprofile.scoring.paired`); ``baseline_id`` names it (default: its
         pseudonym). Required by such models, refused by others (:class:`ModelError`).
+    sha256
+        The file's SHA-256 when the caller has just taken it and made sure the file is
+        unchanged since (``score-batch``: :func:`~blinaprofile.io.files.stamped_checksum`);
+        default: the file is hashed here.
 
     Raises
     ------
@@ -683,7 +688,7 @@ def score_sample(
 
     p = ensure_file(path)
     qc = qc or load_qc()
-    checksum = file_checksum(p)
+    checksum = sha256 or file_checksum(p)
     sid = sample_id or pseudonymous_id(checksum)
     modality = modality_of(p)
     _other_modality(load_scoring_model(model), modality, allow=allow_other_modality)
