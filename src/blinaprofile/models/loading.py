@@ -298,7 +298,7 @@ def safe_yaml_loader() -> type[Any]:
     """PyYAML's safe loader, on libyaml's parser where PyYAML has it (same constructor)."""
     import yaml
 
-    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # type: ignore[no-any-return]
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _read_mlmodel(folder: Path, *, source: str) -> dict[str, Any]:
