@@ -137,9 +137,15 @@ def _read(
     if isinstance(data, ad.AnnData):
         return data, "sample"
     adata = read_single_cell(data, sample_key=sample_key, x_kind=x_kind)  # type: ignore[arg-type]
-    p = Path(data)
+    return adata, file_sample_name(data)
+
+
+def file_sample_name(path: PathLike) -> str:
+    """The sample name of a one-sample object read from ``path``: the file's name without
+    its ``.h5ad``/``.h5``/``.hdf5`` suffix, or the 10x folder's name for a ``matrix.mtx``."""
+    p = Path(path)
     base = p.parent if p.name.lower().endswith((".mtx", ".mtx.gz")) else p
-    return adata, re.sub(r"\.(h5ad|h5|hdf5)$", "", base.name, flags=re.IGNORECASE)
+    return re.sub(r"\.(h5ad|h5|hdf5)$", "", base.name, flags=re.IGNORECASE)
 
 
 def featurize_cells(

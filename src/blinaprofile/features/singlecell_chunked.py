@@ -16,7 +16,6 @@ rows); the annotator needs a few hundred columns of each row plus its totals.
 from __future__ import annotations
 
 import multiprocessing as mp
-import re
 import resource
 import time
 import uuid
@@ -24,7 +23,6 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import anndata as ad
@@ -35,7 +33,7 @@ from blinaprofile.annotate.config import PathLike, SampleQCSpec, SingleCellConfi
 from blinaprofile.annotate.estimator import TCellAnnotator, stratified_subsample
 from blinaprofile.annotate.inputs import sample_codes
 from blinaprofile.errors import ConfigError
-from blinaprofile.features.singlecell import SingleCellFeatures, featurize_cells
+from blinaprofile.features.singlecell import SingleCellFeatures, featurize_cells, file_sample_name
 from blinaprofile.io.h5ad_stream import (
     DEFAULT_BLOCK_VALUES,
     H5adStream,
@@ -50,11 +48,6 @@ __all__ = ["DEFAULT_CHUNK_CELLS", "featurize_cohort", "featurize_object"]
 
 #: cells labelled together (whole samples; a group closes once it holds this many cells)
 DEFAULT_CHUNK_CELLS = 20_000
-
-
-def _stem(path: Path) -> str:
-    base = path.parent if path.name.lower().endswith((".mtx", ".mtx.gz")) else path
-    return re.sub(r"\.(h5ad|h5|hdf5)$", "", base.name, flags=re.IGNORECASE)
 
 
 class _Collector:
@@ -305,7 +298,7 @@ def featurize_cohort(
             adata = data
         else:
             adata = read_single_cell(data, sample_key=sample_key, x_kind=x_kind)
-            default = default_sample or _stem(Path(data))
+            default = default_sample or file_sample_name(data)
     if annotator is None:
         with _phase(timings, "fit"):
             annotator = TCellAnnotator(config=config).fit(
@@ -343,7 +336,7 @@ def _from_stream(
     n_jobs: int,
     timings: dict[str, float] | None,
 ) -> SingleCellFeatures:
-    default = default_sample or _stem(st.path)
+    default = default_sample or file_sample_name(st.path)
     light = ad.AnnData(obs=st.obs, uns={"blinaprofile": dict(st.meta)})
     cfg = annotator.config_ if annotator is not None else resolve_config(config)
     codes, names, key = sample_codes(
